@@ -1,0 +1,333 @@
+"""Save and load the standard GPTQ checkpoint (see FORMAT.md in the project's shared notes).
+
+Layout written: config.json (with quantization_config), quantize_config.json (the same dict), safetensors shards
+(model.safetensors, or model-0000i-of-0000n.safetensors + model.safetensors.index.json), generation_config.json and
+the tokenizer files. Quantized Linears contribute qweight/qzeros/scales/g_idx[/bias]; everything else is stored in
+floating point. Writing goes to a temporary sibling folder that is renamed into place at the end.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from . import kernels
+from .config import ConfigError, QuantConfig
+from .qlinear import QuantLinear
+from .sequential import is_linear
+
+log = logging.getLogger(__name__)
+
+CONFIG_FILES = ("quantize_config.json", "quant_config.json", "config.json")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be loaded as it is; the message names the file and what is wrong."""
+
+
+def _same_or_inside(a: Path, b: Path) -> bool:
+    a, b = a.resolve(), b.resolve()
+    return a == b or b in a.parents
+
+
+def check_output_dir(out: str | os.PathLike, source: str | os.PathLike | None = None, overwrite: bool = False) -> Path:
+    """Refuse an output folder that would destroy something: the source model, or a non-empty folder."""
+    out = Path(out)
+    if source is not None and Path(source).exists() and _same_or_inside(out, Path(source)):
+        raise FileExistsError(f"output {out} is the source model folder or inside it; choose another output folder "
+                              "(gptqkit never writes into the model it reads)")
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"output {out} exists and is a file; choose a folder path")
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise FileExistsError(f"output {out} exists and is not empty; pass --overwrite to replace it or choose "
+                              "another folder")
+    return out
+
+
+def _resolve_dtype(model: nn.Module, dtype: str | torch.dtype | None) -> torch.dtype | None:
+    if dtype is None or dtype == "keep":
+        return None
+    if dtype == "auto":
+        # Ecosystem loaders expect half precision next to GPTQ tensors; keep bf16 sources bf16 (fp16 may overflow).
+        src = getattr(model.config, "torch_dtype", None) or getattr(model.config, "dtype", None)
+        return torch.bfloat16 if str(src).endswith("bfloat16") else torch.float16
+    return getattr(torch, dtype) if isinstance(dtype, str) else dtype
+
+
+def state_dict_for_save(model: nn.Module, dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
+    """The model's persistent tensors; tied duplicates (lm_head sharing the embedding) are stored once."""
+    out: dict[str, torch.Tensor] = {}
+    seen: set[tuple] = set()
+    qbuffers = {f"{n}.{b}" for n, m in model.named_modules() if isinstance(m, QuantLinear)
+                for b in ("qweight", "qzeros", "scales", "g_idx", "bias")}
+    for name, t in model.state_dict().items():
+        key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape))
+        if key in seen:
+            continue
+        seen.add(key)
+        if dtype is not None and t.is_floating_point() and name not in qbuffers:
+            t = t.to(dtype)
+        out[name] = t.detach().contiguous().cpu()
+    return out
+
+
+def save(model: nn.Module, out: str | os.PathLike, cfg: QuantConfig, tokenizer=None, *,
+         max_shard_size: str | int = "5GB", dtype: str | torch.dtype | None = "auto",
+         source: str | os.PathLike | None = None, overwrite: bool = False,
+         meta: dict[str, Any] | None = None) -> Path:
+    """Write `model` (with QuantLinear modules) as a GPTQ checkpoint folder, atomically.
+
+    >>> save(qmodel, "smollm2-gptq-4bit", QuantConfig(bits=4, group_size=64), tokenizer)  # doctest: +SKIP
+    """
+    from huggingface_hub import split_torch_state_dict_into_shards
+    from safetensors.torch import save_file
+
+    out = check_output_dir(out, source, overwrite)
+    tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    try:
+        torch_dtype = _resolve_dtype(model, dtype)
+        sd = state_dict_for_save(model, torch_dtype)
+        split = split_torch_state_dict_into_shards(sd, max_shard_size=max_shard_size,
+                                                   filename_pattern="model{suffix}.safetensors")
+        for fname, names in split.filename_to_tensors.items():
+            save_file({n: sd[n] for n in names}, str(tmp / fname), metadata={"format": "pt"})
+        if split.is_sharded:
+            index = {"metadata": {"total_size": sum(t.numel() * t.element_size() for t in sd.values())},
+                     "weight_map": split.tensor_to_filename}
+            (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2, sort_keys=True))
+        qdict = cfg.to_dict(meta)
+        conf = model.config.to_dict()
+        conf.pop("quantization_config", None)
+        conf["quantization_config"] = qdict
+        if torch_dtype is not None:
+            conf["torch_dtype"] = conf["dtype"] = str(torch_dtype).removeprefix("torch.")
+        (tmp / "config.json").write_text(json.dumps(conf, indent=2, sort_keys=True) + "\n")
+        (tmp / "quantize_config.json").write_text(json.dumps(qdict, indent=2, sort_keys=True) + "\n")
+        gen = getattr(model, "generation_config", None)
+        if gen is not None:
+            gen.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        for f in tmp.iterdir():
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+        if out.exists():
+            old = out.parent / f".{out.name}.old-{os.getpid()}"
+            os.replace(out, old)
+            os.replace(tmp, out)
+            shutil.rmtree(old)
+        else:
+            os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------- loading
+
+
+def read_quant_config(path: str | os.PathLike) -> tuple[QuantConfig, str]:
+    """(QuantConfig, the file it came from), looking where loaders look: quantize_config.json, quant_config.json,
+    then config.json["quantization_config"]."""
+    path = Path(path)
+    for name in CONFIG_FILES:
+        f = path / name
+        if not f.exists():
+            continue
+        d = json.loads(f.read_text())
+        if name == "config.json":
+            d = d.get("quantization_config")
+            if d is None:
+                break
+        try:
+            return QuantConfig.from_dict(d, source=str(f)), str(f)
+        except (ConfigError, TypeError) as e:
+            raise CheckpointError(str(e)) from e
+    raise CheckpointError(f"{path} is not a GPTQ checkpoint: no quantize_config.json, quant_config.json or "
+                          "quantization_config in config.json; quantize the model first with `gptqkit quantize`")
+
+
+def weight_files(path: Path, cfg_dict: dict | None = None, allow_pickle: bool = False) -> list[Path]:
+    """The checkpoint's weight files, checking that every shard an index names exists."""
+    index = path / "model.safetensors.index.json"
+    if index.exists():
+        names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        missing = [n for n in names if not (path / n).exists()]
+        if missing:
+            raise CheckpointError(f"{index} names shard(s) that are missing: {', '.join(missing)}; the download or "
+                                  "copy is incomplete, fetch the missing files")
+        return [path / n for n in names]
+    base = (cfg_dict or {}).get("model_file_base_name")
+    if base and (path / f"{base}.safetensors").exists():
+        return [path / f"{base}.safetensors"]
+    files = sorted(path.glob("*.safetensors"))
+    if files:
+        return files
+    bins = sorted(path.glob("*.bin")) + sorted(path.glob("*.pt"))
+    if bins:
+        if not allow_pickle:
+            raise CheckpointError(f"{path} holds only pickled weights ({bins[0].name}); pickles can run code, so "
+                                  "gptqkit refuses them by default: pass --allow-pickle (loaded with weights_only=True)"
+                                  " or convert the checkpoint to safetensors")
+        return bins
+    raise CheckpointError(f"{path} has no weight files (*.safetensors); the checkpoint is incomplete")
+
+
+def read_tensors(files: list[Path]) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    sd: dict[str, torch.Tensor] = {}
+    for f in files:
+        try:
+            if f.suffix == ".safetensors":
+                sd.update(load_file(str(f)))
+            else:
+                sd.update(torch.load(f, map_location="cpu", weights_only=True))
+        except Exception as e:  # safetensors raises its own error types for truncated headers and data
+            raise CheckpointError(f"{f} cannot be read ({type(e).__name__}: {e}); the file is truncated or "
+                                  "corrupt, download or copy it again") from e
+    return sd
+
+
+def _module_config(cfg: QuantConfig, name: str) -> QuantConfig:
+    mc = cfg.for_module(name)
+    return mc if mc is not None else cfg
+
+
+def _quant_linear_for(name: str, module: nn.Module, sd: dict, cfg: QuantConfig, file_hint: str) -> QuantLinear:
+    """A QuantLinear on the meta device sized like `module`, after checking the checkpoint tensors' shapes."""
+    w = module.weight
+    N, K = (w.shape[1], w.shape[0]) if type(module).__name__ == "Conv1D" else (w.shape[0], w.shape[1])
+    mc = _module_config(cfg, name)
+    bits = mc.bits
+    qweight, scales = sd[f"{name}.qweight"], sd.get(f"{name}.scales")
+    if scales is None or f"{name}.qzeros" not in sd:
+        raise CheckpointError(f"{file_hint}: {name} has qweight but no scales/qzeros; the checkpoint is incomplete")
+    if tuple(qweight.shape) != (K * bits // 32, N):
+        raise CheckpointError(f"{file_hint}: {name}.qweight has shape {tuple(qweight.shape)} but a {K}->{N} layer at "
+                              f"{bits} bits needs {(K * bits // 32, N)}; the config's bits do not match the tensors")
+    G = scales.shape[0]
+    group_size = -1 if mc.group_size == -1 and G == 1 else mc.group_size
+    expect_g = 1 if group_size == -1 else -(-K // group_size)
+    if G != expect_g:
+        inferred = K // G if K % G == 0 else None
+        raise CheckpointError(
+            f"{file_hint}: {name}.scales has {G} groups but group_size={mc.group_size} over {K} inputs gives "
+            f"{expect_g}; the config does not match the tensors"
+            + (f" (the tensors suggest group_size={inferred})" if inferred else ""))
+    if tuple(scales.shape) != (G, N) or tuple(sd[f"{name}.qzeros"].shape) != (G, N * bits // 32):
+        raise CheckpointError(f"{file_hint}: {name} scales/qzeros shapes {tuple(scales.shape)}/"
+                              f"{tuple(sd[f'{name}.qzeros'].shape)} disagree with a {K}->{N} layer at {bits} bits")
+    bias = f"{name}.bias" in sd
+    with torch.device("meta"):
+        return QuantLinear(K, N, bits, group_size, bias, cfg.checkpoint_format)
+
+
+def load(path: str | os.PathLike, device: str | torch.device = "cpu", dtype: torch.dtype | str | None = None,
+         kernel: str = "auto", trust_remote_code: bool = False, allow_pickle: bool = False) -> nn.Module:
+    """Load a GPTQ checkpoint (gptqkit's or another tool's) into a transformers model with QuantLinear layers.
+
+    The skeleton is built without allocating weights; Linears that have `qweight` in the checkpoint become
+    QuantLinear and take the checkpoint tensors as they are. dtype: of the unquantized tensors and activations
+    (default float32 on CPU, float16 on CUDA).
+
+    >>> model = load("smollm2-gptq-4bit")  # doctest: +SKIP
+    >>> model(torch.tensor([[1, 2, 3]])).logits.shape  # doctest: +SKIP
+    """
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"{path} does not exist; give the folder written by `gptqkit quantize`")
+    if not (path / "config.json").exists():
+        raise CheckpointError(f"{path} has no config.json; this is not a transformers model folder")
+    cfg, cfg_file = read_quant_config(path)
+    device = torch.device(device)
+    if dtype is None:
+        dtype = torch.float16 if device.type == "cuda" else torch.float32
+    dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+
+    try:
+        hf_config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except ValueError as e:
+        if "trust_remote_code" in str(e):
+            raise CheckpointError(f"{path} needs custom code to build the model; pass --trust-remote-code only if "
+                                  "you trust its author") from e
+        raise
+    if hasattr(hf_config, "quantization_config"):
+        # transformers would route this config to its own GPTQ integration; gptqkit builds the layers itself.
+        del hf_config.quantization_config
+    raw = json.loads((path / cfg_file.split("/")[-1]).read_text()) if cfg_file else {}
+    files = weight_files(path, raw, allow_pickle)
+    sd = read_tensors(files)
+    hint = files[0].name if len(files) == 1 else f"{path.name}/*.safetensors"
+
+    with init_empty_weights():
+        model = AutoModelForCausalLM.from_config(hf_config, trust_remote_code=trust_remote_code, dtype=dtype)
+    qnames = [k[: -len(".qweight")] for k in sd if k.endswith(".qweight")]
+    if not qnames:
+        raise CheckpointError(f"{hint} has no qweight tensors although {cfg_file} declares GPTQ; the weights are not "
+                              "quantized or belong to another model")
+    for name in qnames:
+        try:
+            module = model.get_submodule(name)
+        except AttributeError as e:
+            raise CheckpointError(f"{hint}: {name}.qweight names a module that {type(model).__name__} does not have; "
+                                  "the checkpoint belongs to another architecture") from e
+        if not is_linear(module):
+            raise CheckpointError(f"{hint}: {name} holds qweight but is a {type(module).__name__}, not a Linear")
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, child,
+                _quant_linear_for(name, module, sd, cfg, hint))
+
+    qbuf = {f"{n}.{b}" for n in qnames for b in ("qweight", "qzeros", "scales", "g_idx", "bias")}
+    for k, t in sd.items():
+        if t.is_floating_point() and k not in qbuf:
+            sd[k] = t.to(dtype)
+    for n in qnames:
+        if f"{n}.g_idx" not in sd:  # very old checkpoints omit g_idx: groups are consecutive then
+            ql = model.get_submodule(n)
+            g = ql.in_features if ql.group_size == -1 else ql.group_size
+            sd[f"{n}.g_idx"] = (torch.arange(ql.in_features) // g).to(torch.int32)
+    result = model.load_state_dict(sd, strict=False, assign=True)
+    if result.unexpected_keys:
+        raise CheckpointError(f"{hint} has tensors the model does not: {', '.join(result.unexpected_keys[:5])}"
+                              f"{' ...' if len(result.unexpected_keys) > 5 else ''}; it belongs to another model")
+    model.tie_weights()
+    still_meta = [n for n, p in list(model.named_parameters()) + list(model.named_buffers()) if p.is_meta]
+    if still_meta:
+        raise CheckpointError(f"{hint} lacks tensors the model needs: {', '.join(still_meta[:5])}"
+                              f"{' ...' if len(still_meta) > 5 else ''}; the checkpoint is incomplete")
+    model.to(device)
+    model.eval()
+    use_kernels(model, device, kernel)
+    return model
+
+
+def use_kernels(model: nn.Module, device: str | torch.device, kernel: str = "auto") -> Counter:
+    """Pick a kernel for every QuantLinear (see gptqkit.kernels), log which and why, and prepare them."""
+    chosen: Counter = Counter()
+    reasons: Counter = Counter()
+    for m in model.modules():
+        if isinstance(m, QuantLinear):
+            k, why = kernels.select(m, device, kernel)
+            m.use_kernel(k)
+            chosen[k.name] += 1
+            reasons.update(why)
+    log.info("kernels: %s", ", ".join(f"{k} for {n} layers" for k, n in chosen.items()))
+    for r, n in reasons.items():
+        log.info("kernel fallback on %d layers: %s", n, r)
+    return chosen

@@ -1,0 +1,204 @@
+"""The `gptqkit` command: thin subcommands, each calling one public function. Only this module prints."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+from . import __version__
+
+
+def _model_arg(s: str) -> str:
+    from . import bundled
+
+    return str(bundled.smollm2()) if s.lower() in (bundled.NAME.lower(), "smollm2") else s
+
+
+def _is_checkpoint(p: str) -> bool:
+    path = Path(p)
+    if (path / "quantize_config.json").exists() or (path / "quant_config.json").exists():
+        return True
+    c = path / "config.json"
+    return c.exists() and "quantization_config" in json.loads(c.read_text())
+
+
+def load_any(p: str, device: str = "cpu", kernel: str = "auto"):
+    """(model, tokenizer, is_quantized) for a gptqkit/GPTQ checkpoint or a floating-point model folder."""
+    from transformers import AutoTokenizer
+
+    from .checkpoint import load
+    from .pipeline import load_source
+
+    p = _model_arg(p)
+    if _is_checkpoint(p):
+        return load(p, device=device, kernel=kernel), AutoTokenizer.from_pretrained(p), True
+    m, tok = load_source(p)
+    return m.to(device), tok, False
+
+
+def cmd_quantize(a) -> int:
+    from .config import QuantConfig
+    from .pipeline import quantize
+
+    cfg = QuantConfig(bits=a.bits, group_size=a.group_size, desc_act=a.desc_act, sym=not a.asym,
+                      damp_percent=a.damp, true_sequential=not a.no_true_sequential, static_groups=a.static_groups,
+                      checkpoint_format=a.format, mse=a.mse, quant_method=a.method)
+    r = quantize(_model_arg(a.model), a.out, cfg, dataset=a.dataset, nsamples=a.nsamples, seqlen=a.seqlen,
+                 seed=a.seed, data_dir=a.data_dir, device=a.device, batch_size=a.batch_size, resume=a.resume,
+                 overwrite=a.overwrite, save_dtype=a.save_dtype, max_shard_size=a.max_shard_size,
+                 trust_remote_code=a.trust_remote_code, progress=not a.quiet)
+    skipped = sorted((cfg.dynamic or {}).keys())
+    print(f"quantized {len(r.layers)} layers in {r.seconds:.1f} s on {r.calibration_tokens} calibration tokens "
+          f"-> {r.out}" + (f" ({len(skipped)} layers left unquantized, see the log)" if skipped else ""))
+    return 0
+
+
+def cmd_eval(a) -> int:
+    from .data import eval_tokens
+    from .evaluate import perplexity
+
+    model, tok, quantized = load_any(a.model, a.device, a.kernel)
+    tokens = eval_tokens(tok, a.dataset, data_dir=a.data_dir, max_chars=a.max_chars)
+    t = time.perf_counter()
+    ppl = perplexity(model, tokens, seqlen=a.seqlen, max_windows=a.max_windows, device=a.device,
+                     progress=not a.quiet)
+    n = min(tokens.shape[1] // a.seqlen, a.max_windows or 1 << 30)
+    print(f"{a.dataset} perplexity {ppl:.4f} ({n} windows of {a.seqlen} tokens, "
+          f"{'quantized' if quantized else 'original'} model, {time.perf_counter() - t:.1f} s)")
+    return 0
+
+
+def cmd_inspect(a) -> int:
+    from .inspect import inspect_checkpoint
+
+    info = inspect_checkpoint(a.ckpt)
+    if a.json:
+        print(json.dumps(info, indent=2))
+        return 0
+    print(f"{a.ckpt}: {info['layout']}, format {info['checkpoint_format']}, config from {info['config_file']}")
+    print("quantization_config: " + json.dumps(info["quantization_config"], sort_keys=True))
+    print(f"{'module':60s} {'in':>6s} {'out':>6s} {'bits':>4s} {'group':>5s} {'act-order':>9s}")
+    for r in info["layers"]:
+        print(f"{r['name']:60s} {r['in_features']:6d} {r['out_features']:6d} {r['bits']:4d} {r['group_size']:5d} "
+              f"{str(r['act_order']):>9s}")
+    print(f"{len(info['layers'])} quantized layers, {info['unquantized_linear']} unquantized Linear weights; "
+          f"size on disk {info['size_bytes'] / 2**20:.1f} MiB; {info['bits_per_weight']:.3f} bits per quantized "
+          "weight (codes + scales + zeros + g_idx)")
+    return 0
+
+
+def cmd_demo(a) -> int:
+    """The main job on the bundled model: quantize SmolLM2-135M-Instruct, save, load, compare perplexity."""
+    import tempfile
+
+    from . import bundled
+    from .checkpoint import load
+    from .config import QuantConfig
+    from .data import eval_tokens
+    from .evaluate import perplexity
+    from .pipeline import load_source, quantize
+
+    src = bundled.smollm2()
+    out = Path(a.out) if a.out else Path(tempfile.mkdtemp(prefix="gptqkit-demo-")) / "smollm2-gptq-4bit"
+    cfg = QuantConfig(bits=4, group_size=64)
+    print(f"quantizing {bundled.NAME} ({src}) to 4 bits, group 64, on {a.nsamples} x {a.seqlen} tokens of c4 ...")
+    r = quantize(src, out, cfg, dataset="c4", nsamples=a.nsamples, seqlen=a.seqlen, data_dir=a.data_dir,
+                 overwrite=True, progress=not a.quiet)
+    print(f"quantized {len(r.layers)} layers in {r.seconds:.1f} s -> {out}")
+    m, tok = load_source(src)
+    tokens = eval_tokens(tok, "wikitext2", data_dir=a.data_dir, max_chars=a.max_chars)
+    p0 = perplexity(m, tokens, seqlen=2048, progress=not a.quiet)
+    q = load(out)
+    p1 = perplexity(q, tokens, seqlen=2048, progress=not a.quiet)
+    size0 = sum(f.stat().st_size for f in src.glob("*.safetensors"))
+    size1 = sum(f.stat().st_size for f in out.glob("*.safetensors"))
+    print(f"WikiText-2 test, first {a.max_chars} characters, {tokens.shape[1] // 2048} windows of 2048 tokens:")
+    print(f"  original fp32   perplexity {p0:8.3f}   weights {size0 / 2**20:7.1f} MiB")
+    print(f"  gptqkit 4-bit   perplexity {p1:8.3f}   weights {size1 / 2**20:7.1f} MiB (loaded from {out})")
+    print("(SmolLM2's weights came from a Q4_1 GGUF: the original already sits on a 4-bit grid)")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="gptqkit", description="GPTQ quantization for Hugging Face causal LMs")
+    p.add_argument("--version", action="version", version=f"gptqkit {__version__}")
+    p.add_argument("-q", "--quiet", action="store_true", help="only warnings and results")
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    q = sub.add_parser("quantize", help="quantize a model and save a GPTQ checkpoint")
+    q.add_argument("model", help=f"model folder, hub id, or '{'SmolLM2-135M-Instruct'}' (bundled)")
+    q.add_argument("out", help="output folder (must not exist or be empty, unless --overwrite)")
+    q.add_argument("--bits", type=int, default=4, help="2, 3, 4 or 8 (default 4)")
+    q.add_argument("--group-size", type=int, default=128, help="input columns per group; -1 for one group")
+    q.add_argument("--desc-act", action="store_true", help="act-order: quantize columns by decreasing activation")
+    q.add_argument("--static-groups", action="store_true", help="fix groups before act-order permutes columns")
+    q.add_argument("--asym", action="store_true", help="asymmetric zero points (default symmetric)")
+    q.add_argument("--mse", action="store_true", help="search clipping ranges that minimise the error")
+    q.add_argument("--no-true-sequential", action="store_true", help="solve all Linears of a block at once")
+    q.add_argument("--damp", type=float, default=0.01, help="damp_percent (default 0.01)")
+    q.add_argument("--method", choices=("gptq", "rtn"), default="gptq")
+    q.add_argument("--format", choices=("gptq", "gptq_v2"), default="gptq", help="checkpoint_format to write")
+    q.add_argument("--dataset", default="wikitext2", help="wikitext2, c4, c4-new, ptb, ptb-new, or a .txt/.jsonl")
+    q.add_argument("--data-dir", default=None, help="local corpora folder (default: $GPTQKIT_DATA)")
+    q.add_argument("--nsamples", type=int, default=128)
+    q.add_argument("--seqlen", type=int, default=2048)
+    q.add_argument("--seed", type=int, default=0)
+    q.add_argument("--batch-size", type=int, default=1)
+    q.add_argument("--device", default="cpu", help="compute device for one block at a time: cpu or cuda")
+    q.add_argument("--resume", action="store_true", help="continue an interrupted run from OUT.work")
+    q.add_argument("--overwrite", action="store_true", help="replace a non-empty OUT")
+    q.add_argument("--save-dtype", default="auto", help="dtype of unquantized tensors: auto (fp16/bf16), float32")
+    q.add_argument("--max-shard-size", default="5GB")
+    q.add_argument("--trust-remote-code", action="store_true")
+    q.set_defaults(fn=cmd_quantize)
+
+    e = sub.add_parser("eval", help="perplexity (GPTQ paper protocol) of a model or checkpoint")
+    e.add_argument("model")
+    e.add_argument("--dataset", default="wikitext2")
+    e.add_argument("--data-dir", default=None)
+    e.add_argument("--seqlen", type=int, default=2048)
+    e.add_argument("--max-windows", type=int, default=None)
+    e.add_argument("--max-chars", type=int, default=None, help="evaluate on the first N characters only")
+    e.add_argument("--device", default="cpu")
+    e.add_argument("--kernel", default="auto")
+    e.set_defaults(fn=cmd_eval)
+
+    i = sub.add_parser("inspect", help="show a checkpoint's layout, config and quantized layers")
+    i.add_argument("ckpt")
+    i.add_argument("--json", action="store_true")
+    i.set_defaults(fn=cmd_inspect)
+
+    d = sub.add_parser("demo", help="the main job on the bundled SmolLM2-135M-Instruct")
+    d.add_argument("--out", default=None)
+    d.add_argument("--data-dir", default=None)
+    d.add_argument("--nsamples", type=int, default=64)
+    d.add_argument("--seqlen", type=int, default=512)
+    d.add_argument("--max-chars", type=int, default=120_000)
+    d.set_defaults(fn=cmd_demo)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, stream=sys.stderr,
+                        format="%(levelname).1s %(name)s: %(message)s")
+    for noisy in ("httpx", "urllib3", "filelock", "huggingface_hub"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    try:
+        return args.fn(args)
+    except KeyboardInterrupt:
+        print("gptqkit: interrupted; rerun with --resume to continue a quantization", file=sys.stderr)
+        return 130
+    except (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, PermissionError, RuntimeError,
+            OSError) as e:
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        print(f"gptqkit: error: {msg}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,417 @@
+"""The layer-by-layer driver: quantize a causal LM one decoder block at a time.
+
+1. Find the decoder blocks: the nn.ModuleList holding the most parameters (no per-architecture tables).
+2. Capture the first block's inputs with a forward pre-hook that keeps every keyword argument (masks, position
+   ids, rotary embeddings), and stop the forward there.
+3. For each block, on the compute device: group its Linears by the input tensor they read (q/k/v share one; that
+   is a true-sequential group), accumulate each group's Hessian from the block's inputs, solve, write the
+   fake-quantized weight back so later groups see quantized outputs, then run the quantized block to produce the
+   next block's inputs, swap in QuantLinear and send the block back to the CPU.
+
+Only one block is on the compute device at a time. Padded positions (attention_mask 0) never enter a Hessian.
+With a work folder, each finished block is persisted (write, fsync, rename) so an interrupted run can resume.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import nn
+
+from .config import QuantConfig
+from .gptq import accumulate, gptq
+from .packing import packable
+from .qlinear import QuantLinear
+from .quant import QuantResult, rtn
+
+log = logging.getLogger(__name__)
+
+
+class UnsupportedModel(ValueError):
+    pass
+
+
+class _Stop(Exception):
+    """Raised from a hook to end a forward pass early once the needed activations are captured."""
+
+
+@dataclass
+class LayerLog:
+    name: str
+    shape: tuple[int, int]  # (out_features, in_features)
+    loss: float
+    damp: float | None
+    seconds: float
+    note: str = ""
+
+
+def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
+    """(qualified name, ModuleList) of the decoder blocks: the ModuleList with the most parameters."""
+    best, best_n = None, 0
+    for name, m in model.named_modules():
+        if isinstance(m, nn.ModuleList) and len(m) > 0:
+            n = sum(p.numel() for p in m.parameters())
+            if n > best_n:
+                best, best_n = (name, m), n
+    if best is None:
+        raise UnsupportedModel(f"no decoder blocks found in {type(model).__name__}: gptqkit needs a model whose "
+                               "repeated layers sit in an nn.ModuleList (every transformers causal LM does)")
+    return best
+
+
+def is_linear(m: nn.Module) -> bool:
+    # transformers' GPT-2 Conv1D stores its weight as [in, out]; it is a Linear in every other respect.
+    return isinstance(m, nn.Linear) or type(m).__name__ == "Conv1D"
+
+
+def weight_matrix(m: nn.Module) -> torch.Tensor:
+    """[N, K] (out, in) view of a Linear or Conv1D weight."""
+    return m.weight.T if type(m).__name__ == "Conv1D" else m.weight
+
+
+def _set_weight(m: nn.Module, W: torch.Tensor) -> None:
+    W = W.T if type(m).__name__ == "Conv1D" else W
+    m.weight.data.copy_(W.to(m.weight.dtype))
+
+
+def _to(obj, device):
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device)
+    if isinstance(obj, (tuple, list)):
+        return type(obj)(_to(o, device) for o in obj)
+    if isinstance(obj, dict):
+        return {k: _to(v, device) for k, v in obj.items()}
+    return obj
+
+
+def _move_outside(module: nn.Module, skip: nn.Module, device) -> None:
+    """Move every parameter and buffer except those inside `skip` (the blocks) to device."""
+    if module is skip:
+        return
+    for child in module.children():
+        _move_outside(child, skip, device)
+    module._apply(lambda t: t.to(device), recurse=False)
+
+
+def pad_batches(samples: list[dict], batch_size: int, pad_id: int = 0) -> list[dict]:
+    """Group samples ({input_ids [1, T], attention_mask [1, T]}) into right-padded batches of batch_size."""
+    batches = []
+    for i in range(0, len(samples), batch_size):
+        chunk = samples[i:i + batch_size]
+        T = max(s["input_ids"].shape[-1] for s in chunk)
+        ids = torch.full((len(chunk), T), pad_id, dtype=torch.long)
+        mask = torch.zeros((len(chunk), T), dtype=torch.long)
+        for j, s in enumerate(chunk):
+            t = s["input_ids"].shape[-1]
+            ids[j, :t] = s["input_ids"][0]
+            mask[j, :t] = s["attention_mask"][0] if "attention_mask" in s else 1
+        batches.append({"input_ids": ids, "attention_mask": mask})
+    return batches
+
+
+@torch.no_grad()
+def capture_inputs(model: nn.Module, blocks: nn.ModuleList, batches: list[dict], device) -> list[tuple]:
+    """Run the model up to the first block for each batch: [(hidden, kwargs, mask)] on device."""
+    captured = []
+
+    def hook(module, args, kwargs):
+        kwargs = dict(kwargs)
+        hidden = args[0] if args else kwargs.pop("hidden_states")
+        for k in ("past_key_value", "past_key_values", "layer_past"):
+            kwargs.pop(k, None)
+        if "use_cache" in kwargs:
+            kwargs["use_cache"] = False
+        captured.append([hidden, kwargs])
+        raise _Stop
+
+    handle = blocks[0].register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        for b in batches:
+            try:
+                model(input_ids=b["input_ids"].to(device), attention_mask=b["attention_mask"].to(device),
+                      use_cache=False)
+            except _Stop:
+                pass
+            captured[-1].append(b["attention_mask"].to(device))
+    finally:
+        handle.remove()
+    return [tuple(c) for c in captured]
+
+
+def _run_block(block: nn.Module, hidden: torch.Tensor, kwargs: dict) -> torch.Tensor:
+    out = block(hidden, **kwargs)
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+@torch.no_grad()
+def sequential_groups(block: nn.Module, names: list[str], hidden, kwargs) -> list[list[str]]:
+    """Linears grouped by the input tensor they read, in execution order (q/k/v together, gate/up together)."""
+    modules = dict(block.named_modules())
+    order: list[str] = []
+    keys: dict[str, int] = {}
+    seen: list[torch.Tensor] = []  # keep inputs alive so their ids stay unique during the probe
+
+    def make(name):
+        def hook(mod, args):
+            x = args[0]
+            seen.append(x)
+            order.append(name)
+            keys[name] = id(x)
+        return hook
+
+    handles = [modules[n].register_forward_pre_hook(make(n)) for n in names]
+    try:
+        _run_block(block, hidden[:1], _slice_kwargs(kwargs, 1))
+    finally:
+        for h in handles:
+            h.remove()
+    groups: list[list[str]] = []
+    by_key: dict[int, list[str]] = {}
+    for n in order:
+        if n in by_key.get(keys[n], []):
+            continue
+        if keys[n] not in by_key:
+            by_key[keys[n]] = []
+            groups.append(by_key[keys[n]])
+        by_key[keys[n]].append(n)
+    missing = [n for n in names if n not in order]
+    if missing:
+        groups.append(missing)
+    return groups
+
+
+def _slice_kwargs(kwargs: dict, n: int) -> dict:
+    # Slice batch-major tensors to the first n rows for the cheap probe pass; shared tensors (batch 1) stay.
+    out = {}
+    for k, v in kwargs.items():
+        if isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape[0] > n:
+            out[k] = v[:n]
+        elif isinstance(v, tuple):
+            out[k] = tuple(t[:n] if isinstance(t, torch.Tensor) and t.dim() > 0 and t.shape[0] > n else t for t in v)
+        else:
+            out[k] = v
+    return out
+
+
+@torch.no_grad()
+def _hessians(block, group: list[str], inputs, device) -> dict[str, torch.Tensor]:
+    """Accumulate H = sum x x^T (float32) for each Linear of a group over all inputs, stopping each forward
+    right after the group's last Linear has read its input."""
+    modules = dict(block.named_modules())
+    H = {}
+    state = {"mask": None}
+
+    def make(name, last):
+        m = modules[name]
+        K = weight_matrix(m).shape[1]
+        H[name] = torch.zeros(K, K, dtype=torch.float32, device=device)
+
+        def hook(mod, args):
+            accumulate(H[name], args[0], state["mask"])
+            if last:
+                raise _Stop
+        return hook
+
+    handles = [modules[n].register_forward_pre_hook(make(n, i == len(group) - 1)) for i, n in enumerate(group)]
+    try:
+        for hidden, kwargs, mask in inputs:
+            state["mask"] = mask
+            try:
+                _run_block(block, hidden, kwargs)
+            except _Stop:
+                pass
+    finally:
+        for h in handles:
+            h.remove()
+    return H
+
+
+def _skip_pattern(full_name: str) -> str:
+    return "-:^" + re.escape(full_name) + "$"
+
+
+class WorkDir:
+    """Finished blocks of an interrupted run: block_NNNN.safetensors + block_NNNN.json, written atomically."""
+
+    def __init__(self, path: str | os.PathLike, fingerprint: dict, resume: bool):
+        self.path = Path(path)
+        manifest = self.path / "manifest.json"
+        if self.path.exists() and any(self.path.iterdir()):
+            if not resume:
+                raise FileExistsError(f"work folder {self.path} holds an earlier unfinished run; pass --resume to "
+                                      "continue it, or delete the folder to start over")
+            old = json.loads(manifest.read_text()) if manifest.exists() else None
+            if old != fingerprint:
+                diff = sorted(k for k in set(fingerprint) | set(old or {}) if (old or {}).get(k) != fingerprint.get(k))
+                raise ValueError(f"cannot resume from {self.path}: it was made with a different {', '.join(diff)}; "
+                                 "run with the same model, settings, calibration data and seed, or delete the folder")
+        else:
+            self.path.mkdir(parents=True, exist_ok=True)
+            atomic_write_bytes(manifest, json.dumps(fingerprint, indent=1, sort_keys=True).encode())
+
+    def _file(self, i: int, ext: str) -> Path:
+        return self.path / f"block_{i:04d}.{ext}"
+
+    def load(self, i: int) -> tuple[dict[str, QuantResult], list[LayerLog]] | None:
+        from safetensors.torch import load_file
+
+        if not self._file(i, "json").exists():
+            return None
+        meta = json.loads(self._file(i, "json").read_text())
+        t = load_file(str(self._file(i, "safetensors")))
+        results = {}
+        for name, extra in meta["results"].items():
+            results[name] = QuantResult(codes=t[f"{name}.codes"], scales=t[f"{name}.scales"],
+                                        zeros=t[f"{name}.zeros"], g_idx=t[f"{name}.g_idx"], **extra)
+        return results, [LayerLog(**{**d, "shape": tuple(d["shape"])}) for d in meta["logs"]]
+
+    def save(self, i: int, results: dict[str, QuantResult], logs: list[LayerLog]) -> None:
+        from safetensors.torch import save
+
+        tensors = {}
+        for name, r in results.items():
+            tensors.update({f"{name}.codes": r.codes, f"{name}.scales": r.scales, f"{name}.zeros": r.zeros,
+                            f"{name}.g_idx": r.g_idx})
+        atomic_write_bytes(self._file(i, "safetensors"), save({k: v.contiguous() for k, v in tensors.items()}))
+        meta = {"results": {n: {"loss": r.loss, "damp": r.damp, "fallback": r.fallback} for n, r in results.items()},
+                "logs": [asdict(x) for x in logs]}
+        # The json is written last: its presence marks the block as finished.
+        atomic_write_bytes(self._file(i, "json"), json.dumps(meta).encode())
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write to a temporary sibling, fsync, rename over `path`, fsync the folder: all or nothing."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _block_inputs_next(block, inputs) -> list[tuple]:
+    return [(_run_block(block, hidden, kwargs), kwargs, mask) for hidden, kwargs, mask in inputs]
+
+
+@torch.no_grad()
+def quantize_model(model: nn.Module, samples: list[dict], cfg: QuantConfig, device: str | torch.device = "cpu",
+                   batch_size: int = 1, pad_id: int = 0, work_dir: WorkDir | None = None, progress: bool = True,
+                   on_block: Callable[[int], None] | None = None) -> list[LayerLog]:
+    """Quantize every Linear inside the decoder blocks of `model` in place (they become QuantLinear).
+
+    samples: [{"input_ids": [1, T], "attention_mask": [1, T]}] as gptqkit.data.calibration_samples returns.
+    Layers whose sizes cannot be packed at cfg.bits stay in floating point, with a warning. Returns one LayerLog
+    per Linear. `cfg.dynamic` receives a "-:name" entry for each layer left unquantized so loaders know.
+    """
+    from tqdm.auto import tqdm
+
+    if not samples:
+        raise ValueError("no calibration samples: pass at least one text with a few tokens")
+    device = torch.device(device)
+    prefix, blocks = find_blocks(model)
+    was_training = model.training
+    model.eval()
+    batches = pad_batches(samples, batch_size, pad_id)
+    _move_outside(model, blocks, device)
+    blocks[0].to(device)
+    inputs = capture_inputs(model, blocks, batches, device)
+    blocks[0].to("cpu")
+    _move_outside(model, blocks, "cpu")
+
+    logs: list[LayerLog] = []
+    skipped: list[str] = []
+    bar = tqdm(range(len(blocks)), desc="Quantizing blocks", disable=not progress)
+    for i in bar:
+        block = blocks[i].to(device)
+        names = [n for n, m in block.named_modules() if is_linear(m)]
+        quant_names = []
+        for n in names:
+            N, K = weight_matrix(dict(block.named_modules())[n]).shape
+            if packable(K, cfg.bits) and packable(N, cfg.bits):
+                quant_names.append(n)
+            else:
+                full = f"{prefix}.{i}.{n}"
+                skipped.append(full)
+                log.warning("%s (%dx%d) stays unquantized: its sizes are not multiples of %d, which %d-bit "
+                            "packing needs", full, N, K, 32 if cfg.bits == 3 else 32 // cfg.bits, cfg.bits)
+        done = work_dir.load(i) if work_dir is not None else None
+        if done is not None:
+            results, block_logs = done
+        else:
+            results, block_logs = _quantize_block(block, quant_names, inputs, cfg, device, f"{prefix}.{i}")
+            if work_dir is not None:
+                work_dir.save(i, results, block_logs)
+        modules = dict(block.named_modules())
+        for n, r in results.items():
+            _set_weight(modules[n], r.dequantize())
+        logs.extend(block_logs)
+        inputs = _block_inputs_next(block, inputs)
+        for n, r in results.items():
+            _replace(block, n, QuantLinear.from_result(
+                r, getattr(modules[n], "bias", None), cfg.bits, cfg.group_size, cfg.checkpoint_format))
+        blocks[i] = block.to("cpu")
+        if on_block is not None:
+            on_block(i)
+    if skipped:
+        dyn = dict(cfg.dynamic or {})
+        dyn.update({_skip_pattern(n): {} for n in skipped})
+        object.__setattr__(cfg, "dynamic", dyn)
+    model.train(was_training)
+    return logs
+
+
+def _quantize_block(block, names, inputs, cfg: QuantConfig, device, prefix) -> tuple[dict, list[LayerLog]]:
+    modules = dict(block.named_modules())
+    results: dict[str, QuantResult] = {}
+    logs: list[LayerLog] = []
+    if cfg.quant_method == "rtn":
+        groups = [names]
+    elif cfg.true_sequential:
+        groups = sequential_groups(block, names, inputs[0][0], inputs[0][1])
+    else:
+        groups = [names]
+    for group in groups:
+        H = _hessians(block, group, inputs, device) if cfg.quant_method == "gptq" else {}
+        for n in group:
+            m = modules[n]
+            t0 = time.perf_counter()
+            W = weight_matrix(m).detach().float()
+            if not torch.isfinite(W).all():
+                raise ValueError(f"{prefix}.{n} has NaN or Inf weights; the source model is broken, "
+                                 "quantize a checkpoint with finite weights")
+            if cfg.quant_method == "rtn":
+                r = rtn(W.cpu(), cfg)
+            else:
+                r = gptq(W, H.pop(n), cfg)
+            r = QuantResult(codes=r.codes.cpu(), scales=r.scales.cpu(), zeros=r.zeros.cpu(), g_idx=r.g_idx.cpu(),
+                            loss=r.loss, damp=r.damp, fallback=r.fallback)
+            # Later groups of this block must see this layer's quantized output.
+            _set_weight(m, r.dequantize().to(W.device))
+            results[n] = r
+            dt = time.perf_counter() - t0
+            note = r.fallback or ""
+            logs.append(LayerLog(f"{prefix}.{n}", tuple(W.shape), r.loss, r.damp, dt, note))
+            if r.fallback:
+                log.warning("%s: %s", f"{prefix}.{n}", r.fallback)
+            log.info("%s %s loss %.4g damp %s %.2fs", f"{prefix}.{n}", tuple(W.shape), r.loss,
+                     f"{r.damp:g}" if r.damp is not None else "-", dt)
+    return results, logs
+
+
+def _replace(root: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = root.get_submodule(parent_name) if parent_name else root
+    setattr(parent, child, new)
