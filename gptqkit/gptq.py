@@ -38,14 +38,16 @@ def _inverse_cholesky(H: torch.Tensor, damp_percent: float) -> tuple[torch.Tenso
     """Upper Cholesky factor of (H + damp*I)^-1, doubling damp until H is positive definite (up to MAX_DAMP)."""
     mean_diag = torch.mean(torch.diag(H)).item()
     pct = damp_percent
+    eye = torch.eye(H.shape[0], dtype=H.dtype, device=H.device)
     while pct < MAX_DAMP:
         Hd = H.clone()
         Hd.diagonal().add_(pct * mean_diag)
-        L, info = torch.linalg.cholesky_ex(Hd)
+        # With J the reversal permutation: J H J = L L^T gives H^-1 = U^T U for U = J L^-1 J, upper triangular.
+        # One Cholesky and one triangular inverse, instead of Cholesky, cholesky_inverse and a second Cholesky.
+        L, info = torch.linalg.cholesky_ex(Hd.flip(0, 1))
         if info.item() == 0:
-            Hinv = torch.cholesky_inverse(L)
-            U, info = torch.linalg.cholesky_ex(Hinv, upper=True)
-            if info.item() == 0 and torch.isfinite(U).all():
+            U = torch.linalg.solve_triangular(L, eye, upper=False).flip(0, 1)
+            if torch.isfinite(U).all():
                 return U, pct
         pct *= 2
     return None, pct
@@ -90,46 +92,50 @@ def gptq(W: torch.Tensor, H: torch.Tensor, cfg: QuantConfig, block_size: int = B
         res.fallback = f"Hessian not positive definite even with damp_percent {damp / 2:g}; used round-to-nearest"
         return res
 
-    codes = torch.zeros(N, K, dtype=torch.uint8, device=dev)
+    # The pass works on Wt = W^T [K, N] so that a column of W is a contiguous row: the per-column rank-1
+    # updates then stream through memory instead of striding across it.
+    Wt = W.T.contiguous()
+    codes = torch.zeros(K, N, device=dev)  # in the permuted (processing) order until the end
     scales = torch.zeros(G, N, device=dev)
     zeros = torch.zeros(G, N, device=dev)
-    g_idx = torch.zeros(K, dtype=torch.int32, device=dev)
-    losses = torch.zeros(N, device=dev)
+    loss = torch.zeros((), device=dev)
     order = perm.tolist()  # one host copy instead of a device sync per column
     scale = zero = None
 
     for i1 in range(0, K, block_size):
         i2 = min(i1 + block_size, K)
-        W1 = W[:, i1:i2].clone()
+        W1 = Wt[i1:i2].clone()  # [B, N]
         Err1 = torch.zeros_like(W1)
         U1 = U[i1:i2, i1:i2]
         for i in range(i2 - i1):
             col = i1 + i
-            orig = order[col]
             if static is not None:
-                grp = orig // g
-                scale, zero = static[grp]
-            else:
-                grp = col // g
-                if col % g == 0:
-                    # The group's columns with every update so far: in-block ones live in W1, later ones in W.
-                    span = torch.cat([W1[:, i:], W[:, i2:]], dim=1)[:, :g]
-                    scale, zero = find_params(span, cfg)
-                    scales[grp], zeros[grp] = scale, zero
-            w = W1[:, i]
-            d = U1[i, i]
+                scale, zero = static[order[col] // g]
+            elif col % g == 0:
+                # The group's columns with every update so far: in-block ones live in W1, later ones in Wt.
+                span = W1[i:i + g]
+                if span.shape[0] < g and i2 < K:
+                    span = torch.cat([span, Wt[i2:i2 + g - span.shape[0]]])
+                scale, zero = find_params(span.T, cfg)
+                scales[col // g], zeros[col // g] = scale, zero
+            w = W1[i]
             c = quantize(w, scale, zero, cfg.maxq)
-            q = scale * (c - zero)
-            codes[:, orig] = c.to(torch.uint8)
-            g_idx[orig] = grp
-            losses += (w - q) ** 2 / d**2 / 2
-            err = (w - q) / d
-            W1[:, i:] -= err[:, None] * U1[i, i:][None, :]
-            Err1[:, i] = err
-        W[:, i2:] -= Err1 @ U[i1:i2, i2:]
+            codes[col] = c
+            err = (w - scale * (c - zero)) / U1[i, i]
+            Err1[i] = err
+            W1[i:].addr_(U1[i, i:], err, alpha=-1)
+        # (w - q)^2 / d^2 / 2 summed over the block's columns
+        loss += Err1.pow(2).sum() / 2
+        Wt[i2:] -= U[i1:i2, i2:].T @ Err1
 
+    invperm = torch.argsort(perm)
+    codes = codes[invperm].T.contiguous().to(torch.uint8)
+    if static is not None:
+        g_idx = (torch.arange(K, device=dev) // g).to(torch.int32)
+    else:
+        g_idx = (invperm // g).to(torch.int32)  # column k was processed at position invperm[k]
     if static is not None:
         scales = torch.stack([s for s, _ in static])
         zeros = torch.stack([z for _, z in static])
     return QuantResult(codes=codes, scales=scales, zeros=zeros.to(torch.int32), g_idx=g_idx,
-                       loss=losses.sum().item(), damp=damp)
+                       loss=loss.item(), damp=damp)

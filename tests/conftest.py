@@ -1,0 +1,69 @@
+"""Shared fixtures: the real assets in ../shared/assets and tiny random models of each supported architecture."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+ASSETS = Path(__file__).resolve().parents[2] / "shared" / "assets"
+STORIES = ASSETS / "models" / "stories260K"
+CORPORA = ASSETS / "corpora"
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach the hub
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+
+def need_assets():
+    if not STORIES.exists():
+        pytest.skip(f"the shared assets are not at {ASSETS}")
+
+
+@pytest.fixture(scope="session")
+def stories_dir() -> Path:
+    need_assets()
+    return STORIES
+
+
+@pytest.fixture(scope="session")
+def tiny_texts() -> list[str]:
+    need_assets()
+    text = (CORPORA / "calibration" / "tiny.txt").read_text()
+    return [t.strip() for t in text.split("\n\n") if len(t.strip()) > 200][:64]
+
+
+def random_model(arch: str, seed: int = 0):
+    """A tiny random causal LM of `arch` whose Linear sizes are multiples of 32 (packable at every width)."""
+    from transformers import (AutoModelForCausalLM, GPT2Config, GPTNeoXConfig, LlamaConfig, MistralConfig,
+                              OPTConfig, Qwen2Config, GemmaConfig)
+
+    torch.manual_seed(seed)
+    common = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                  num_attention_heads=4, max_position_embeddings=256)
+    if arch == "llama":
+        cfg = LlamaConfig(num_key_value_heads=2, **common)
+    elif arch == "mistral":
+        cfg = MistralConfig(num_key_value_heads=2, sliding_window=None, **common)
+    elif arch == "qwen2":
+        cfg = Qwen2Config(num_key_value_heads=2, **common)
+    elif arch == "gemma":
+        cfg = GemmaConfig(num_key_value_heads=2, head_dim=16, **common)
+    elif arch == "gpt_neox":
+        cfg = GPTNeoXConfig(**common)
+    elif arch == "opt":
+        cfg = OPTConfig(vocab_size=256, hidden_size=64, ffn_dim=128, num_hidden_layers=2, num_attention_heads=4,
+                        max_position_embeddings=256, word_embed_proj_dim=64)
+    elif arch == "gpt2":
+        cfg = GPT2Config(vocab_size=256, n_embd=64, n_layer=2, n_head=4, n_positions=256, n_inner=128)
+    else:
+        raise ValueError(arch)
+    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+    return model.eval()
+
+
+def random_samples(n: int, T: int, vocab: int = 256, seed: int = 0) -> list[dict]:
+    g = torch.Generator().manual_seed(seed)
+    return [{"input_ids": torch.randint(0, vocab, (1, T), generator=g),
+             "attention_mask": torch.ones(1, T, dtype=torch.long)} for _ in range(n)]

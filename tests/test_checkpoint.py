@@ -1,0 +1,116 @@
+"""Save -> load round trips: the checkpoint tensors, the config keys, and the loaded model's logits."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import random_model, random_samples
+from gptqkit.checkpoint import load, save
+from gptqkit.config import QuantConfig
+from gptqkit.inspect import inspect_checkpoint
+from gptqkit.qlinear import QuantLinear
+from gptqkit.sequential import quantize_model
+
+
+def quantized(arch="llama", cfg=QuantConfig(bits=4, group_size=32)):
+    model = random_model(arch)
+    quantize_model(model, random_samples(4, 32), cfg, progress=False)
+    return model
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "opt"])
+@pytest.mark.parametrize("cfg", [QuantConfig(bits=4, group_size=32),
+                                 QuantConfig(bits=3, group_size=-1, desc_act=True, sym=False),
+                                 QuantConfig(bits=2, group_size=32, checkpoint_format="gptq_v2", sym=False),
+                                 QuantConfig(bits=8, group_size=32, desc_act=True)])
+def test_save_load_logits_equal(tmp_path, arch, cfg):
+    model = quantized(arch, cfg)
+    out = save(model, tmp_path / "ckpt", cfg, dtype="keep")
+    loaded = load(out, kernel="torch")
+    ids = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, loaded(ids).logits)
+    # every persistent buffer round-trips byte for byte
+    a, b = model.state_dict(), loaded.state_dict()
+    for k, t in a.items():
+        if k.endswith(("qweight", "qzeros", "scales", "g_idx")):
+            assert torch.equal(t, b[k]) and t.dtype == b[k].dtype, k
+
+
+def test_checkpoint_files_and_config_keys(tmp_path):
+    cfg = QuantConfig(bits=4, group_size=32, desc_act=True)
+    model = quantized(cfg=cfg)
+    out = save(model, tmp_path / "ckpt", cfg)
+    names = sorted(p.name for p in out.iterdir())
+    assert names == ["config.json", "generation_config.json", "model.safetensors", "quantize_config.json"]
+    conf = json.loads((out / "config.json").read_text())
+    q = conf["quantization_config"]
+    assert q == json.loads((out / "quantize_config.json").read_text())
+    for key, val in [("quant_method", "gptq"), ("bits", 4), ("group_size", 32), ("desc_act", True), ("sym", True),
+                     ("damp_percent", 0.01), ("true_sequential", True), ("static_groups", False),
+                     ("checkpoint_format", "gptq")]:
+        assert q[key] == val, key
+    assert q["meta"]["quantizer"][0].startswith("gptqkit:")
+    assert conf["torch_dtype"] == "float16"
+    sd = load_file(str(out / "model.safetensors"))
+    n = "model.layers.0.self_attn.q_proj"
+    assert sd[f"{n}.qweight"].dtype == torch.int32 and sd[f"{n}.qweight"].shape == (64 * 4 // 32, 64)
+    assert sd[f"{n}.qzeros"].dtype == torch.int32 and sd[f"{n}.qzeros"].shape == (2, 64 * 4 // 32)
+    assert sd[f"{n}.scales"].dtype == torch.float16 and sd[f"{n}.scales"].shape == (2, 64)
+    assert sd[f"{n}.g_idx"].dtype == torch.int32 and sd[f"{n}.g_idx"].shape == (64,)
+    assert f"{n}.weight" not in sd
+    assert (sd[f"{n}.qzeros"] == 0x77777777).all()  # symmetric 4-bit, v1
+    assert sd["model.embed_tokens.weight"].dtype == torch.float16
+
+
+def test_sharded_save_and_tied_embeddings(tmp_path):
+    cfg = QuantConfig(bits=4, group_size=32)
+    model = quantized(cfg=cfg)
+    model.config.tie_word_embeddings = True
+    model.lm_head.weight = model.model.embed_tokens.weight
+    out = save(model, tmp_path / "ckpt", cfg, max_shard_size="20KB", dtype="keep")
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    shards = sorted(set(index["weight_map"].values()))
+    assert len(shards) > 1 and all((out / s).exists() for s in shards)
+    assert "lm_head.weight" not in index["weight_map"]  # stored once, tied on load
+    loaded = load(out)
+    assert loaded.lm_head.weight.data_ptr() == loaded.model.embed_tokens.weight.data_ptr()
+    ids = torch.arange(20).view(1, 20)
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, loaded(ids).logits)
+
+
+def test_save_never_leaves_partial_output(tmp_path, monkeypatch):
+    import safetensors.torch
+
+    cfg = QuantConfig(bits=4, group_size=32)
+    model = quantized(cfg=cfg)
+
+    def boom(*a, **k):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", boom)
+    with pytest.raises(OSError):
+        save(model, tmp_path / "ckpt", cfg)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_inspect_reports_layout_bits_and_act_order(tmp_path):
+    cfg = QuantConfig(bits=4, group_size=32, desc_act=True)
+    out = save(quantized(cfg=cfg), tmp_path / "ckpt", cfg)
+    info = inspect_checkpoint(out)
+    assert info["layout"].startswith("single file model.safetensors")
+    assert info["checkpoint_format"] == "gptq"
+    assert len(info["layers"]) == 2 * 7
+    row = info["layers"][0]
+    assert row["bits"] == 4 and row["group_size"] == 32 and row["act_order"] is True
+    # 4-bit codes + fp16 scales + packed zeros per 32 + int32 g_idx per input row
+    assert 4.5 < info["bits_per_weight"] < 6
+
+
+def test_quantlinear_state_dict_is_the_checkpoint():
+    ql = quantized().model.layers[0].mlp.down_proj
+    assert isinstance(ql, QuantLinear)
+    assert set(ql.state_dict()) == {"qweight", "qzeros", "scales", "g_idx"}

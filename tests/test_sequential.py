@@ -1,0 +1,103 @@
+"""The layer-by-layer driver on every supported architecture (tiny random models built here) and the real
+tiny Llama in the shared assets."""
+
+import logging
+
+import pytest
+import torch
+
+from conftest import random_model, random_samples
+from gptqkit.config import QuantConfig
+from gptqkit.qlinear import QuantLinear
+from gptqkit.sequential import (UnsupportedModel, find_blocks, is_linear, pad_batches, quantize_model,
+                                sequential_groups, capture_inputs)
+
+ARCHS = ["llama", "mistral", "qwen2", "gemma", "gpt_neox", "opt", "gpt2"]
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_every_architecture_quantizes_and_runs(arch):
+    model = random_model(arch)
+    ids = torch.randint(0, 256, (1, 24), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ref = model(ids).logits
+    n_linear = sum(1 for _, b in enumerate(find_blocks(model)[1]) for m in b.modules() if is_linear(m))
+    logs = quantize_model(model, random_samples(4, 32), QuantConfig(bits=4, group_size=32), progress=False)
+    assert len(logs) == n_linear > 0
+    qlayers = [m for m in model.modules() if isinstance(m, QuantLinear)]
+    assert len(qlayers) == n_linear
+    with torch.no_grad():
+        out = model(ids).logits
+    assert torch.isfinite(out).all()
+    # 4-bit keeps the model close to the original: most next-token choices agree
+    agree = (out.argmax(-1) == ref.argmax(-1)).float().mean().item()
+    assert agree > 0.6, agree
+
+
+def test_true_sequential_groups_follow_shared_inputs():
+    model = random_model("llama")
+    _, blocks = find_blocks(model)
+    batches = pad_batches(random_samples(1, 16), 1)
+    (hidden, kwargs, _), = capture_inputs(model, blocks, batches, "cpu")
+    names = [n for n, m in blocks[0].named_modules() if is_linear(m)]
+    groups = sequential_groups(blocks[0], names, hidden, kwargs)
+    assert groups == [["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"], ["self_attn.o_proj"],
+                      ["mlp.gate_proj", "mlp.up_proj"], ["mlp.down_proj"]]
+
+
+def test_gpt2_conv1d_groups():
+    model = random_model("gpt2")
+    _, blocks = find_blocks(model)
+    (hidden, kwargs, _), = capture_inputs(model, blocks, pad_batches(random_samples(1, 16), 1), "cpu")
+    names = [n for n, m in blocks[0].named_modules() if is_linear(m)]
+    assert sequential_groups(blocks[0], names, hidden, kwargs) == [["attn.c_attn"], ["attn.c_proj"],
+                                                                     ["mlp.c_fc"], ["mlp.c_proj"]]
+
+
+def test_padding_never_enters_the_hessian():
+    """Right-padded batches give the same quantized weights as the same texts one at a time."""
+    samples = random_samples(3, 20, seed=3)
+    samples[1] = {k: v[:, :11] for k, v in samples[1].items()}  # a shorter text
+    cfg = QuantConfig(bits=4, group_size=32)
+    m1, m2 = random_model("llama"), random_model("llama")
+    quantize_model(m1, samples, cfg, batch_size=1, progress=False)
+    quantize_model(m2, samples, cfg, batch_size=3, pad_id=7, progress=False)
+    q1 = {n: m.dequantize() for n, m in m1.named_modules() if isinstance(m, QuantLinear)}
+    q2 = {n: m.dequantize() for n, m in m2.named_modules() if isinstance(m, QuantLinear)}
+    for n in q1:  # equal up to float rounding of the batched matmuls
+        assert (q1[n] != q2[n]).float().mean() < 0.01, n
+
+
+def test_quantized_output_feeds_next_block_and_beats_rtn():
+    model, rtn_model, ref = random_model("llama"), random_model("llama"), random_model("llama")
+    samples = random_samples(8, 64, seed=5)
+    quantize_model(model, samples, QuantConfig(bits=3, group_size=32), progress=False)
+    quantize_model(rtn_model, samples, QuantConfig(bits=3, group_size=32, quant_method="rtn"), progress=False)
+    ids = torch.cat([s["input_ids"] for s in random_samples(4, 64, seed=9)])
+    with torch.no_grad():
+        r, g, n = ref(ids).logits, model(ids).logits, rtn_model(ids).logits
+    assert ((g - r) ** 2).mean() < ((n - r) ** 2).mean()
+
+
+def test_stories260k_unpackable_layers_stay_float_with_a_warning(stories_dir, tiny_texts, caplog):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from gptqkit.data import calibration_samples
+
+    model = AutoModelForCausalLM.from_pretrained(stories_dir, dtype=torch.float32)
+    tok = AutoTokenizer.from_pretrained(stories_dir)
+    samples = calibration_samples(tok, tiny_texts, nsamples=8, seqlen=128)
+    cfg = QuantConfig(bits=4, group_size=32)
+    with caplog.at_level(logging.WARNING):
+        logs = quantize_model(model, samples, cfg, progress=False)
+    assert "not multiples of 8" in caplog.text and "mlp.down_proj" in caplog.text
+    blk = model.model.layers[0]
+    assert isinstance(blk.self_attn.q_proj, QuantLinear)
+    assert isinstance(blk.mlp.down_proj, torch.nn.Linear)  # 172 inputs: not packable at 4 bits
+    assert "-:^model\\.layers\\.0\\.mlp\\.down_proj$" in cfg.dynamic
+    assert len(logs) == 5 * 4
+
+
+def test_no_blocks_is_a_clear_error():
+    with pytest.raises(UnsupportedModel, match="no decoder blocks"):
+        find_blocks(torch.nn.Sequential(torch.nn.Linear(4, 4)))
