@@ -14,6 +14,7 @@ With a work folder, each finished block is persisted (write, fsync, rename) so a
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import os
@@ -90,6 +91,33 @@ def _to(obj, device):
     if isinstance(obj, dict):
         return {k: _to(v, device) for k, v in obj.items()}
     return obj
+
+
+def _cast(obj, dtype):
+    """Floating tensors (hidden states, rotary cos/sin, float masks) to the calibration dtype."""
+    if isinstance(obj, torch.Tensor):
+        return obj.to(dtype) if obj.is_floating_point() else obj
+    if isinstance(obj, (tuple, list)):
+        return type(obj)(_cast(o, dtype) for o in obj)
+    if isinstance(obj, dict):
+        return {k: _cast(v, dtype) for k, v in obj.items()}
+    return obj
+
+
+def default_compute_dtype(device: torch.device, model_dtype: torch.dtype) -> torch.dtype:
+    """bf16 where matrix units make it fast (CUDA; CPUs with AMX or AVX512-BF16), else the model's dtype."""
+    if model_dtype in (torch.float16, torch.bfloat16):
+        return model_dtype
+    if device.type == "cuda":
+        return torch.bfloat16
+    if device.type == "cpu":
+        try:
+            flags = Path("/proc/cpuinfo").read_text()
+        except OSError:
+            flags = ""
+        if "amx_bf16" in flags or "avx512_bf16" in flags:
+            return torch.bfloat16
+    return model_dtype
 
 
 def _move_outside(module: nn.Module, skip: nn.Module, device) -> None:
@@ -309,7 +337,8 @@ def _block_inputs_next(block, inputs) -> list[tuple]:
 @torch.no_grad()
 def quantize_model(model: nn.Module, samples: list[dict], cfg: QuantConfig, device: str | torch.device = "cpu",
                    batch_size: int = 1, pad_id: int = 0, work_dir: WorkDir | None = None, progress: bool = True,
-                   on_block: Callable[[int], None] | None = None) -> list[LayerLog]:
+                   on_block: Callable[[int], None] | None = None,
+                   compute_dtype: torch.dtype | None = None) -> list[LayerLog]:
     """Quantize every Linear inside the decoder blocks of `model` in place (they become QuantLinear).
 
     samples: [{"input_ids": [1, T], "attention_mask": [1, T]}] as gptqkit.data.calibration_samples returns.
@@ -322,12 +351,15 @@ def quantize_model(model: nn.Module, samples: list[dict], cfg: QuantConfig, devi
         raise ValueError("no calibration samples: pass at least one text with a few tokens")
     device = torch.device(device)
     prefix, blocks = find_blocks(model)
+    if compute_dtype is None:
+        compute_dtype = default_compute_dtype(device, next(blocks.parameters()).dtype)
     was_training = model.training
     model.eval()
     batches = pad_batches(samples, batch_size, pad_id)
     _move_outside(model, blocks, device)
     blocks[0].to(device)
     inputs = capture_inputs(model, blocks, batches, device)
+    inputs = [(_cast(h, compute_dtype), _cast(kw, compute_dtype), mask) for h, kw, mask in inputs]
     blocks[0].to("cpu")
     _move_outside(model, blocks, "cpu")
 
@@ -335,7 +367,10 @@ def quantize_model(model: nn.Module, samples: list[dict], cfg: QuantConfig, devi
     skipped: list[str] = []
     bar = tqdm(range(len(blocks)), desc="Quantizing blocks", disable=not progress)
     for i in bar:
-        block = blocks[i].to(device)
+        src = blocks[i]  # stays on the CPU in the model's dtype; receives the QuantLinears at the end
+        # The compute copy: one block on the device in the calibration dtype. Weights to solve are read from src.
+        same = device.type == "cpu" and compute_dtype == next(src.parameters()).dtype
+        block = src if same else copy.deepcopy(src).to(device=device, dtype=compute_dtype)
         names = [n for n, m in block.named_modules() if is_linear(m)]
         quant_names = []
         for n in names:
@@ -351,18 +386,18 @@ def quantize_model(model: nn.Module, samples: list[dict], cfg: QuantConfig, devi
         if done is not None:
             results, block_logs = done
         else:
-            results, block_logs = _quantize_block(block, quant_names, inputs, cfg, device, f"{prefix}.{i}")
+            results, block_logs = _quantize_block(block, src, quant_names, inputs, cfg, device, f"{prefix}.{i}")
             if work_dir is not None:
                 work_dir.save(i, results, block_logs)
-        modules = dict(block.named_modules())
+        modules, src_modules = dict(block.named_modules()), dict(src.named_modules())
         for n, r in results.items():
-            _set_weight(modules[n], r.dequantize())
+            _set_weight(modules[n], r.dequantize().to(device))
         logs.extend(block_logs)
         inputs = _block_inputs_next(block, inputs)
+        del block
         for n, r in results.items():
-            _replace(block, n, QuantLinear.from_result(
-                r, getattr(modules[n], "bias", None), cfg.bits, cfg.group_size, cfg.checkpoint_format))
-        blocks[i] = block.to("cpu")
+            _replace(src, n, QuantLinear.from_result(
+                r, getattr(src_modules[n], "bias", None), cfg.bits, cfg.group_size, cfg.checkpoint_format))
         if on_block is not None:
             on_block(i)
     if skipped:
@@ -373,8 +408,8 @@ def quantize_model(model: nn.Module, samples: list[dict], cfg: QuantConfig, devi
     return logs
 
 
-def _quantize_block(block, names, inputs, cfg: QuantConfig, device, prefix) -> tuple[dict, list[LayerLog]]:
-    modules = dict(block.named_modules())
+def _quantize_block(block, src, names, inputs, cfg: QuantConfig, device, prefix) -> tuple[dict, list[LayerLog]]:
+    modules, src_modules = dict(block.named_modules()), dict(src.named_modules())
     results: dict[str, QuantResult] = {}
     logs: list[LayerLog] = []
     if cfg.quant_method == "rtn":
@@ -388,7 +423,7 @@ def _quantize_block(block, names, inputs, cfg: QuantConfig, device, prefix) -> t
         for n in group:
             m = modules[n]
             t0 = time.perf_counter()
-            W = weight_matrix(m).detach().float()
+            W = weight_matrix(src_modules[n]).detach().to(device=device, dtype=torch.float32)
             if not torch.isfinite(W).all():
                 raise ValueError(f"{prefix}.{n} has NaN or Inf weights; the source model is broken, "
                                  "quantize a checkpoint with finite weights")
