@@ -8,9 +8,12 @@ floating point. Writing goes to a temporary sibling folder that is renamed into 
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
+import pickle
+import re
 import shutil
 from collections import Counter
 from pathlib import Path
@@ -33,6 +36,14 @@ class CheckpointError(ValueError):
     """A checkpoint that cannot be loaded as it is; the message names the file and what is wrong."""
 
 
+class WriteError(OSError):
+    """The disk or the permissions stopped a write; the message names the folder and the fix. Nothing was lost."""
+
+
+# Errors that mean "the disk or the permissions", reported as one WriteError line that names the folder.
+WRITE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS, errno.EFBIG)
+
+
 def _same_or_inside(a: Path, b: Path) -> bool:
     a, b = a.resolve(), b.resolve()
     return a == b or b in a.parents
@@ -40,10 +51,13 @@ def _same_or_inside(a: Path, b: Path) -> bool:
 
 def check_output_dir(out: str | os.PathLike, source: str | os.PathLike | None = None, overwrite: bool = False) -> Path:
     """Refuse an output folder that would destroy something: the source model, or a non-empty folder."""
-    out = Path(out)
+    out = Path(out).expanduser()
     if source is not None and Path(source).exists() and _same_or_inside(out, Path(source)):
         raise FileExistsError(f"output {out} is the source model folder or inside it; choose another output folder "
                               "(gptqkit never writes into the model it reads)")
+    if source is not None and Path(source).exists() and _same_or_inside(Path(source), out):
+        raise FileExistsError(f"output {out} contains the source model {source}; choose another output folder "
+                              "(replacing it would delete the model being read)")
     if out.exists() and not out.is_dir():
         raise FileExistsError(f"output {out} exists and is a file; choose a folder path")
     if out.exists() and any(out.iterdir()) and not overwrite:
@@ -91,10 +105,16 @@ def save(model: nn.Module, out: str | os.PathLike, cfg: QuantConfig, tokenizer=N
     from safetensors.torch import save_file
 
     out = check_output_dir(out, source, overwrite)
+    _remove_stale_partials(out)
     tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
+    try:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir(parents=True)
+    except OSError as e:
+        if e.errno not in WRITE_ERRNOS:
+            raise
+        raise _write_error(e, out) from e
     try:
         torch_dtype = _resolve_dtype(model, dtype)
         sd = state_dict_for_save(model, torch_dtype)
@@ -108,6 +128,7 @@ def save(model: nn.Module, out: str | os.PathLike, cfg: QuantConfig, tokenizer=N
             (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2, sort_keys=True))
         qdict = cfg.to_dict(meta)
         conf = model.config.to_dict()
+        conf.pop("_name_or_path", None)  # the source's path: run-specific, and the same inputs must give the same bytes
         conf.pop("quantization_config", None)
         conf["quantization_config"] = qdict
         if torch_dtype is not None:
@@ -119,20 +140,65 @@ def save(model: nn.Module, out: str | os.PathLike, cfg: QuantConfig, tokenizer=N
             gen.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
+        # safetensors creates its files 0600; give every file the mode open() gave config.json (the umask's).
+        mode = (tmp / "config.json").stat().st_mode & 0o777
         for f in tmp.iterdir():
+            os.chmod(f, mode)
             with open(f, "rb") as fh:
                 os.fsync(fh.fileno())
+        _fsync_dir(tmp)
         if out.exists():
             old = out.parent / f".{out.name}.old-{os.getpid()}"
             os.replace(out, old)
-            os.replace(tmp, out)
-            shutil.rmtree(old)
+            try:
+                os.replace(tmp, out)
+            except BaseException:
+                os.replace(old, out)
+                raise
+            shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, out)
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, OSError) and e.errno in WRITE_ERRNOS:
+            raise _write_error(e, out) from e
         raise
+    try:
+        _fsync_dir(out.parent)  # make the rename durable; the checkpoint is complete either way
+    except OSError:
+        pass
     return out
+
+
+def _write_error(e: OSError, out: Path) -> WriteError:
+    return WriteError(f"cannot write the checkpoint {out}: {e.strerror or e}; free disk space or fix the "
+                      f"permissions of {out.parent} (nothing was changed: the source and any old {out.name} are "
+                      "intact)")
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _remove_stale_partials(out: Path) -> None:
+    """Remove `.OUT.partial-PID` folders left by a save that was killed (its process is gone)."""
+    if not out.parent.is_dir():
+        return
+    for p in out.parent.iterdir():
+        pid = p.name.removeprefix(f".{out.name}.partial-")
+        if pid == p.name or not pid.isdigit() or int(pid) == os.getpid():
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            log.info("removing %s, left by an interrupted save", p)
+            shutil.rmtree(p, ignore_errors=True)
+        except PermissionError:
+            pass  # another user's live process
 
 
 # ---------------------------------------------------------------------------------------------------- loading
@@ -146,11 +212,14 @@ def read_quant_config(path: str | os.PathLike) -> tuple[QuantConfig, str]:
         f = path / name
         if not f.exists():
             continue
-        d = json.loads(f.read_text())
+        d = _read_json(f)
         if name == "config.json":
             d = d.get("quantization_config")
             if d is None:
                 break
+        if not isinstance(d, dict):
+            raise CheckpointError(f"{f} does not hold a quantization config (a JSON object with bits, group_size, "
+                                  "...); the file is corrupt")
         try:
             return QuantConfig.from_dict(d, source=str(f)), str(f)
         except (ConfigError, TypeError) as e:
@@ -159,11 +228,26 @@ def read_quant_config(path: str | os.PathLike) -> tuple[QuantConfig, str]:
                           "quantization_config in config.json; quantize the model first with `gptqkit quantize`")
 
 
+def _read_json(f: Path) -> Any:
+    try:
+        d = json.loads(f.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{f} is not valid JSON ({e}); the file is truncated or corrupt, download or copy it "
+                              "again") from e
+    if not isinstance(d, dict):
+        raise CheckpointError(f"{f} holds a JSON {type(d).__name__}, not an object; the file is corrupt")
+    return d
+
+
 def weight_files(path: Path, cfg_dict: dict | None = None, allow_pickle: bool = False) -> list[Path]:
     """The checkpoint's weight files, checking that every shard an index names exists."""
+    path = Path(path)
     index = path / "model.safetensors.index.json"
     if index.exists():
-        names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        weight_map = _read_json(index).get("weight_map")
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise CheckpointError(f"{index} has no weight_map; the index is corrupt, download or copy it again")
+        names = sorted(set(weight_map.values()))
         missing = [n for n in names if not (path / n).exists()]
         if missing:
             raise CheckpointError(f"{index} names shard(s) that are missing: {', '.join(missing)}; the download or "
@@ -192,12 +276,22 @@ def read_tensors(files: list[Path]) -> dict[str, torch.Tensor]:
     for f in files:
         try:
             if f.suffix == ".safetensors":
-                sd.update(load_file(str(f)))
+                part = load_file(str(f))
             else:
-                sd.update(torch.load(f, map_location="cpu", weights_only=True))
+                part = torch.load(f, map_location="cpu", weights_only=True)  # never unpickles code
+        except pickle.UnpicklingError as e:
+            what = re.search(r"GLOBAL (\S+)", str(e))
+            raise CheckpointError(f"{f} holds more than tensors{f' (it imports {what.group(1)})' if what else ''}; "
+                                  "gptqkit never runs code from a checkpoint, even with --allow-pickle: convert it "
+                                  "to safetensors with a tool you trust") from e
         except Exception as e:  # safetensors raises its own error types for truncated headers and data
-            raise CheckpointError(f"{f} cannot be read ({type(e).__name__}: {e}); the file is truncated or "
+            why = str(e).strip().splitlines()[0] if str(e).strip() else ""
+            raise CheckpointError(f"{f} cannot be read ({type(e).__name__}: {why}); the file is truncated or "
                                   "corrupt, download or copy it again") from e
+        if not isinstance(part, dict) or not all(isinstance(t, torch.Tensor) for t in part.values()):
+            raise CheckpointError(f"{f} does not hold a state dict of tensors; convert the checkpoint to "
+                                  "safetensors")
+        sd.update(part)
     return sd
 
 
@@ -270,7 +364,8 @@ def load(path: str | os.PathLike, device: str | torch.device = "cpu", dtype: tor
     if hasattr(hf_config, "quantization_config"):
         # transformers would route this config to its own GPTQ integration; gptqkit builds the layers itself.
         del hf_config.quantization_config
-    raw = json.loads((path / cfg_file.split("/")[-1]).read_text()) if cfg_file else {}
+    raw = _read_json(Path(cfg_file))
+    raw = raw.get("quantization_config", raw) if Path(cfg_file).name == "config.json" else raw
     files = weight_files(path, raw, allow_pickle)
     sd = read_tensors(files)
     hint = files[0].name if len(files) == 1 else f"{path.name}/*.safetensors"
