@@ -26,7 +26,8 @@ def _is_checkpoint(p: str) -> bool:
     return c.exists() and "quantization_config" in json.loads(c.read_text())
 
 
-def load_any(p: str, device: str = "cpu", kernel: str = "auto"):
+def load_any(p: str, device: str = "cpu", kernel: str = "auto", trust_remote_code: bool = False,
+             allow_pickle: bool = False, dtype=None):
     """(model, tokenizer, is_quantized) for a gptqkit/GPTQ checkpoint or a floating-point model folder."""
     from transformers import AutoTokenizer
 
@@ -35,8 +36,11 @@ def load_any(p: str, device: str = "cpu", kernel: str = "auto"):
 
     p = _model_arg(p)
     if _is_checkpoint(p):
-        return load(p, device=device, kernel=kernel), AutoTokenizer.from_pretrained(p), True
-    m, tok = load_source(p)
+        model = load(p, device=device, kernel=kernel, dtype=dtype, trust_remote_code=trust_remote_code,
+                     allow_pickle=allow_pickle)
+        return model, AutoTokenizer.from_pretrained(p, trust_remote_code=trust_remote_code), True
+    kw = {"dtype": dtype} if dtype is not None else {}
+    m, tok = load_source(p, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle, **kw)
     return m.to(device), tok, False
 
 
@@ -50,8 +54,8 @@ def cmd_quantize(a) -> int:
     r = quantize(_model_arg(a.model), a.out, cfg, dataset=a.dataset, nsamples=a.nsamples, seqlen=a.seqlen,
                  seed=a.seed, data_dir=a.data_dir, device=a.device, batch_size=a.batch_size, resume=a.resume,
                  overwrite=a.overwrite, save_dtype=a.save_dtype, max_shard_size=a.max_shard_size,
-                 trust_remote_code=a.trust_remote_code, progress=not a.quiet)
-    skipped = sorted((cfg.dynamic or {}).keys())
+                 trust_remote_code=a.trust_remote_code, allow_pickle=a.allow_pickle, progress=not a.quiet)
+    skipped = sorted((r.config.dynamic or {}).keys())
     print(f"quantized {len(r.layers)} layers in {r.seconds:.1f} s on {r.calibration_tokens} calibration tokens "
           f"-> {r.out}" + (f" ({len(skipped)} layers left unquantized, see the log)" if skipped else ""))
     return 0
@@ -61,7 +65,7 @@ def cmd_eval(a) -> int:
     from .data import eval_tokens
     from .evaluate import perplexity
 
-    model, tok, quantized = load_any(a.model, a.device, a.kernel)
+    model, tok, quantized = load_any(a.model, a.device, a.kernel, a.trust_remote_code, a.allow_pickle)
     tokens = eval_tokens(tok, a.dataset, data_dir=a.data_dir, max_chars=a.max_chars)
     t = time.perf_counter()
     ppl = perplexity(model, tokens, seqlen=a.seqlen, max_windows=a.max_windows, device=a.device,
@@ -73,21 +77,13 @@ def cmd_eval(a) -> int:
 
 
 def cmd_inspect(a) -> int:
-    from .inspect import inspect_checkpoint
+    from .inspect import describe, inspect_checkpoint
 
     info = inspect_checkpoint(a.ckpt)
     if a.json:
         print(json.dumps(info, indent=2))
         return 0
-    print(f"{a.ckpt}: {info['layout']}, format {info['checkpoint_format']}, config from {info['config_file']}")
-    print("quantization_config: " + json.dumps(info["quantization_config"], sort_keys=True))
-    print(f"{'module':60s} {'in':>6s} {'out':>6s} {'bits':>4s} {'group':>5s} {'act-order':>9s}")
-    for r in info["layers"]:
-        print(f"{r['name']:60s} {r['in_features']:6d} {r['out_features']:6d} {r['bits']:4d} {r['group_size']:5d} "
-              f"{str(r['act_order']):>9s}")
-    print(f"{len(info['layers'])} quantized layers, {info['unquantized_linear']} unquantized Linear weights; "
-          f"size on disk {info['size_bytes'] / 2**20:.1f} MiB; {info['bits_per_weight']:.3f} bits per quantized "
-          "weight (codes + scales + zeros + g_idx)")
+    print(describe(info))
     return 0
 
 
@@ -145,7 +141,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--dataset", default="wikitext2", help="wikitext2, c4, c4-new, ptb, ptb-new, or a .txt/.jsonl")
     q.add_argument("--data-dir", default=None, help="local corpora folder (default: $GPTQKIT_DATA)")
     q.add_argument("--nsamples", type=int, default=128)
-    q.add_argument("--seqlen", type=int, default=2048)
+    q.add_argument("--seqlen", type=int, default=None, help="tokens per sample (default 2048, capped by the context)")
     q.add_argument("--seed", type=int, default=0)
     q.add_argument("--batch-size", type=int, default=1)
     q.add_argument("--device", default="cpu", help="compute device for one block at a time: cpu or cuda")
@@ -153,7 +149,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--overwrite", action="store_true", help="replace a non-empty OUT")
     q.add_argument("--save-dtype", default="auto", help="dtype of unquantized tensors: auto (fp16/bf16), float32")
     q.add_argument("--max-shard-size", default="5GB")
-    q.add_argument("--trust-remote-code", action="store_true")
+    q.add_argument("--trust-remote-code", action="store_true", help="run the model's own code (only if trusted)")
+    q.add_argument("--allow-pickle", action="store_true",
+                   help="read pickled *.bin source weights (weights_only=True); refused by default")
     q.set_defaults(fn=cmd_quantize)
 
     e = sub.add_parser("eval", help="perplexity (GPTQ paper protocol) of a model or checkpoint")
@@ -165,6 +163,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--max-chars", type=int, default=None, help="evaluate on the first N characters only")
     e.add_argument("--device", default="cpu")
     e.add_argument("--kernel", default="auto")
+    e.add_argument("--trust-remote-code", action="store_true")
+    e.add_argument("--allow-pickle", action="store_true")
     e.set_defaults(fn=cmd_eval)
 
     i = sub.add_parser("inspect", help="show a checkpoint's layout, config and quantized layers")

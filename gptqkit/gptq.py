@@ -49,6 +49,8 @@ def _inverse_cholesky(H: torch.Tensor, damp_percent: float) -> tuple[torch.Tenso
             U = torch.linalg.solve_triangular(L, eye, upper=False).flip(0, 1)
             if torch.isfinite(U).all():
                 return U, pct
+        if pct * 2 >= MAX_DAMP:
+            break
         pct *= 2
     return None, pct
 
@@ -89,7 +91,7 @@ def gptq(W: torch.Tensor, H: torch.Tensor, cfg: QuantConfig, block_size: int = B
     if U is None:
         res = rtn(W[:, torch.argsort(perm)], cfg)
         res.damp = damp
-        res.fallback = f"Hessian not positive definite even with damp_percent {damp / 2:g}; used round-to-nearest"
+        res.fallback = f"Hessian not positive definite even with damp_percent {damp:g}; used round-to-nearest"
         return res
 
     # The pass works on Wt = W^T [K, N] so that a column of W is a contiguous row: the per-column rank-1

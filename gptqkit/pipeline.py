@@ -26,6 +26,8 @@ from .sequential import LayerLog, WorkDir, default_compute_dtype, find_blocks, q
 
 log = logging.getLogger(__name__)
 
+DEFAULT_SEQLEN = 2048
+
 # A hub id is "name" or "org/name" (huggingface_hub's rules); anything else given as a model is a local path.
 _HUB_ID = re.compile(r"[A-Za-z0-9](?:[\w.-]{0,94}[\w])?(?:/[A-Za-z0-9](?:[\w.-]{0,94}[\w])?)?")
 
@@ -153,7 +155,7 @@ def _dataset_name(dataset) -> str:
 
 
 def quantize(model: str | os.PathLike, out: str | os.PathLike, cfg: QuantConfig = QuantConfig(), *,
-             dataset="wikitext2", nsamples: int = 128, seqlen: int = 2048, seed: int = 0, data_dir=None,
+             dataset="wikitext2", nsamples: int = 128, seqlen: int | None = None, seed: int = 0, data_dir=None,
              device: str = "cpu", batch_size: int = 1, resume: bool = False, overwrite: bool = False,
              save_dtype: str | None = "auto", max_shard_size: str | int = "5GB", trust_remote_code: bool = False,
              allow_pickle: bool = False, progress: bool = True) -> QuantizeReport:
@@ -166,7 +168,7 @@ def quantize(model: str | os.PathLike, out: str | os.PathLike, cfg: QuantConfig 
     from .data import calibration_samples
 
     t0 = time.perf_counter()
-    for arg, v in (("nsamples", nsamples), ("seqlen", seqlen), ("batch_size", batch_size)):
+    for arg, v in (("nsamples", nsamples), ("seqlen", 1 if seqlen is None else seqlen), ("batch_size", batch_size)):
         if not isinstance(v, int) or v < 1:
             raise ValueError(f"{arg}={v!r} is invalid; use a positive integer (--{arg.replace('_', '-')})")
     cfg = cfg.replace()  # quantize_model records skipped layers in cfg.dynamic; keep the caller's object as given
@@ -177,6 +179,8 @@ def quantize(model: str | os.PathLike, out: str | os.PathLike, cfg: QuantConfig 
     _, blocks = find_blocks(m)  # an unsupported architecture fails here, before any data is read
     compute_dtype = default_compute_dtype(torch.device(device), next(blocks.parameters()).dtype)
     max_len = getattr(m.config, "max_position_embeddings", None) or getattr(m.config, "n_positions", None)
+    if seqlen is None:  # the paper's 2048, capped by the model's context (GPT-2: 1024)
+        seqlen = min(DEFAULT_SEQLEN, max_len or DEFAULT_SEQLEN)
     if max_len and seqlen > max_len:
         raise ValueError(f"seqlen={seqlen} exceeds the model's context of {max_len} tokens; use --seqlen {max_len} "
                          "or less")

@@ -276,7 +276,10 @@ class WorkDir:
             if not resume:
                 raise FileExistsError(f"work folder {self.path} holds an earlier unfinished run; pass --resume to "
                                       "continue it, or delete the folder to start over")
-            old = json.loads(manifest.read_text()) if manifest.exists() else None
+            try:
+                old = json.loads(manifest.read_text()) if manifest.exists() else None
+            except ValueError as e:
+                raise ValueError(f"{manifest} is not valid JSON ({e}); delete {self.path} to start over") from e
             if old != fingerprint:
                 diff = sorted(k for k in set(fingerprint) | set(old or {}) if (old or {}).get(k) != fingerprint.get(k))
                 raise ValueError(f"cannot resume from {self.path}: it was made with a different {', '.join(diff)}; "
@@ -293,8 +296,12 @@ class WorkDir:
 
         if not self._file(i, "json").exists():
             return None
-        meta = json.loads(self._file(i, "json").read_text())
-        t = load_file(str(self._file(i, "safetensors")))
+        try:
+            meta = json.loads(self._file(i, "json").read_text())
+            t = load_file(str(self._file(i, "safetensors")))
+        except Exception as e:  # json and safetensors raise their own types for torn files
+            raise ValueError(f"{self._file(i, 'safetensors')} cannot be read ({type(e).__name__}: "
+                             f"{str(e).splitlines()[0] if str(e) else ''}); delete {self.path} to start over") from e
         results = {}
         for name, extra in meta["results"].items():
             results[name] = QuantResult(codes=t[f"{name}.codes"], scales=t[f"{name}.scales"],
