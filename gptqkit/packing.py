@@ -47,10 +47,10 @@ def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
 def unpack(words: torch.Tensor, bits: int) -> torch.Tensor:
     """int32 [K*bits/32, M] -> int32 codes [K, M], the inverse of `pack`."""
     R, M = words.shape
-    w = words.to(torch.int64) & 0xFFFFFFFF
+    w = (words.to(torch.int64) & 0xFFFFFFFF).contiguous().reshape(R, M)
     mask = (1 << bits) - 1
     if bits == 3:
-        w = w.view(R // 3, 3, M)
+        w = w.reshape(R // 3, 3, M)
         out = torch.empty(R // 3, 32, M, dtype=torch.int64, device=words.device)
         for j in range(32):
             pos = 3 * j
@@ -62,7 +62,7 @@ def unpack(words: torch.Tensor, bits: int) -> torch.Tensor:
         return out.view(R * 32 // 3, M).to(torch.int32)
     per = 32 // bits
     shifts = (torch.arange(per, dtype=torch.int64, device=words.device) * bits).view(1, per, 1)
-    return ((w.view(R, 1, M) >> shifts) & mask).view(R * per, M).to(torch.int32)
+    return ((w.reshape(R, 1, M) >> shifts) & mask).reshape(R * per, M).to(torch.int32)
 
 
 def pack_qweight(codes: torch.Tensor, bits: int) -> torch.Tensor:

@@ -1,0 +1,262 @@
+"""The Triton kernel against an oracle: W = scales[g_idx] * (codes - zeros[g_idx]), written out here from the
+random codes, zeros and scales each layer is built from (independent of the unpacking code under test).
+
+Interpreter tier: TRITON_INTERPRET=1 runs the kernels on CPU tensors. Triton decides whether a kernel is
+interpreted when the kernel is decorated, so these checks run in one child process that sets the variable before
+anything imports Triton (robust under pytest's single process); each case is reported as its own test.
+CUDA tier: the same cases plus Llama-sized layers, the prefill path and a small model, when a GPU is present.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from gptqkit.packing import pack_qweight, pack_qzeros
+from gptqkit.qlinear import QuantLinear
+
+pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None,
+                                reason="triton is not installed (pip install gptqkit[triton])")
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+K_ODD, N_ODD = 336, 80  # K: a partial last group for g = 32 and 128, N: a partial column tile
+
+
+def _cases() -> list[dict]:
+    """bits x group x act-order (act-order with one group is no act-order); the other settings rotate so that
+    every bit width meets M = 1, 5, 16, fp16 and bf16, v1 and v2, bias and none."""
+    out = []
+    for bits in (2, 4, 8):
+        layouts = [(g, act) for g in (32, 128, -1) for act in (False, True) if not (g == -1 and act)]
+        for i, (g, act) in enumerate(layouts):
+            out.append(dict(bits=bits, group=g, act=act, fmt=("gptq", "gptq_v2")[(i // 2 + bits // 2) % 2],
+                            bias=(i + bits // 4) % 2 == 0, M=(1, 5, 16)[i % 3],
+                            dtype=("float16", "bfloat16")[(i + bits // 2) % 2]))
+    return out
+
+
+CASES = _cases()
+
+
+def case_id(c: dict) -> str:
+    return (f"{c['bits']}bit-g{c['group']}{'-act' if c['act'] else ''}-{c['fmt']}{'-bias' if c['bias'] else ''}"
+            f"-M{c['M']}-{c['dtype']}")
+
+
+def make_layer(K: int, N: int, bits: int, group: int, act: bool, fmt: str, bias: bool, device="cpu", seed=0):
+    """(QuantLinear with random codes, the oracle weight [K, N] float64)."""
+    gen = torch.Generator().manual_seed(seed)
+    g = K if group == -1 else group
+    G = -(-K // g)
+    codes = torch.randint(0, 2**bits, (N, K), generator=gen)
+    lo = 1 if fmt == "gptq" else 0  # v1 cannot store a zero point of 0
+    zeros = torch.randint(lo, 2**bits + lo, (G, N), generator=gen)
+    scales = (torch.rand(G, N, generator=gen) * 0.02 + 0.001).half()
+    g_idx = (torch.randperm(K, generator=gen) // g if act else torch.arange(K) // g).int()
+    layer = QuantLinear(K, N, bits, group, bias, fmt)
+    layer.qweight.copy_(pack_qweight(codes, bits))
+    layer.qzeros.copy_(pack_qzeros(zeros, bits, fmt))
+    layer.scales.copy_(scales)
+    layer.g_idx.copy_(g_idx)
+    if bias:
+        layer.bias.copy_(torch.randn(N, generator=gen).half())
+    gi = g_idx.long()
+    W = scales.double()[gi] * (codes.T.double() - zeros.double()[gi])
+    return layer.to(device), W.to(device)
+
+
+def rel_err(y: torch.Tensor, x: torch.Tensor, W: torch.Tensor, bias) -> float:
+    """max |y - x @ W - bias| / max |x @ W + bias|, the truth in float64."""
+    t = x.double() @ W + (bias.double() if bias is not None else 0)
+    return ((y.double() - t).abs().max() / t.abs().max()).item()
+
+
+TOL = {torch.float16: 2e-3, torch.bfloat16: 1e-2}
+
+
+def run_case(c: dict, device: str = "cpu") -> dict:
+    """Errors of every path the kernel has for this case: forward (its own plan), the other fused variant,
+    split-K 1 vs > 1, and the dequantize kernel (must equal the oracle exactly)."""
+    from gptqkit.kernels import triton_gptq as tg
+
+    layer, W = make_layer(K_ODD, N_ODD, c["bits"], c["group"], c["act"], c["fmt"], c["bias"], device)
+    tg.prepare(layer)
+    dtype = getattr(torch, c["dtype"])
+    x = torch.randn(c["M"], K_ODD, generator=torch.Generator().manual_seed(1)).to(device, dtype)
+    res = {"act_order_seen": layer.triton_act_order}
+    y = tg.forward(layer, x.view(1, c["M"], K_ODD))
+    res["forward"] = rel_err(y.view(c["M"], -1), x, W, layer.bias)
+    res["dtype_ok"] = y.dtype == dtype and tuple(y.shape) == (1, c["M"], N_ODD)
+    # forward ran the interpreter's plan (split-K 2, ROWS 16; CUDA-core variant at M = 1, else tensor cores);
+    # another tile height moves K tiles across group boundaries, split-K 1 stores without atomics
+    other = tg.Config(64, 4, 1, dot=False) if c["M"] == 1 else tg.Config(32, 32, 1)
+    res["fused"] = rel_err(tg.fused_matmul(layer, x, other), x, W, layer.bias)
+    res["dequant_exact"] = torch.equal(tg.dequantize(layer, torch.float32), W.float())
+    return res
+
+
+def run_interpreter_cases() -> dict:
+    assert os.environ.get("TRITON_INTERPRET") == "1"
+    out = {case_id(c): run_case(c) for c in CASES}
+    # prefill path: dequantize + matmul above FUSED_MAX_M rows
+    from gptqkit.kernels import triton_gptq as tg
+
+    layer, W = make_layer(K_ODD, N_ODD, 4, 128, True, "gptq", True)
+    tg.prepare(layer)
+    x = torch.randn(tg.FUSED_MAX_M + 3, K_ODD).half()
+    out["prefill"] = {"forward": rel_err(tg.forward(layer, x), x, W, layer.bias)}
+    return out
+
+
+@pytest.fixture(scope="module")
+def interpreter_results() -> dict:
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "TRITON_INTERPRET": "1",
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")]))}
+    p = subprocess.run([sys.executable, __file__], cwd=root, env=env, capture_output=True, text=True, timeout=600)
+    if p.returncode != 0:
+        pytest.fail(f"interpreter run failed:\n{p.stderr[-4000:]}")
+    return json.loads(p.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("case", CASES, ids=case_id)
+def test_interpreter_matches_oracle(interpreter_results, case):
+    r = interpreter_results[case_id(case)]
+    tol = TOL[getattr(torch, case["dtype"])]
+    assert r["dequant_exact"], "the dequantize kernel differs from scales[g_idx] * (codes - zeros[g_idx])"
+    assert r["dtype_ok"]
+    assert r["act_order_seen"] == case["act"]
+    assert r["forward"] < tol, f"forward: relative error {r['forward']:.2e}"
+    assert r["fused"] < tol, f"fused variants: relative error {r['fused']:.2e}"
+
+
+def test_interpreter_prefill_path(interpreter_results):
+    assert interpreter_results["prefill"]["forward"] < TOL[torch.float16]
+
+
+@pytest.mark.parametrize("bits,group,act,fmt", [(2, 32, True, "gptq"), (4, 128, False, "gptq_v2"),
+                                                 (8, 128, True, "gptq")])
+def test_oracle_is_the_reference_kernel(bits, group, act, fmt):
+    from gptqkit.kernels import reference
+
+    layer, W = make_layer(K_ODD, N_ODD, bits, group, act, fmt, False)
+    assert torch.equal(reference.dequantize(layer), W.float())
+
+
+def test_supports_says_why():
+    from gptqkit.kernels import triton_gptq as tg
+
+    layer, _ = make_layer(64, 64, 4, 32, False, "gptq", False)
+    assert tg.supports(layer, "cpu") == "Triton kernel needs a CUDA device"
+    three = QuantLinear(64, 64, 3, 32, False)
+    assert "3-bit" in tg.supports(three, torch.device("cuda"))  # decided before any CUDA call
+
+
+def test_imports_and_declines_without_triton():
+    code = ("import sys; sys.modules['triton'] = None\n"
+            "import torch\nfrom gptqkit.kernels import triton_gptq as tg\nfrom gptqkit.qlinear import QuantLinear\n"
+            "print(tg.supports(QuantLinear(64, 64, 4, 32, False), torch.device('cuda')))")
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr
+    assert "pip install gptqkit[triton]" in p.stdout
+
+
+def test_candidates_fill_the_gpu():
+    from gptqkit.kernels.triton_gptq import candidates
+
+    for M, K, N in ((1, 4096, 4096), (1, 11008, 4096), (16, 4096, 11008), (64, 4096, 4096)):
+        cands = candidates(M, K, N, 4, 128, sms=132)
+        assert cands and all(c.dot or M == 1 for c in cands)
+        first = cands[0]
+        per_tile = first.rows * 8
+        assert 128 % per_tile == 0, "the default K tile must fit in a group of 128"
+        assert -(-N // first.block_n) * first.split_k >= 66, "the default leaves most SMs idle"
+
+
+# ------------------------------------------------------------------------------------------------------ CUDA
+
+
+@pytest.fixture
+def untuned(monkeypatch):
+    """The first candidate tiling instead of timing them all: one compile per variant keeps the tests short."""
+    from gptqkit.kernels import triton_gptq as tg
+
+    monkeypatch.setattr(tg, "TUNE", False)
+
+
+@needs_cuda
+@pytest.mark.parametrize("case", CASES, ids=case_id)
+def test_cuda_matches_oracle(untuned, case):
+    r = run_case(case, "cuda")
+    tol = TOL[getattr(torch, case["dtype"])]
+    assert r["dequant_exact"] and r["dtype_ok"]
+    assert r["forward"] < tol and r["fused"] < tol, r
+
+
+@needs_cuda
+@pytest.mark.parametrize("bits,group,act,dtype", [(4, 128, False, "float16"), (4, 128, True, "bfloat16"),
+                                                  (4, -1, False, "bfloat16"), (2, 64, False, "float16"),
+                                                  (8, 128, False, "float16")])
+def test_cuda_llama_shapes(untuned, bits, group, act, dtype):
+    from gptqkit.kernels import triton_gptq as tg
+
+    dtype = getattr(torch, dtype)
+    for K, N in ((4096, 1024), (1024, 4096)):
+        layer, W = make_layer(K, N, bits, group, act, "gptq", False, "cuda")
+        tg.prepare(layer)
+        for M in (1, 4, 16, 33, 200):
+            x = torch.randn(M, K, device="cuda").to(dtype)
+            assert rel_err(tg.forward(layer, x), x, W, None) < TOL[dtype], M
+
+
+@needs_cuda
+def test_cuda_tuned_plan():
+    from gptqkit.kernels import triton_gptq as tg
+
+    layer, W = make_layer(4096, 4096, 4, 128, False, "gptq", True, "cuda")
+    tg.prepare(layer)
+    for M in (1, 40):
+        x = torch.randn(M, 4096, device="cuda").half()
+        assert rel_err(tg.forward(layer, x), x, W, layer.bias) < TOL[torch.float16]
+        cfg = tg.plan(layer, M, torch.float16)
+        assert cfg is None or cfg in tg.candidates(M, 4096, 4096, 4, 128, torch.cuda.get_device_properties(
+            0).multi_processor_count)
+
+
+@needs_cuda
+def test_cuda_model_selects_triton_and_matches_torch_kernel(untuned):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from gptqkit.checkpoint import use_kernels
+    from gptqkit.config import QuantConfig
+    from gptqkit.sequential import quantize_model
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(hidden_size=256, intermediate_size=688, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, vocab_size=512, max_position_embeddings=128)
+    model = LlamaForCausalLM(cfg).eval()
+    samples = [{"input_ids": torch.randint(0, 512, (1, 64)), "attention_mask": torch.ones(1, 64, dtype=torch.long)}
+               for _ in range(4)]
+    quantize_model(model, samples, QuantConfig(bits=4, group_size=64, quant_method="rtn"), progress=False)
+    model.half().cuda()
+    ids = torch.randint(0, 512, (2, 24), device="cuda")
+    assert use_kernels(model, "cuda") == {"triton": 14}
+    with torch.no_grad():
+        fast = model(ids).logits.float()
+        use_kernels(model, "cuda", "torch")
+        slow = model(ids).logits.float()
+        use_kernels(model, "cuda", "triton")
+        step = model(ids[:, :1]).logits.float()  # M = 2 rows: the decode path
+    assert ((fast - slow).norm() / slow.norm()).item() < 1e-2
+    assert ((step[:, 0] - slow[:, 0]).norm() / slow[:, 0].norm()).item() < 1e-2
+
+
+if __name__ == "__main__":  # the interpreter child process (see interpreter_results)
+    print(json.dumps(run_interpreter_cases()))
