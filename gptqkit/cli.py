@@ -9,7 +9,7 @@ import sys
 import time
 from pathlib import Path
 
-from . import __version__
+from . import __version__, bench, generate
 
 
 def _model_arg(s: str) -> str:
@@ -171,6 +171,14 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("ckpt")
     i.add_argument("--json", action="store_true")
     i.set_defaults(fn=cmd_inspect)
+
+    g = sub.add_parser("generate", help="generate text from a checkpoint or model, streaming to the terminal")
+    generate.add_generate_args(g)
+    g.set_defaults(fn=generate.run_generate)
+
+    b = sub.add_parser("bench", help="size, peak memory, prefill and decode speed, against a dense baseline")
+    bench.add_bench_args(b)
+    b.set_defaults(fn=bench.run_bench)
 
     d = sub.add_parser("demo", help="the main job on the bundled SmolLM2-135M-Instruct")
     d.add_argument("--out", default=None)

@@ -1,0 +1,258 @@
+"""Latency, throughput, memory and size of a checkpoint, side by side with its dense baseline.
+
+Each model is measured in a fresh subprocess (`python -m gptqkit.bench --child SPEC OUT`), so the peak memory is
+that model's alone: the peak resident set (VmHWM) on CPU, torch.cuda.max_memory_allocated on CUDA.
+Timings: a warm-up on a short prompt, then repetitions and their median. Prefill is one forward over a
+`prompt_len`-token prompt (logits for the last position only, as generate() does); decode is a greedy loop with
+the KV cache over exactly `new_tokens` tokens after that prompt (no EOS stop); the cache is cut back to the
+prompt between decode runs.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+log = logging.getLogger(__name__)
+
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".gguf")
+
+
+class BenchError(RuntimeError):
+    pass
+
+
+def size_on_disk(path: str | os.PathLike) -> int:
+    """Bytes of the weight files in a model folder."""
+    return sum(f.stat().st_size for f in Path(path).iterdir() if f.suffix in WEIGHT_SUFFIXES)
+
+
+def _vm_kib(field: str) -> int | None:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def measure(spec: dict[str, Any]) -> dict[str, Any]:
+    """Load one model and time it, in this process (bench() runs this in a fresh subprocess per model)."""
+    import resource
+
+    if not Path(spec["path"]).is_dir():
+        raise BenchError(f"{spec['path']} is not a model folder")
+    from transformers import AutoModelForCausalLM
+
+    from .checkpoint import load
+
+    if spec.get("threads"):
+        torch.set_num_threads(spec["threads"])
+    device = torch.device(spec["device"])
+    dtype = getattr(torch, spec["dtype"]) if spec.get("dtype") else None
+    t0 = time.perf_counter()
+    if spec["quantized"]:
+        model = load(spec["path"], device=device, dtype=dtype, kernel=spec.get("kernel", "auto"))
+    else:
+        model = AutoModelForCausalLM.from_pretrained(spec["path"], dtype=dtype or torch.float32,
+                                                     low_cpu_mem_usage=True).to(device).eval()
+    load_s = time.perf_counter() - t0
+    rss_loaded = _vm_kib("VmRSS")
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    vocab = model.config.vocab_size
+    gen = torch.Generator().manual_seed(spec.get("seed", 0))
+    ids = torch.randint(3, vocab, (1, spec["prompt_len"]), generator=gen).to(device)
+
+    def prefill(x: torch.Tensor):
+        _sync(device)
+        t = time.perf_counter()
+        out = model(x, use_cache=True, logits_to_keep=1)
+        _sync(device)
+        return time.perf_counter() - t, out
+
+    def decode(out, n: int) -> float:
+        """n greedy steps after the prompt's cache in `out`; the cache is cut back to the prompt afterwards."""
+        past, tok = out.past_key_values, out.logits[:, -1:].argmax(-1)
+        prompt_len = past.get_seq_length()
+        _sync(device)
+        t = time.perf_counter()
+        for _ in range(n):
+            step = model(tok, past_key_values=past, use_cache=True)
+            past, tok = step.past_key_values, step.logits[:, -1:].argmax(-1)
+        _sync(device)
+        seconds = time.perf_counter() - t
+        past.crop(prompt_len - past.get_seq_length())  # a negative count drops that many tokens from the end
+        return seconds
+
+    with torch.inference_mode():
+        for _ in range(spec.get("warmup", 1)):  # a short prompt warms every kernel without a full prefill
+            decode(prefill(ids[:, :min(32, ids.shape[1])])[1], min(4, spec["new_tokens"]))
+        pre = []
+        for _ in range(spec.get("prefill_runs") or spec["runs"]):
+            seconds, out = prefill(ids)
+            pre.append(seconds)
+        dec = [decode(out, spec["new_tokens"]) for _ in range(spec["runs"])]
+    r: dict[str, Any] = {
+        "path": str(spec["path"]), "quantized": spec["quantized"], "device": str(device),
+        "dtype": str(next(model.parameters()).dtype).removeprefix("torch."), "threads": torch.get_num_threads(),
+        "load_s": load_s, "prefill_s": pre, "decode_s": dec,
+        "prefill_tokens_per_s": spec["prompt_len"] / statistics.median(pre),
+        "decode_ms_per_token": 1e3 * statistics.median(dec) / spec["new_tokens"],
+        "decode_tokens_per_s": spec["new_tokens"] / statistics.median(dec),
+        "rss_loaded_bytes": rss_loaded * 1024 if rss_loaded else None,
+        # VmHWM: the peak resident set of this process's memory over load and all runs. (ru_maxrss is not used
+        # where VmHWM exists: Linux carries it over fork and exec, so it starts at the parent's resident size.)
+        "peak_rss_bytes": 1024 * (_vm_kib("VmHWM") or resource.getrusage(resource.RUSAGE_SELF).ru_maxrss),
+    }
+    if spec["quantized"]:
+        from .qlinear import QuantLinear
+
+        kernels: dict[str, int] = {}
+        for m in model.modules():
+            if isinstance(m, QuantLinear):
+                kernels[m.kernel.name] = kernels.get(m.kernel.name, 0) + 1
+        r["kernels"] = kernels
+    if device.type == "cuda":
+        r["gpu_peak_bytes"] = torch.cuda.max_memory_allocated(device)
+    return r
+
+
+def run_measurement(spec: dict[str, Any], timeout: float | None = None) -> dict[str, Any]:
+    """measure(spec) in a fresh `python -m gptqkit.bench --child` process; its result dict."""
+    with tempfile.TemporaryDirectory(prefix="gptqkit-bench-") as tmp:
+        out = Path(tmp) / "result.json"
+        cmd = [sys.executable, "-m", "gptqkit.bench", "--child", json.dumps(spec), str(out)]
+        env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
+        if spec.get("threads"):
+            env["OMP_NUM_THREADS"] = str(spec["threads"])
+        p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+        if p.returncode != 0 or not out.exists():
+            tail = "\n".join(p.stderr.strip().splitlines()[-8:])
+            raise BenchError(f"measuring {spec['path']} failed (exit {p.returncode}):\n{tail}")
+        return json.loads(out.read_text())
+
+
+def bench(ckpt: str | os.PathLike, baseline: str | os.PathLike | None = None, prompt_len: int = 128,
+          new_tokens: int = 64, runs: int = 3, device: str = "cpu", threads: int | None = None,
+          dtype: str | None = None, baseline_dtype: str | None = None, kernel: str = "auto", warmup: int = 1,
+          timeout: float | None = None, prefill_runs: int | None = None) -> dict[str, Any]:
+    """Measure a GPTQ checkpoint and, if given, its dense baseline, each in a fresh subprocess.
+
+    dtype (of activations and unquantized tensors) defaults to bfloat16 on CPU and float16 on CUDA, for both
+    models: what a CPU user would run the dense model in. Returns {"settings", "quantized", "baseline", "ratios"}
+    with sizes in bytes and times in seconds; ratios are quantized / baseline (memory, size) and baseline /
+    quantized for time (a speed-up above 1 means the checkpoint is faster).
+
+    >>> r = bench("smollm2-gptq-4bit", baseline="SmolLM2-135M-Instruct", threads=2)  # doctest: +SKIP
+    >>> r["ratios"]["decode_speedup"]  # doctest: +SKIP
+    """
+    from . import kernels
+    from .generate import is_checkpoint
+
+    if kernel != "auto":
+        kernels.load(kernel)  # an unknown name fails here, not in the subprocess
+    default = "float16" if torch.device(device).type == "cuda" else "bfloat16"
+    dtype, baseline_dtype = dtype or default, baseline_dtype or dtype or default
+    if not is_checkpoint(ckpt):
+        raise BenchError(f"{ckpt} is not a GPTQ checkpoint (no quantize_config.json or quantization_config)")
+    settings = {"prompt_len": prompt_len, "new_tokens": new_tokens, "runs": runs, "warmup": warmup,
+                "prefill_runs": prefill_runs or runs, "device": device, "threads": threads, "kernel": kernel}
+    common = {**settings, "seed": 0}
+    q = run_measurement({**common, "path": str(ckpt), "quantized": True, "dtype": dtype}, timeout)
+    q["size_bytes"] = size_on_disk(ckpt)
+    result: dict[str, Any] = {"settings": settings, "quantized": q, "baseline": None, "ratios": {}}
+    if baseline is not None:
+        b = run_measurement({**common, "path": str(baseline), "quantized": is_checkpoint(baseline),
+                        "dtype": baseline_dtype}, timeout)
+        b["size_bytes"] = size_on_disk(baseline)
+        result["baseline"] = b
+        mem = "gpu_peak_bytes" if "gpu_peak_bytes" in q else "peak_rss_bytes"
+        result["ratios"] = {
+            "size": q["size_bytes"] / b["size_bytes"],
+            "peak_memory": q[mem] / b[mem],
+            "prefill_speedup": q["prefill_tokens_per_s"] / b["prefill_tokens_per_s"],
+            "decode_speedup": q["decode_tokens_per_s"] / b["decode_tokens_per_s"],
+        }
+    return result
+
+
+def format_table(r: dict[str, Any]) -> str:
+    """The result of bench() as a fixed-width table, one row per measure, with ratios."""
+    q, b = r["quantized"], r["baseline"]
+    mem = "gpu_peak_bytes" if "gpu_peak_bytes" in q else "peak_rss_bytes"
+    mib = 2**20
+    rows = [
+        ("size on disk (MiB)", q["size_bytes"] / mib, b and b["size_bytes"] / mib, "size"),
+        ("peak GPU memory (MiB)" if mem == "gpu_peak_bytes" else "peak RSS (MiB)", q[mem] / mib,
+         b and b[mem] / mib, "peak_memory"),
+        (f"prefill, {r['settings']['prompt_len']} tokens (tokens/s)", q["prefill_tokens_per_s"],
+         b and b["prefill_tokens_per_s"], "prefill_speedup"),
+        ("decode latency (ms/token)", q["decode_ms_per_token"], b and b["decode_ms_per_token"], None),
+        ("decode throughput (tokens/s)", q["decode_tokens_per_s"], b and b["decode_tokens_per_s"], "decode_speedup"),
+        ("load time (s)", q["load_s"], b and b["load_s"], None),
+    ]
+    head_b = f"baseline {b['dtype']}" if b else ""
+    lines = [f"{'':38s} {'gptqkit ' + q['dtype']:>16s} {head_b:>16s} {'ratio' if b else '':>8s}"]
+    for label, qv, bv, key in rows:
+        ratio = f"{r['ratios'][key]:7.2f}x" if b and key else ""
+        lines.append(f"{label:38s} {qv:16.2f} {'' if bv is None else f'{bv:16.2f}':>16s} {ratio:>8s}")
+    s = r["settings"]
+    lines.append(f"device {q['device']}, {q['threads']} threads; medians of {s['prefill_runs']} prefills and "
+                 f"{s['runs']} greedy decodes of {s['new_tokens']} tokens with KV cache, after {s['warmup']} "
+                 f"warm-up; kernels {q.get('kernels')}")
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------------------------- CLI
+
+
+def add_bench_args(p) -> None:
+    p.add_argument("ckpt", help="GPTQ checkpoint folder")
+    p.add_argument("--baseline", default=None, help="the dense model folder to compare with (e.g. the original)")
+    p.add_argument("--prompt-len", type=int, default=128, help="prefill prompt length (default 128)")
+    p.add_argument("--new-tokens", type=int, default=64, help="decoded tokens per run (default 64)")
+    p.add_argument("--runs", type=int, default=3, help="timed runs; the median is reported (default 3)")
+    p.add_argument("--prefill-runs", type=int, default=None, help="timed prefills (default: --runs)")
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--dtype", default=None, help="activations/unquantized tensors (default bfloat16 on CPU, "
+                                                 "float16 on CUDA)")
+    p.add_argument("--baseline-dtype", default=None, help="dtype of the baseline (default: --dtype)")
+    p.add_argument("--kernel", default="auto")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+
+
+def run_bench(args) -> int:
+    from . import bundled
+
+    baseline = args.baseline
+    if baseline and baseline.lower() in (bundled.NAME.lower(), "smollm2"):
+        baseline = str(bundled.smollm2())
+    r = bench(args.ckpt, baseline=baseline, prompt_len=args.prompt_len, new_tokens=args.new_tokens,
+              runs=args.runs, device=args.device, threads=args.threads, dtype=args.dtype,
+              baseline_dtype=args.baseline_dtype, kernel=args.kernel, warmup=args.warmup,
+              prefill_runs=args.prefill_runs)
+    print(json.dumps(r, indent=2) if args.json else format_table(r))
+    return 0
+
+
+if __name__ == "__main__" and len(sys.argv) == 4 and sys.argv[1] == "--child":
+    Path(sys.argv[3]).write_text(json.dumps(measure(json.loads(sys.argv[2]))))

@@ -1,0 +1,79 @@
+"""gptqkit.bench on a stories260K checkpoint against its dense original (small settings: the numbers are not the
+point here, the measurement protocol and the report are)."""
+
+import argparse
+import json
+from pathlib import Path
+
+import pytest
+
+from gptqkit import bench as bench_mod
+from gptqkit.bench import BenchError, add_bench_args, bench, format_table, run_bench, size_on_disk
+
+ASSETS = Path(__file__).resolve().parents[2] / "shared/assets"
+MODEL = ASSETS / "models/stories260K"
+TINY = ASSETS / "corpora/calibration/tiny.txt"
+
+pytestmark = pytest.mark.skipif(not (MODEL / "model.safetensors").is_file(), reason=f"{MODEL} not found")
+
+
+def stories_checkpoint(tmp_path_factory) -> Path:
+    """A 4-bit g32 checkpoint of stories260K, made once per test session (shared by the test files)."""
+    from gptqkit.config import QuantConfig
+    from gptqkit.pipeline import quantize
+
+    out = tmp_path_factory.getbasetemp() / "stories-gptq-4bit-g32"
+    if not (out / "quantize_config.json").exists():
+        texts = [t for t in TINY.read_text().split("\n") if t.strip()][:64]
+        quantize(MODEL, out, QuantConfig(bits=4, group_size=32), dataset=texts, nsamples=16, seqlen=128,
+                 progress=False, overwrite=True)
+    return out
+
+
+@pytest.fixture(scope="module")
+def result(tmp_path_factory):
+    ckpt = stories_checkpoint(tmp_path_factory)
+    return bench(ckpt, baseline=MODEL, prompt_len=40, new_tokens=4, runs=2, threads=1)
+
+
+def test_both_models_measured(result, tmp_path_factory):
+    q, b = result["quantized"], result["baseline"]
+    for r in (q, b):
+        assert len(r["prefill_s"]) == len(r["decode_s"]) == 2
+        assert r["prefill_tokens_per_s"] > 0 and r["decode_tokens_per_s"] > 0 and r["threads"] == 1
+        assert abs(r["decode_ms_per_token"] * r["decode_tokens_per_s"] - 1000) < 1e-6
+        assert r["peak_rss_bytes"] >= r["rss_loaded_bytes"] > 50 * 2**20  # torch + transformers alone exceed this
+        assert r["dtype"] == "bfloat16"  # the CPU default, for both models
+    assert q["quantized"] and not b["quantized"]
+    assert q["kernels"] == {"cpu": 20}  # q/k/v/o in 5 blocks; the 172-wide MLP is not packable and stays dense
+    assert q["size_bytes"] == size_on_disk(stories_checkpoint(tmp_path_factory)) < b["size_bytes"]
+    ratios = result["ratios"]
+    assert ratios["size"] == q["size_bytes"] / b["size_bytes"] < 1
+    assert ratios["decode_speedup"] == q["decode_tokens_per_s"] / b["decode_tokens_per_s"]
+
+
+def test_table_and_cli_json(result, monkeypatch, capsys):
+    table = format_table(result)
+    for label in ("size on disk", "peak RSS", "prefill, 40 tokens", "decode latency (ms/token)",
+                  "decode throughput (tokens/s)", "ratio", "1 threads"):
+        assert label in table
+    monkeypatch.setattr(bench_mod, "bench", lambda *a, **k: result)
+    p = argparse.ArgumentParser()
+    add_bench_args(p)
+    assert run_bench(p.parse_args(["ckpt", "--baseline", str(MODEL), "--json"])) == 0
+    assert json.loads(capsys.readouterr().out) == result
+    assert run_bench(p.parse_args(["ckpt"])) == 0
+    assert capsys.readouterr().out == table + "\n"
+
+
+def test_refuses_a_dense_model_and_reports_child_failures(tmp_path):
+    from gptqkit.kernels import KernelError
+
+    with pytest.raises(BenchError, match="not a GPTQ checkpoint"):
+        bench(MODEL)
+    with pytest.raises(KernelError, match="unknown kernel"):
+        bench(MODEL, kernel="no-such-kernel")
+    spec = {"path": str(tmp_path / "missing"), "quantized": True, "device": "cpu", "prompt_len": 4, "new_tokens": 1,
+            "runs": 1}
+    with pytest.raises(BenchError, match="failed .exit 1.:\n(.|\n)*is not a model folder"):
+        bench_mod.run_measurement(spec, timeout=120)

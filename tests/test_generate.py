@@ -1,0 +1,161 @@
+"""gptqkit.generate on stories260K: greedy decoding, templates as exact strings, answer extraction, streaming."""
+
+import argparse
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from gptqkit.generate import (TEMPLATES, TemplateError, add_generate_args, extract_answer, generate,
+                              load_for_inference, load_template, render, run_generate, run_generation)
+
+ASSETS = Path(__file__).resolve().parents[2] / "shared/assets"
+MODEL = ASSETS / "models/stories260K"
+TINY = ASSETS / "corpora/calibration/tiny.txt"
+# llama2.c's stories260K, greedy from "Once upon a time" (its documented sample starts this way)
+STORY = ", there was a little girl named Lily. She loved to play outside in the park."
+
+needs_model = pytest.mark.skipif(not (MODEL / "model.safetensors").is_file(), reason=f"{MODEL} not found")
+
+
+@pytest.fixture(scope="module")
+def dense():
+    return load_for_inference(MODEL)
+
+
+def stories_checkpoint(tmp_path_factory) -> Path:
+    """A 4-bit g32 checkpoint of stories260K, made once per test session (shared by the test files)."""
+    from gptqkit.config import QuantConfig
+    from gptqkit.pipeline import quantize
+
+    out = tmp_path_factory.getbasetemp() / "stories-gptq-4bit-g32"
+    if not (out / "quantize_config.json").exists():
+        texts = [t for t in TINY.read_text().split("\n") if t.strip()][:64]
+        quantize(MODEL, out, QuantConfig(bits=4, group_size=32), dataset=texts, nsamples=16, seqlen=128,
+                 progress=False, overwrite=True)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- templates
+
+
+def test_alpaca_exact():
+    assert render("alpaca", "Name three colors.") == (
+        "Below is an instruction that describes a task. Write a response that appropriately completes the "
+        "request.\n\n### Instruction:\nName three colors.\n\n### Response:\n")
+    assert render("alpaca", "Translate.", input="Hola") == (
+        "Below is an instruction that describes a task, paired with an input that provides further context. "
+        "Write a response that appropriately completes the request.\n\n### Instruction:\nTranslate.\n\n"
+        "### Input:\nHola\n\n### Response:\n")
+
+
+def test_alpaca_es_exact():
+    assert render("alpaca-es", "Resume el texto.", input="El gato duerme.", context="Un cuento corto.") == (
+        "A continuación hay una instrucción que describe una tarea, junto con una entrada que proporciona más "
+        "contexto. Escribe una respuesta que complete adecuadamente la solicitud.\n\n"
+        "### Instrucción:\nResume el texto.\n\n### Entrada:\nEl gato duerme.\n\n### Contexto:\nUn cuento corto.\n\n"
+        "### Respuesta:\n")
+    assert render("alpaca-es", "¿Qué hora es?", system="Eres un asistente.") == (
+        "Eres un asistente.\n\n### Instrucción:\n¿Qué hora es?\n\n### Respuesta:\n")
+    only_context = render("alpaca-es", "Responde.", context="Texto.")
+    assert "### Entrada:" not in only_context and only_context.endswith("### Contexto:\nTexto.\n\n### Respuesta:\n")
+
+
+def test_chatml_exact():
+    assert render("chatml", "Hi!", system="Be brief.") == (
+        "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi!<|im_end|>\n<|im_start|>assistant\n")
+    assert render("chatml", "Hi!") == "<|im_start|>user\nHi!<|im_end|>\n<|im_start|>assistant\n"
+
+
+def test_template_from_json_and_errors(tmp_path):
+    t = {"instruction": "Q: {instruction}\n", "input": "Data: {input}\n", "response": "A:", "stop": ["\nQ:"]}
+    f = tmp_path / "qa.json"
+    f.write_text(json.dumps(t), encoding="utf-8")
+    assert load_template(f) == t
+    assert render(str(f), "2+2?", input="none") == "Q: 2+2?\nData: none\nA:"
+    with pytest.raises(TemplateError, match="unknown template"):
+        load_template("no-such-template")
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"instruction": "x"}))
+    with pytest.raises(TemplateError, match="'response'"):
+        load_template(bad)
+    with pytest.raises(TemplateError, match="no context section"):
+        render("alpaca", "x", context="y")
+    assert set(TEMPLATES) >= {"alpaca", "alpaca-es", "chatml"}
+
+
+def test_extract_answer():
+    full = render("alpaca-es", "Saluda.") + "  ¡Hola, mundo!\n\n### Instrucción:\nOtra cosa"
+    assert extract_answer(full, "alpaca-es") == "¡Hola, mundo!"
+    assert extract_answer("Respuesta sin marcador.\n### Entrada: x", "alpaca-es") == "Respuesta sin marcador."
+    assert extract_answer("Sure.<|im_end|>\n<|im_start|>user", "chatml") == "Sure."
+    assert extract_answer("### Response:\nBlue, red, green.", "alpaca") == "Blue, red, green."
+
+
+# ---------------------------------------------------------------------------------------------- generation
+
+
+@needs_model
+def test_greedy_is_deterministic_and_streams_the_same_text(dense):
+    model, tok = dense
+    pieces = []
+    a = generate(model, tok, "Once upon a time", max_new_tokens=24, stream=pieces.append)
+    b = generate(model, tok, "Once upon a time", max_new_tokens=24)
+    assert a == b and a.startswith(STORY[:40])
+    assert len(pieces) > 5 and "".join(pieces) == a
+
+
+@needs_model
+def test_stop_strings_cut_the_stream_and_stop_early(dense, tmp_path):
+    model, tok = dense
+    f = tmp_path / "plain.json"
+    f.write_text(json.dumps({"instruction": "{instruction}", "response": "", "stop": ["."]}))
+    pieces = []
+    g = run_generation(model, tok, "Once upon a time", max_new_tokens=60, template=str(f), stream=pieces.append)
+    assert g.text == STORY.split(".")[0] and "".join(pieces) == g.text
+    assert g.new_tokens < 60  # generation stopped at the stop string
+
+
+@needs_model
+def test_template_answer_and_sampling(dense):
+    model, tok = dense
+    pieces = []
+    g = run_generation(model, tok, "Cuenta un cuento.", max_new_tokens=16, template="alpaca-es",
+                       input="Un perro.", stream=pieces.append)
+    assert g.prompt.endswith("### Respuesta:\n") and g.prompt_tokens > 20
+    assert "".join(pieces) == g.text == g.text.strip() and g.text
+    s1 = generate(model, tok, "Once upon a time", max_new_tokens=16, temperature=0.8, top_p=0.9, top_k=20, seed=1)
+    s2 = generate(model, tok, "Once upon a time", max_new_tokens=16, temperature=0.8, top_p=0.9, top_k=20, seed=1)
+    assert s1 == s2
+
+
+@needs_model
+def test_chat_template(dense):
+    model, tok = dense
+    with pytest.raises(TemplateError, match="no chat template"):
+        generate(model, tok, "Hi", chat=True)
+    tok.chat_template = ("{{ bos_token }}{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}"
+                        "{% if add_generation_prompt %}[assistant]{% endif %}")
+    try:
+        g = run_generation(model, tok, "Once upon a time", max_new_tokens=8, chat=True, system="Tell a story.")
+    finally:
+        tok.chat_template = None
+    assert g.prompt == "<s>[system] Tell a story.\n[user] Once upon a time\n[assistant]"
+    assert g.new_tokens == 8
+
+
+@needs_model
+def test_quantized_checkpoint_and_cli(tmp_path_factory, capsys):
+    ckpt = stories_checkpoint(tmp_path_factory)
+    model, tok = load_for_inference(ckpt)
+    text = generate(model, tok, "Once upon a time", max_new_tokens=12)
+    assert text == generate(model, tok, "Once upon a time", max_new_tokens=12) and len(text) > 10
+    p = argparse.ArgumentParser()
+    add_generate_args(p)
+    args = p.parse_args([str(ckpt), "--prompt", "Once upon a time", "--max-new-tokens", "12", "--threads", "1"])
+    assert run_generate(args) == 0
+    out = capsys.readouterr()
+    assert out.out == text + "\n" and "tokens/s" in out.err
+    with torch.no_grad():
+        assert model(torch.tensor([[1, 403]])).logits.dtype == torch.float32

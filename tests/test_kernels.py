@@ -1,0 +1,264 @@
+"""The CPU kernel against the oracle: float64 math on the reference dequantization of the same checkpoint tensors.
+
+Inputs are rounded to the activation dtype first, so the measured error is only what the kernel adds: bf16
+activations and scales on the int4 path (relative error a few 1e-3), fp32 accumulation on the prefill path.
+"""
+
+import dataclasses
+import logging
+from pathlib import Path
+
+import pytest
+import torch
+
+from gptqkit import kernels
+from gptqkit.kernels import cpu_int4, reference
+from gptqkit.qlinear import QuantLinear
+from gptqkit.quant import QuantResult
+
+ASSETS = Path(__file__).resolve().parents[2] / "shared/assets"
+MODEL = ASSETS / "models/stories260K"
+TINY = ASSETS / "corpora/calibration/tiny.txt"
+
+INT4_TOL = 1e-2  # bf16 activations, scales and output: each rounds to 8 significant bits (2^-9 = 2e-3)
+FP32_TOL = 1e-5
+
+
+def random_layer(K, N, bits, group_size, act_order=False, sym=True, fmt="gptq", bias=False, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    maxq = 2**bits - 1
+    g = K if group_size == -1 else group_size
+    G = -(-K // g)
+    codes = torch.randint(0, maxq + 1, (N, K), generator=gen).to(torch.uint8)
+    scales = (torch.rand(G, N, generator=gen) * 0.02 + 1e-3).half().float()
+    if sym:
+        zeros = torch.full((G, N), (maxq + 1) // 2, dtype=torch.int32)
+    else:
+        zeros = torch.randint(1 if fmt == "gptq" else 0, maxq + 1, (G, N), generator=gen).to(torch.int32)
+    if act_order:
+        perm = torch.randperm(K, generator=gen)
+        g_idx = torch.empty(K, dtype=torch.int32)
+        g_idx[perm] = (torch.arange(K) // g).to(torch.int32)
+    else:
+        g_idx = (torch.arange(K) // g).to(torch.int32)
+    b = torch.randn(N, generator=gen) * 0.1 if bias else None
+    return QuantLinear.from_result(QuantResult(codes, scales, zeros, g_idx), b, bits, group_size, fmt)
+
+
+def slow_unpack(words, bits):
+    """int32 [R, C] packed along dim 0 -> int64 codes [R*32/bits, C], straight from FORMAT.md: codes sit lowest
+    bits first, code j of a unit at bits [j*bits, (j+1)*bits); a unit is one word (2/4/8 bits) or, for 3 bits, the
+    96-bit stream of three words holding 32 codes."""
+    R, C = words.shape
+    unit = 3 if bits == 3 else 1
+    per = 32 * unit // bits
+    w = (words.to(torch.int64) & 0xFFFFFFFF).tolist()
+    out = [[0] * C for _ in range(R * 32 // bits)]
+    for u in range(R // unit):
+        for c in range(C):
+            stream = sum(w[u * unit + i][c] << (32 * i) for i in range(unit))
+            for j in range(per):
+                out[u * per + j][c] = (stream >> (j * bits)) & ((1 << bits) - 1)
+    return torch.tensor(out, dtype=torch.int64)
+
+
+def oracle_weight(layer):
+    """[K, N] float64 from the checkpoint tensors, independent of gptqkit.packing."""
+    codes = slow_unpack(layer.qweight, layer.bits)
+    zeros = slow_unpack(layer.qzeros.T, layer.bits).T + (1 if layer.checkpoint_format == "gptq" else 0)
+    g = layer.g_idx.long()
+    return layer.scales.double()[g] * (codes - zeros[g]).double()
+
+
+def oracle(layer, x):
+    if not hasattr(layer, "_oracle_w"):
+        layer._oracle_w = oracle_weight(layer)
+    y = x.double() @ layer._oracle_w
+    if layer.bias is not None:
+        y = y + layer.bias.double()
+    return y
+
+
+def rel_err(y, ref):
+    return ((y.double() - ref).norm() / ref.norm()).item()
+
+
+def run_path(layer, x, path):
+    """Force the int4 op ("int4") or the dequantize + GEMM path ("dense") whatever M is."""
+    plan = layer._cpu_plan
+    layer._cpu_plan = dataclasses.replace(plan, prefill_m=1 << 30 if path == "int4" else 0)
+    try:
+        with torch.no_grad():
+            return cpu_int4.forward(layer, x)
+    finally:
+        layer._cpu_plan = plan
+
+
+def prepared(layer):
+    layer.use_kernel(cpu_int4)
+    return layer
+
+
+CASES = [(bits, gs, act) for bits in (2, 3, 4, 8) for gs in (32, 64, 128, -1) for act in (False, True)]
+
+
+@pytest.mark.parametrize("bits,group_size,act_order", CASES)
+def test_random_layers_against_oracle(bits, group_size, act_order):
+    i = CASES.index((bits, group_size, act_order))
+    sym, fmt, bias = i % 2 == 0, ("gptq", "gptq_v2")[(i // 2) % 2], (i // 4) % 2 == 1
+    layer = prepared(random_layer(256, 96, bits, group_size, act_order, sym, fmt, bias, seed=i))
+    gen = torch.Generator().manual_seed(100 + i)
+    for M in (1, 3, 17, 64):
+        for dtype in (torch.float32, torch.bfloat16):
+            x = torch.randn(M, 256, generator=gen).to(dtype)
+            ref = oracle(layer, x)
+            paths = ("int4", "dense") if layer._cpu_plan.int4 else ("dense",)
+            for path in paths:
+                y = run_path(layer, x, path)
+                assert y.dtype == dtype and y.shape == (M, 96)
+                tol = FP32_TOL if (path == "dense" and dtype == torch.float32) else INT4_TOL
+                assert rel_err(y, ref) < tol, (path, M, dtype)
+            with torch.no_grad():  # the automatic choice
+                assert rel_err(layer(x), ref) < INT4_TOL
+
+
+def test_error_is_bf16_sized_not_zero():
+    """The int4 path's error sits at bf16 rounding: well under the tolerance, and not exact (bf16 is in play)."""
+    layer = prepared(random_layer(512, 128, 4, 128, sym=False, seed=7))
+    x = torch.randn(4, 512, generator=torch.Generator().manual_seed(1))
+    e = rel_err(run_path(layer, x, "int4"), oracle(layer, x))
+    assert 1e-4 < e < 5e-3
+
+
+@pytest.mark.parametrize("K,N,group_size,act_order,expect_pad", [
+    (576, 64, 128, False, False),  # SmolLM2's 576 with group 128: runs as op group 64, no padding
+    (576, 64, 128, True, False),
+    (576, 32, 48, False, True),  # group 48 fills no accepted size: each group padded to 64 rows
+    (576, 32, 48, True, True),
+    (40, 32, -1, False, True),  # K = 40 < 32-multiple: one group padded to 64
+    (2048, 32, -1, False, False),  # group -1 over 2048 rows runs as op group 256
+])
+def test_shapes_the_op_refuses(K, N, group_size, act_order, expect_pad):
+    layer = prepared(random_layer(K, N, 4, group_size, act_order, sym=False, fmt="gptq_v2", bias=True, seed=K))
+    plan = layer._cpu_plan
+    assert plan.int4 and (plan.padded_k > K) == expect_pad and plan.remap == (expect_pad or act_order)
+    for M in (1, 5, 64):
+        x = torch.randn(M, K, generator=torch.Generator().manual_seed(M))
+        ref = oracle(layer, x)
+        assert rel_err(run_path(layer, x, "int4"), ref) < INT4_TOL
+        assert rel_err(run_path(layer, x, "dense"), ref) < FP32_TOL
+
+
+def test_fallback_shapes_run_and_log_once(caplog):
+    cpu_int4._logged.clear()
+    with caplog.at_level(logging.INFO, logger="gptqkit.kernels.cpu_int4"):
+        a = prepared(random_layer(128, 40, 4, 32, seed=1))  # N = 40 is not a multiple of 16
+        b = prepared(random_layer(128, 64, 8, 64, seed=2))
+        c = prepared(random_layer(128, 64, 8, 64, seed=3))
+    assert not a._cpu_plan.int4 and not b._cpu_plan.int4
+    msgs = [r.getMessage() for r in caplog.records]
+    assert sum("not a multiple of 16" in m for m in msgs) == 1
+    assert sum("8-bit" in m for m in msgs) == 1  # b and c share the reason: logged once
+    for layer in (a, b, c):
+        x = torch.randn(2, 3, 128)
+        with torch.no_grad():
+            y = layer(x)
+        assert y.shape == (2, 3, layer.out_features)
+        assert rel_err(y, oracle(layer, x)) < FP32_TOL
+
+
+def test_state_dict_is_the_checkpoint():
+    layer = random_layer(576, 64, 4, 128, act_order=True, bias=True, seed=3)
+    before = {k: v.clone() for k, v in layer.state_dict().items()}
+    prepared(layer)
+    with torch.no_grad():
+        layer(torch.randn(1, 576))
+        layer(torch.randn(100, 576))
+    after = layer.state_dict()
+    assert list(after) == list(before) == ["qweight", "qzeros", "scales", "g_idx", "bias"]
+    assert all(torch.equal(before[k], after[k]) and before[k].dtype == after[k].dtype for k in before)
+    assert {n for n, _ in layer.named_buffers()} >= {"cpu_int4_packed", "cpu_int4_sz", "cpu_int4_src"}
+
+
+def test_leading_dims_and_automatic_choice():
+    layer = prepared(random_layer(256, 64, 4, 64, seed=4))
+    for shape in ((1, 1, 256), (2, 7, 256), (1, 300, 256)):
+        x = torch.randn(*shape, dtype=torch.bfloat16)
+        with torch.no_grad():
+            y = layer(x)
+        assert y.shape == (*shape[:-1], 64) and y.dtype == torch.bfloat16
+        assert rel_err(y, oracle(layer, x)) < INT4_TOL
+
+
+def test_gradient_through_activations():
+    """LoRA on quantized layers backpropagates through x: the kernel takes its differentiable path."""
+    layer = prepared(random_layer(256, 64, 4, 32, act_order=True, sym=False, bias=True, seed=5))
+    x = torch.randn(3, 256, requires_grad=True)
+    layer(x).square().sum().backward()
+    x_ref = x.detach().clone().requires_grad_(True)
+    reference.forward(layer, x_ref).square().sum().backward()
+    assert rel_err(x.grad, x_ref.grad.double()) < FP32_TOL
+
+
+def test_selection_on_cpu_and_refusal_elsewhere():
+    layer = random_layer(128, 64, 4, 32)
+    k, why = kernels.select(layer, "cpu")
+    assert k is cpu_int4 and why == []
+    assert cpu_int4.supports(layer, "cpu") is None
+    assert "CPU" in cpu_int4.supports(layer, torch.device("meta"))
+    k, why = kernels.select(layer, "meta")
+    assert k is reference
+
+
+# ------------------------------------------------------------------------------------ real layers, real model
+
+
+def stories_checkpoint(tmp_path_factory) -> Path:
+    """A 4-bit g32 checkpoint of stories260K, made once per test session (shared by the test files)."""
+    from gptqkit.config import QuantConfig
+    from gptqkit.pipeline import quantize
+
+    out = tmp_path_factory.getbasetemp() / "stories-gptq-4bit-g32"
+    if not (out / "quantize_config.json").exists():
+        texts = [t for t in TINY.read_text().split("\n") if t.strip()][:64]
+        quantize(MODEL, out, QuantConfig(bits=4, group_size=32), dataset=texts, nsamples=16, seqlen=128,
+                 progress=False, overwrite=True)
+    return out
+
+
+@pytest.fixture(scope="module")
+def stories_ckpt(tmp_path_factory):
+    if not (MODEL / "model.safetensors").is_file() or not TINY.is_file():
+        pytest.skip(f"shared assets not found under {ASSETS}")
+    return stories_checkpoint(tmp_path_factory)
+
+
+def test_real_checkpoint_logits_cpu_vs_torch(stories_ckpt):
+    from gptqkit.checkpoint import load
+
+    fast, ref = load(stories_ckpt, kernel="cpu"), load(stories_ckpt, kernel="torch")
+    qlayers = [m for m in fast.modules() if isinstance(m, QuantLinear)]
+    assert qlayers and all(m.kernel is cpu_int4 for m in qlayers)
+    assert fast.state_dict().keys() == ref.state_dict().keys()
+    ids = torch.tensor([[1] + list(range(20, 60))])
+    with torch.no_grad():
+        for n in (1, ids.shape[1]):  # one token (int4 op) and a 41-token prompt
+            a, b = fast(ids[:, :n]).logits, ref(ids[:, :n]).logits
+            assert rel_err(a, b.double()) < INT4_TOL
+            assert torch.equal(a[0, -1].argmax(), b[0, -1].argmax())
+    for m in qlayers:  # each real layer against the oracle, both paths
+        x = torch.randn(5, m.in_features)
+        assert rel_err(run_path(m, x, "int4"), oracle(m, x)) < INT4_TOL
+        assert rel_err(run_path(m, x, "dense"), oracle(m, x)) < FP32_TOL
+
+
+def test_real_checkpoint_in_bf16(stories_ckpt):
+    """load(path, dtype=torch.bfloat16) gives a bf16 model (half the memory of fp32; fast where bf16 is native)."""
+    from gptqkit.checkpoint import load
+
+    m32, m16 = load(stories_ckpt), load(stories_ckpt, dtype=torch.bfloat16)
+    assert m16.model.embed_tokens.weight.dtype == torch.bfloat16
+    ids = torch.tensor([[1, 403, 407, 261, 378, 13]])
+    with torch.no_grad():
+        a, b = m32(ids).logits, m16(ids).logits
+    assert b.dtype == torch.bfloat16 and rel_err(b, a.double()) < 5e-2
