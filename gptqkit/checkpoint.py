@@ -76,8 +76,12 @@ def _resolve_dtype(model: nn.Module, dtype: str | torch.dtype | None) -> torch.d
     return getattr(torch, dtype) if isinstance(dtype, str) else dtype
 
 
-def state_dict_for_save(model: nn.Module, dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
-    """The model's persistent tensors; tied duplicates (lm_head sharing the embedding) are stored once."""
+def state_dict_for_save(model: nn.Module, dtype: torch.dtype | None, store_tied: bool = True
+                        ) -> dict[str, torch.Tensor]:
+    """The model's persistent tensors. A tied duplicate (lm_head sharing the embedding) is stored as its own copy
+    when store_tied: AutoGPTQ 0.7.1 ties before loading and then reads lm_head only from lm_head.weight (without
+    it, lm_head stays zero); transformers and gptqkit re-tie on load. store_tied=False stores it once, as the
+    embedding (the transformers convention, smaller by vocab x hidden)."""
     out: dict[str, torch.Tensor] = {}
     seen: set[tuple] = set()
     qbuffers = {f"{n}.{b}" for n, m in model.named_modules() if isinstance(m, QuantLinear)
@@ -85,7 +89,9 @@ def state_dict_for_save(model: nn.Module, dtype: torch.dtype | None) -> dict[str
     for name, t in model.state_dict().items():
         key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape))
         if key in seen:
-            continue
+            if not store_tied:
+                continue
+            t = t.clone()  # safetensors refuses two names for one storage
         seen.add(key)
         if dtype is not None and t.is_floating_point() and name not in qbuffers:
             t = t.to(dtype)
@@ -96,7 +102,7 @@ def state_dict_for_save(model: nn.Module, dtype: torch.dtype | None) -> dict[str
 def save(model: nn.Module, out: str | os.PathLike, cfg: QuantConfig, tokenizer=None, *,
          max_shard_size: str | int = "5GB", dtype: str | torch.dtype | None = "auto",
          source: str | os.PathLike | None = None, overwrite: bool = False,
-         meta: dict[str, Any] | None = None) -> Path:
+         meta: dict[str, Any] | None = None, store_tied: bool = True) -> Path:
     """Write `model` (with QuantLinear modules) as a GPTQ checkpoint folder, atomically.
 
     >>> save(qmodel, "smollm2-gptq-4bit", QuantConfig(bits=4, group_size=64), tokenizer)  # doctest: +SKIP
@@ -117,7 +123,7 @@ def save(model: nn.Module, out: str | os.PathLike, cfg: QuantConfig, tokenizer=N
         raise _write_error(e, out) from e
     try:
         torch_dtype = _resolve_dtype(model, dtype)
-        sd = state_dict_for_save(model, torch_dtype)
+        sd = state_dict_for_save(model, torch_dtype, store_tied)
         split = split_torch_state_dict_into_shards(sd, max_shard_size=max_shard_size,
                                                    filename_pattern="model{suffix}.safetensors")
         for fname, names in split.filename_to_tensors.items():
@@ -131,6 +137,11 @@ def save(model: nn.Module, out: str | os.PathLike, cfg: QuantConfig, tokenizer=N
         conf.pop("_name_or_path", None)  # the source's path: run-specific, and the same inputs must give the same bytes
         conf.pop("quantization_config", None)
         conf["quantization_config"] = qdict
+        rope = conf.get("rope_parameters")
+        if isinstance(rope, dict) and "rope_theta" in rope and "rope_theta" not in conf:
+            # transformers 4 (AutoGPTQ 0.7.1 runs on 4.38) reads rope_theta only at the top level and silently
+            # falls back to 10000 without it; transformers 5 reads rope_parameters and ignores this copy.
+            conf["rope_theta"] = rope["rope_theta"]
         if torch_dtype is not None:
             conf["torch_dtype"] = conf["dtype"] = str(torch_dtype).removeprefix("torch.")
         (tmp / "config.json").write_text(json.dumps(conf, indent=2, sort_keys=True) + "\n")
@@ -300,8 +311,12 @@ def _module_config(cfg: QuantConfig, name: str) -> QuantConfig:
     return mc if mc is not None else cfg
 
 
-def _quant_linear_for(name: str, module: nn.Module, sd: dict, cfg: QuantConfig, file_hint: str) -> QuantLinear:
-    """A QuantLinear on the meta device sized like `module`, after checking the checkpoint tensors' shapes."""
+def _quant_linear_for(name: str, module: nn.Module, sd: dict, cfg: QuantConfig, file_hint: str,
+                      infer_group: bool = False) -> QuantLinear:
+    """A QuantLinear on the meta device sized like `module`, after checking the checkpoint tensors' shapes.
+
+    infer_group: the config names no group size (old GPTQ-for-LLaMa / AutoGPTQ files), so take it from the
+    tensors: G = scales.shape[0] groups over K inputs."""
     w = module.weight
     N, K = (w.shape[1], w.shape[0]) if type(module).__name__ == "Conv1D" else (w.shape[0], w.shape[1])
     mc = _module_config(cfg, name)
@@ -313,6 +328,11 @@ def _quant_linear_for(name: str, module: nn.Module, sd: dict, cfg: QuantConfig, 
         raise CheckpointError(f"{file_hint}: {name}.qweight has shape {tuple(qweight.shape)} but a {K}->{N} layer at "
                               f"{bits} bits needs {(K * bits // 32, N)}; the config's bits do not match the tensors")
     G = scales.shape[0]
+    if infer_group:
+        if G > 1 and K % G:
+            raise CheckpointError(f"{file_hint}: {name}.scales has {G} groups, which do not divide its {K} inputs, "
+                                  "and the config has no group_size; add the group size used to quantize to it")
+        mc = mc.replace(group_size=-1 if G == 1 else K // G)
     group_size = -1 if mc.group_size == -1 and G == 1 else mc.group_size
     expect_g = 1 if group_size == -1 else -(-K // group_size)
     if G != expect_g:
@@ -369,6 +389,9 @@ def load(path: str | os.PathLike, device: str | torch.device = "cpu", dtype: tor
     files = weight_files(path, raw, allow_pickle)
     sd = read_tensors(files)
     hint = files[0].name if len(files) == 1 else f"{path.name}/*.safetensors"
+    infer_group = "group_size" not in raw
+    if infer_group:
+        log.warning("%s has no 'group_size'; taking each layer's group size from its scales", cfg_file)
 
     with init_empty_weights():
         model = AutoModelForCausalLM.from_config(hf_config, trust_remote_code=trust_remote_code, dtype=dtype)
@@ -386,7 +409,7 @@ def load(path: str | os.PathLike, device: str | torch.device = "cpu", dtype: tor
             raise CheckpointError(f"{hint}: {name} holds qweight but is a {type(module).__name__}, not a Linear")
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, child,
-                _quant_linear_for(name, module, sd, cfg, hint))
+                _quant_linear_for(name, module, sd, cfg, hint, infer_group))
 
     qbuf = {f"{n}.{b}" for n in qnames for b in ("qweight", "qzeros", "scales", "g_idx", "bias")}
     for k, t in sd.items():
