@@ -423,7 +423,8 @@ def main(argv: list[str] | None = None) -> int:
     work = Path(a.work).expanduser()
     work.mkdir(parents=True, exist_ok=True)
     setups = model_setups(work, a.nsamples, a.seqlen)
-    chosen = [v for v in VARIANTS if v.maker in a.makers.split(",") and (not a.variants or v.tag in a.variants)]
+    tags = [t for t in a.variants.split(",") if t]
+    chosen = [v for v in VARIANTS if v.maker in a.makers.split(",") and (not tags or v.tag in tags)]
     rows: list[dict] = []
     for key in a.models.split(","):
         s = setups[key]

@@ -133,6 +133,11 @@ def save(model: nn.Module, out: str | os.PathLike, cfg: QuantConfig, tokenizer=N
                      "weight_map": split.tensor_to_filename}
             (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2, sort_keys=True))
         qdict = cfg.to_dict(meta)
+        if not cfg.sym and cfg.checkpoint_format == "gptq":
+            # GPTQModel refuses asymmetric v1 files from quantizers it does not know (old AutoGPTQ files could
+            # wrap a zero point of 0; gptqkit never writes one), while AutoGPTQ 0.7.1 cannot read gptq_v2.
+            log.warning("asymmetric checkpoint in the gptq (v1) format: AutoGPTQ and transformers load it, GPTQModel "
+                        "refuses it; quantize with --format gptq_v2 for GPTQModel")
         conf = model.config.to_dict()
         conf.pop("_name_or_path", None)  # the source's path: run-specific, and the same inputs must give the same bytes
         conf.pop("quantization_config", None)
