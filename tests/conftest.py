@@ -67,3 +67,16 @@ def random_samples(n: int, T: int, vocab: int = 256, seed: int = 0) -> list[dict
     g = torch.Generator().manual_seed(seed)
     return [{"input_ids": torch.randint(0, vocab, (1, T), generator=g),
              "attention_mask": torch.ones(1, T, dtype=torch.long)} for _ in range(n)]
+
+
+def stories_checkpoint(tmp_path_factory) -> Path:
+    """A 4-bit g32 checkpoint of stories260K, made once per test session (shared by the test files)."""
+    from gptqkit.config import QuantConfig
+    from gptqkit.pipeline import quantize
+
+    out = tmp_path_factory.getbasetemp() / "stories-gptq-4bit-g32"
+    if not (out / "quantize_config.json").exists():
+        texts = [t for t in (CORPORA / "calibration" / "tiny.txt").read_text().split("\n") if t.strip()][:64]
+        quantize(STORIES, out, QuantConfig(bits=4, group_size=32), dataset=texts, nsamples=16, seqlen=128,
+                 progress=False, overwrite=True)
+    return out

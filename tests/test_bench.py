@@ -9,25 +9,13 @@ import pytest
 
 from gptqkit import bench as bench_mod
 from gptqkit.bench import BenchError, add_bench_args, bench, format_table, run_bench, size_on_disk
+from conftest import stories_checkpoint
 
 ASSETS = Path(__file__).resolve().parents[2] / "shared/assets"
 MODEL = ASSETS / "models/stories260K"
 TINY = ASSETS / "corpora/calibration/tiny.txt"
 
 pytestmark = pytest.mark.skipif(not (MODEL / "model.safetensors").is_file(), reason=f"{MODEL} not found")
-
-
-def stories_checkpoint(tmp_path_factory) -> Path:
-    """A 4-bit g32 checkpoint of stories260K, made once per test session (shared by the test files)."""
-    from gptqkit.config import QuantConfig
-    from gptqkit.pipeline import quantize
-
-    out = tmp_path_factory.getbasetemp() / "stories-gptq-4bit-g32"
-    if not (out / "quantize_config.json").exists():
-        texts = [t for t in TINY.read_text().split("\n") if t.strip()][:64]
-        quantize(MODEL, out, QuantConfig(bits=4, group_size=32), dataset=texts, nsamples=16, seqlen=128,
-                 progress=False, overwrite=True)
-    return out
 
 
 @pytest.fixture(scope="module")

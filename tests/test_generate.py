@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import stories_checkpoint
 from gptqkit.generate import (TEMPLATES, TemplateError, add_generate_args, extract_answer, generate,
                               load_for_inference, load_template, render, run_generate, run_generation)
 
@@ -22,19 +23,6 @@ needs_model = pytest.mark.skipif(not (MODEL / "model.safetensors").is_file(), re
 @pytest.fixture(scope="module")
 def dense():
     return load_for_inference(MODEL)
-
-
-def stories_checkpoint(tmp_path_factory) -> Path:
-    """A 4-bit g32 checkpoint of stories260K, made once per test session (shared by the test files)."""
-    from gptqkit.config import QuantConfig
-    from gptqkit.pipeline import quantize
-
-    out = tmp_path_factory.getbasetemp() / "stories-gptq-4bit-g32"
-    if not (out / "quantize_config.json").exists():
-        texts = [t for t in TINY.read_text().split("\n") if t.strip()][:64]
-        quantize(MODEL, out, QuantConfig(bits=4, group_size=32), dataset=texts, nsamples=16, seqlen=128,
-                 progress=False, overwrite=True)
-    return out
 
 
 # ---------------------------------------------------------------------------------------------- templates

@@ -15,6 +15,7 @@ from gptqkit import kernels
 from gptqkit.kernels import cpu_int4, reference
 from gptqkit.qlinear import QuantLinear
 from gptqkit.quant import QuantResult
+from conftest import stories_checkpoint
 
 ASSETS = Path(__file__).resolve().parents[2] / "shared/assets"
 MODEL = ASSETS / "models/stories260K"
@@ -154,7 +155,7 @@ def test_fallback_shapes_run_and_log_once(caplog):
     with caplog.at_level(logging.INFO, logger="gptqkit.kernels.cpu_int4"):
         a = prepared(random_layer(128, 40, 4, 32, seed=1))  # N = 40 is not a multiple of 16
         b = prepared(random_layer(128, 64, 8, 64, seed=2))
-        c = prepared(random_layer(128, 64, 8, 64, seed=3))
+        c = prepared(random_layer(128, 96, 8, 32, seed=3))  # another shape, the same reason
     assert not a._cpu_plan.int4 and not b._cpu_plan.int4
     msgs = [r.getMessage() for r in caplog.records]
     assert sum("not a multiple of 16" in m for m in msgs) == 1
@@ -211,19 +212,6 @@ def test_selection_on_cpu_and_refusal_elsewhere():
 
 
 # ------------------------------------------------------------------------------------ real layers, real model
-
-
-def stories_checkpoint(tmp_path_factory) -> Path:
-    """A 4-bit g32 checkpoint of stories260K, made once per test session (shared by the test files)."""
-    from gptqkit.config import QuantConfig
-    from gptqkit.pipeline import quantize
-
-    out = tmp_path_factory.getbasetemp() / "stories-gptq-4bit-g32"
-    if not (out / "quantize_config.json").exists():
-        texts = [t for t in TINY.read_text().split("\n") if t.strip()][:64]
-        quantize(MODEL, out, QuantConfig(bits=4, group_size=32), dataset=texts, nsamples=16, seqlen=128,
-                 progress=False, overwrite=True)
-    return out
 
 
 @pytest.fixture(scope="module")

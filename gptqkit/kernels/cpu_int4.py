@@ -54,11 +54,11 @@ CHUNK_K = 256  # rows dequantized at once: [256, N] fp32 is 1 MB per 1024 column
 _logged: set[str] = set()
 
 
-def _log_once(msg: str, *args) -> None:
-    text = msg % args
-    if text not in _logged:
-        _logged.add(text)
-        log.info(text)
+def _log_once(reason: str, msg: str, *args) -> None:
+    """Log `msg` the first time `reason` comes up in this process (one line per reason, not per layer)."""
+    if reason not in _logged:
+        _logged.add(reason)
+        log.info(msg, *args)
 
 
 def native_bf16() -> bool:
@@ -139,7 +139,8 @@ def prepare(layer) -> None:
         why.append(f"torch {torch.__version__} has no _weight_int4pack_mm_for_cpu")
     if why:
         layer._cpu_plan = Plan(int4=False, prefill_m=prefill_m(), regular=regular, why="; ".join(why))
-        _log_once("cpu kernel: %s; %dx%d layers dequantize at every call (slow decode)", layer._cpu_plan.why, K, N)
+        _log_once(layer._cpu_plan.why, "cpu kernel: %s (first seen on a %dx%d layer): such layers dequantize at "
+                  "every call, which is slow for decode", layer._cpu_plan.why, K, N)
         return
 
     src, g, block_group = _int4_layout(g_idx, K)
@@ -154,7 +155,7 @@ def prepare(layer) -> None:
     plan = Plan(int4=True, group=g, remap=not identity, padded_k=src.numel(), prefill_m=prefill_m(),
                 regular=regular, why="; ".join(notes))
     if notes:
-        _log_once("cpu kernel, %dx%d group %d: %s", K, N, layer.group_size, plan.why)
+        _log_once(plan.why, "cpu kernel, %dx%d layer, group %d: %s", K, N, layer.group_size, plan.why)
 
     codes = _codes_rows(layer, 0, K).cpu()  # [K, N], uint8 except for 3 bits
     zeros = _zeros(layer).cpu()  # [G, N] int32
