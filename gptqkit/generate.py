@@ -18,9 +18,10 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 log = logging.getLogger(__name__)
 
@@ -195,6 +196,7 @@ def run_generation(model, tokenizer, prompt: str, max_new_tokens: int = 128, tem
                    template: str | os.PathLike | dict | None = None, system: str | None = None,
                    input: str | None = None, context: str | None = None, seed: int | None = None) -> Generation:
     """Like `generate`, with token counts and time."""
+    import torch
     from transformers import StoppingCriteria, StoppingCriteriaList
 
     if chat and template is not None:
@@ -275,6 +277,7 @@ def load_for_inference(path: str | os.PathLike, device: str = "cpu", kernel: str
 
     dtype None: the checkpoint loader's default (float32 on CPU) or float32 for a dense model.
     """
+    import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from . import bundled
@@ -317,6 +320,8 @@ def add_generate_args(p) -> None:
 
 def run_generate(args) -> int:
     import sys
+
+    import torch
 
     if args.threads:
         torch.set_num_threads(args.threads)

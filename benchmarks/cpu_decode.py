@@ -1,0 +1,371 @@
+"""CPU decode and prefill: dense vs gptqkit int4 on SmolLM2-135M-Instruct and a TinyLlama-1.1B-shaped model.
+
+    python benchmarks/cpu_decode.py                       # both models, all columns
+    python benchmarks/cpu_decode.py --models smollm2 --runs 5
+    python benchmarks/cpu_decode.py --sweep               # per-layer int4-op vs dequantize+GEMM timings by rows M
+
+Every model is measured in its own subprocess (gptqkit.bench.run_measurement): peak RSS is that model's alone.
+Columns: dense bf16 (the baseline the issue names), dense fp32 (the fastest dense dtype on a CPU without native
+bf16), gptqkit int4 with group 128 and 64 (bf16 activations), and GPTQModel on the same g128/g64 checkpoints in its
+own virtual environment when /work/peers/NOTES.md says it is installed. The quantized checkpoints use
+round-to-nearest (gptqkit quantize --method rtn): speed does not depend on how the codes were chosen.
+
+Roofline: DRAM read bandwidth (a sum over a 1 GiB fp32 tensor, best of 5, same threads) divided by the weight
+bytes one decode token must read (every Linear and lm_head, in the layout the kernel reads: int4 codes plus bf16
+scale/zero pairs for gptqkit; bf16 or fp32 for dense), ignoring the KV cache and activations.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from gptqkit import bench as B
+
+ROOT = Path(__file__).resolve().parents[1]
+CALIB = ROOT.parent / "shared/assets/corpora/calibration/tiny.txt"
+STORIES = ROOT.parent / "shared/assets/models/stories260K"
+PEERS = Path("/work/peers")
+PEER_PY = PEERS / "gptqmodel/bin/python"
+
+TINYLLAMA = dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
+                 num_key_value_heads=4, vocab_size=32000, max_position_embeddings=2048, tie_word_embeddings=False,
+                 rms_norm_eps=1e-5)
+
+# Runs in GPTQModel's venv (no gptqkit there): the same protocol as gptqkit.bench.measure.
+PEER_SCRIPT = r'''
+import json, os, statistics, sys, time
+spec = json.loads(sys.argv[1])
+import torch
+torch.set_num_threads(spec["threads"])
+from gptqmodel import BACKEND, GPTQModel
+t0 = time.perf_counter()
+m = GPTQModel.load(spec["path"], device="cpu", backend=BACKEND.AUTO, dtype=torch.bfloat16)
+load_s = time.perf_counter() - t0
+model = m.model
+ids = torch.randint(3, model.config.vocab_size, (1, spec["prompt_len"]), generator=torch.Generator().manual_seed(0))
+def prefill(x):
+    t = time.perf_counter(); out = model(x, use_cache=True, logits_to_keep=1); return time.perf_counter() - t, out
+def decode(out, n):
+    past, tok = out.past_key_values, out.logits[:, -1:].argmax(-1)
+    n0 = past.get_seq_length()
+    t = time.perf_counter()
+    for _ in range(n):
+        s = model(tok, past_key_values=past, use_cache=True); past, tok = s.past_key_values, s.logits[:, -1:].argmax(-1)
+    sec = time.perf_counter() - t
+    past.crop(n0 - past.get_seq_length())
+    return sec
+with torch.inference_mode():
+    decode(prefill(ids[:, :32])[1], 4)
+    pre = []
+    for _ in range(spec["prefill_runs"]):
+        s, out = prefill(ids); pre.append(s)
+    dec = [decode(out, spec["new_tokens"]) for _ in range(spec["runs"])]
+kinds = sorted({type(x).__name__ for x in model.modules() if hasattr(x, "qweight")})
+hwm_kib = int([ln for ln in open("/proc/self/status") if ln.startswith("VmHWM")][0].split()[1])
+json.dump({"load_s": load_s, "prefill_s": pre, "decode_s": dec, "kernels": kinds,
+           "prefill_tokens_per_s": spec["prompt_len"] / statistics.median(pre),
+           "decode_tokens_per_s": spec["new_tokens"] / statistics.median(dec),
+           "decode_ms_per_token": 1e3 * statistics.median(dec) / spec["new_tokens"],
+           "peak_rss_bytes": 1024 * hwm_kib,
+           "threads": torch.get_num_threads()}, open(sys.argv[2], "w"))
+'''
+
+
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def read_bandwidth() -> float:
+    """Bytes/s of a sum over a 1 GiB fp32 tensor, best of 5 with 1 thread and with all cores: the DRAM read
+    bandwidth torch reaches (a lower bound on a loaded machine; one core alone may not saturate DRAM)."""
+    a = torch.ones(2**28)
+    best = float("inf")
+    for threads in sorted({1, os.cpu_count() or 1}):
+        torch.set_num_threads(threads)
+        a.sum()
+        best = min(best, *(_timed(a.sum) for _ in range(5)))
+    del a
+    return 2**30 / best
+
+
+def _timed(f) -> float:
+    t = time.perf_counter()
+    f()
+    return time.perf_counter() - t
+
+
+# ------------------------------------------------------------------------------------------------- models
+
+
+def calibration_texts() -> list[str]:
+    return [t for t in CALIB.read_text().split("\n") if t.strip()][:32]
+
+
+def smollm2(work: Path, groups: list[int]) -> tuple[Path, dict[int, Path]]:
+    """(dense bf16 folder, {group: int4 RTN checkpoint}) for the bundled SmolLM2-135M-Instruct."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from gptqkit import bundled
+    from gptqkit.config import QuantConfig
+    from gptqkit.pipeline import quantize
+
+    src = bundled.smollm2()
+    dense = work / "smollm2-bf16"
+    if not (dense / "config.json").exists():
+        AutoModelForCausalLM.from_pretrained(src, dtype=torch.bfloat16).save_pretrained(dense)
+        AutoTokenizer.from_pretrained(src).save_pretrained(dense)
+    ckpts = {}
+    for g in groups:
+        out = ckpts[g] = work / f"smollm2-int4-rtn-g{g}"
+        if not (out / "quantize_config.json").exists():
+            log(f"quantizing SmolLM2 (RTN, 4 bits, group {g}) -> {out}")
+            quantize(src, out, QuantConfig(bits=4, group_size=g, quant_method="rtn"), dataset=calibration_texts(),
+                     nsamples=4, seqlen=64, progress=False, overwrite=True, save_dtype="bfloat16")
+    return dense, ckpts
+
+
+def tinyllama(work: Path, groups: list[int]) -> tuple[Path, dict[int, Path]]:
+    """(dense bf16 folder, {group: int4 RTN checkpoint}) for a random model shaped like TinyLlama-1.1B."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from gptqkit.checkpoint import save
+    from gptqkit.config import QuantConfig
+    from gptqkit.qlinear import QuantLinear
+    from gptqkit.quant import rtn
+
+    dense = work / "tinyllama-shape-bf16"
+    if not (dense / "config.json").exists():
+        log(f"building a random TinyLlama-1.1B-shaped model -> {dense}")
+        torch.manual_seed(0)
+        LlamaForCausalLM(LlamaConfig(**TINYLLAMA, dtype="bfloat16")).to(torch.bfloat16).save_pretrained(dense)
+    for folder in [dense] + [work / f"tinyllama-shape-int4-rtn-g{g}" for g in groups]:
+        # Random token ids drive the benchmark; a tokenizer is there because GPTQModel's loader insists on one.
+        if folder.exists() and not (folder / "tokenizer.json").exists():
+            AutoTokenizer.from_pretrained(STORIES).save_pretrained(folder)
+    ckpts = {}
+    for g in groups:
+        out = ckpts[g] = work / f"tinyllama-shape-int4-rtn-g{g}"
+        if (out / "quantize_config.json").exists():
+            continue
+        log(f"quantizing the TinyLlama-shaped model (RTN, 4 bits, group {g}) -> {out}")
+        cfg = QuantConfig(bits=4, group_size=g, quant_method="rtn")
+        model = LlamaForCausalLM.from_pretrained(dense, dtype=torch.bfloat16)
+        for block in model.model.layers:
+            for name, lin in list(block.named_modules()):
+                if isinstance(lin, torch.nn.Linear):
+                    q = QuantLinear.from_result(rtn(lin.weight.detach(), cfg), None, 4, g)
+                    parent, _, child = name.rpartition(".")
+                    setattr(block.get_submodule(parent), child, q)
+        save(model, out, cfg, AutoTokenizer.from_pretrained(STORIES), dtype="bfloat16", overwrite=True)
+        del model
+    return dense, ckpts
+
+
+# ---------------------------------------------------------------------------------------------- measuring
+
+
+def weight_bytes_per_token(folder: Path, dense_bytes: int) -> int:
+    """Bytes of weights one decode step reads: quantized Linears in the cpu kernel's int4 layout (codes + bf16
+    scale/zero pairs), other 2-D weights at `dense_bytes` per value (the embedding only as a tied lm_head)."""
+    from safetensors import safe_open
+
+    from gptqkit.kernels.cpu_int4 import _int4_layout
+
+    shapes = {}
+    for f in folder.glob("*.safetensors"):
+        with safe_open(str(f), "pt") as fh:
+            for k in fh.keys():
+                shapes[k] = tuple(fh.get_slice(k).get_shape())
+    config = json.loads((folder / "config.json").read_text())
+    total = 0
+    for k, shape in shapes.items():
+        if k.endswith(".qweight"):
+            base = k[:-len(".qweight")]
+            K, N = shapes[base + ".g_idx"][0], shape[1]
+            G = shapes[base + ".scales"][0]
+            g = -(-K // G)
+            src, gop, _ = _int4_layout(torch.arange(K) // g, K)
+            total += src.numel() * N // 2 + src.numel() // gop * N * 4
+        elif k.endswith(".weight") and len(shape) == 2:
+            if "embed_tokens" in k and not (config.get("tie_word_embeddings") and "lm_head.weight" not in shapes):
+                continue
+            total += shape[0] * shape[1] * dense_bytes
+    return total
+
+
+def measure(path: Path, quantized: bool, dtype: str, a) -> dict:
+    spec = {"path": str(path), "quantized": quantized, "dtype": dtype, "device": "cpu", "threads": a.threads,
+            "prompt_len": a.prompt_len, "new_tokens": a.new_tokens, "runs": a.runs, "prefill_runs": a.prefill_runs,
+            "warmup": 1, "kernel": "auto"}
+    log(f"  measuring {path.name} ({dtype}) ...")
+    r = B.run_measurement(spec)
+    r["new_tokens"] = a.new_tokens
+    r["size_bytes"] = B.size_on_disk(path)
+    return r
+
+
+def measure_peer(path: Path, a) -> dict:
+    spec = {"path": str(path), "threads": a.threads, "prompt_len": a.prompt_len, "new_tokens": a.new_tokens,
+            "runs": a.runs, "prefill_runs": a.prefill_runs}
+    log(f"  measuring {path.name} with GPTQModel ...")
+    env = {**os.environ, "GPTQMODEL_CPU_WORKERS": str(a.threads), "OMP_NUM_THREADS": str(a.threads),
+           "TOKENIZERS_PARALLELISM": "false"}
+    with tempfile.TemporaryDirectory(prefix="gptqmodel-bench-") as tmp:  # GPTQModel writes logs into its cwd
+        out = Path(tmp) / "r.json"
+        p = subprocess.run([str(PEER_PY), "-c", PEER_SCRIPT, json.dumps(spec), str(out)], cwd=tmp, env=env,
+                           capture_output=True, text=True)
+        if p.returncode != 0 or not out.exists():
+            last = [ln for ln in p.stderr.strip().splitlines() if ln.strip()][-1:] or ["(no output)"]
+            return {"error": f"exit {p.returncode}: {last[0][:160]}"}
+        return {**json.loads(out.read_text()), "new_tokens": a.new_tokens}
+
+
+def table(title: str, cols: dict[str, dict], bw: float, base: str = "dense bf16") -> str:
+    mib = 2**20
+    b = cols.get(base, {})
+
+    def row(label, fn, fmt="{:10.2f}"):
+        cells = []
+        for r in cols.values():
+            try:
+                cells.append(fmt.format(fn(r)) if "error" not in r else f"{'-':>10s}")
+            except (KeyError, TypeError, ZeroDivisionError):
+                cells.append(f"{'-':>10s}")
+        return f"{label:28s}" + "".join(f" {c:>13s}" for c in cells)
+
+    head = f"{'':28s}" + "".join(f" {k:>13s}" for k in cols)
+    lines = [title, head,
+             row("decode tokens/s", lambda r: r["decode_tokens_per_s"]),
+             row("  x dense bf16", lambda r: r["decode_tokens_per_s"] / b["decode_tokens_per_s"], "{:9.2f}x"),
+             row("  best run tokens/s", lambda r: r["new_tokens"] / min(r["decode_s"])),
+             row("decode ms/token", lambda r: r["decode_ms_per_token"]),
+             row("prefill tokens/s", lambda r: r["prefill_tokens_per_s"]),
+             row("  x dense bf16", lambda r: r["prefill_tokens_per_s"] / b["prefill_tokens_per_s"], "{:9.2f}x"),
+             row("peak RSS MiB", lambda r: r["peak_rss_bytes"] / mib, "{:10.0f}"),
+             row("  / dense bf16", lambda r: r["peak_rss_bytes"] / b["peak_rss_bytes"], "{:10.2f}"),
+             row("size on disk MiB", lambda r: r["size_bytes"] / mib, "{:10.0f}"),
+             row("weight MB read / token", lambda r: r["bytes_per_token"] / 1e6, "{:10.1f}"),
+             row("roofline tokens/s", lambda r: bw / r["bytes_per_token"], "{:10.1f}"),
+             row("  fraction achieved", lambda r: r["decode_tokens_per_s"] * r["bytes_per_token"] / bw, "{:10.2f}")]
+    errors = [f"  {k}: {r['error']}" for k, r in cols.items() if "error" in r]
+    return "\n".join(lines + errors)
+
+
+def run_model(name: str, dense: Path, ckpts: dict[int, Path], bw: float, a) -> tuple[str, dict]:
+    cols: dict[str, dict] = {}
+    cols["dense bf16"] = measure(dense, False, "bfloat16", a)
+    cols["dense bf16"]["bytes_per_token"] = weight_bytes_per_token(dense, 2)
+    if not a.no_fp32:
+        cols["dense fp32"] = measure(dense, False, "float32", a)
+        cols["dense fp32"]["bytes_per_token"] = weight_bytes_per_token(dense, 4)
+    for g, ck in ckpts.items():
+        r = cols[f"int4 g{g}"] = measure(ck, True, "bfloat16", a)
+        r["bytes_per_token"] = weight_bytes_per_token(ck, 2)
+    peer_ok = (PEERS / "NOTES.md").exists() and PEER_PY.exists()
+    if peer_ok and not a.no_peer:
+        for g, ck in ckpts.items():
+            r = cols[f"GPTQModel g{g}"] = measure_peer(ck, a)
+            r["size_bytes"] = B.size_on_disk(ck)
+            r["bytes_per_token"] = weight_bytes_per_token(ck, 2)
+    title = (f"{name}: {a.threads} threads, prompt {a.prompt_len} tokens, {a.new_tokens} new tokens, median of "
+             f"{a.runs} decodes / {a.prefill_runs} prefills; DRAM read {bw / 1e9:.1f} GB/s")
+    text = table(title, cols, bw)
+    if not peer_ok:
+        text += f"\nGPTQModel: not installed at {PEER_PY.parent.parent}"
+    return text, cols
+
+
+# ---------------------------------------------------------------------------------------------- the sweep
+
+
+def sweep(threads: int, ms: list[int]) -> str:
+    """Per-layer time of the int4 op and of the dequantize + GEMM path by rows M, and where they cross."""
+    import dataclasses
+
+    from gptqkit.kernels import cpu_int4
+    from gptqkit.qlinear import QuantLinear
+    from gptqkit.quant import QuantResult
+
+    torch.set_num_threads(threads)
+    lines = [f"kernel sweep, {threads} threads, ms per call (best of 5 / median of 5), int4 op vs dequantize+GEMM "
+             f"({cpu_int4.dense_dtype()}); current PREFILL_M = {cpu_int4.prefill_m()}",
+             f"{'K x N':>12s} {'M':>5s} {'int4 best':>10s} {'int4 med':>10s} {'dense best':>11s} {'dense med':>10s}"]
+    for K, N in ((576, 1536), (1536, 576), (2048, 2048), (2048, 5632), (5632, 2048)):
+        g = 128 if K % 128 == 0 else 64
+        gen = torch.Generator().manual_seed(0)
+        res = QuantResult(torch.randint(0, 16, (N, K), generator=gen).to(torch.uint8),
+                          (torch.rand(-(-K // g), N, generator=gen) * 0.01).half().float(),
+                          torch.full((-(-K // g), N), 8, dtype=torch.int32), (torch.arange(K) // g).to(torch.int32))
+        layer = QuantLinear.from_result(res, None, 4, g)
+        layer.use_kernel(cpu_int4)
+        plan = layer._cpu_plan
+        cross = None
+        for M in ms:
+            x = torch.randn(M, K, dtype=torch.bfloat16)
+            t = {}
+            for path, pm in (("int4", 1 << 30), ("dense", 0)):
+                layer._cpu_plan = dataclasses.replace(plan, prefill_m=pm)
+                with torch.inference_mode():
+                    layer(x)
+                    ts = sorted(_timed(lambda: layer(x)) for _ in range(5))
+                t[path] = (ts[0] * 1e3, statistics.median(ts) * 1e3)
+            layer._cpu_plan = plan
+            if cross is None and t["dense"][0] < t["int4"][0]:
+                cross = M
+            lines.append(f"{f'{K}x{N}':>12s} {M:5d} {t['int4'][0]:10.3f} {t['int4'][1]:10.3f} {t['dense'][0]:11.3f} "
+                         f"{t['dense'][1]:10.3f}")
+        lines.append(f"{f'{K}x{N}':>12s} dense path first faster at M = {cross}")
+    return "\n".join(lines)
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--models", default="smollm2,tinyllama")
+    p.add_argument("--groups", default="128,64")
+    p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    p.add_argument("--prompt-len", type=int, default=512)
+    p.add_argument("--new-tokens", type=int, default=32)
+    p.add_argument("--runs", type=int, default=3)
+    p.add_argument("--prefill-runs", type=int, default=2)
+    p.add_argument("--work", default=str(Path(os.environ.get("GPTQKIT_CACHE", Path.home() / ".cache/gptqkit"))
+                                         / "bench"))
+    p.add_argument("--no-fp32", action="store_true", help="skip the dense fp32 column")
+    p.add_argument("--no-peer", action="store_true", help="skip GPTQModel")
+    p.add_argument("--sweep", action="store_true", help="only the per-layer kernel sweep")
+    p.add_argument("--sweep-m", default="1,2,4,8,16,24,32,48,64,96,128,256")
+    p.add_argument("--json", default=None, help="also write all measurements to this file")
+    a = p.parse_args()
+    if a.sweep:
+        print(sweep(a.threads, [int(m) for m in a.sweep_m.split(",")]))
+        return 0
+    work = Path(a.work)
+    work.mkdir(parents=True, exist_ok=True)
+    groups = [int(g) for g in a.groups.split(",")]
+    bw = read_bandwidth()
+    log(f"DRAM read bandwidth: {bw / 1e9:.2f} GB/s; load average {os.getloadavg()}")
+    out, raw = [], {"bandwidth_bytes_per_s": bw, "load_average": os.getloadavg()}
+    for name in a.models.split(","):
+        dense, ckpts = (smollm2 if name == "smollm2" else tinyllama)(work, groups)
+        text, cols = run_model({"smollm2": "SmolLM2-135M-Instruct", "tinyllama": "TinyLlama-1.1B-shaped (random)"}
+                               [name], dense, ckpts, bw, a)
+        print(text + "\n", flush=True)
+        out.append(text)
+        raw[name] = cols
+    raw["load_average_end"] = os.getloadavg()
+    if a.json:
+        Path(a.json).write_text(json.dumps(raw, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
