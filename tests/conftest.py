@@ -80,3 +80,13 @@ def stories_checkpoint(tmp_path_factory) -> Path:
         quantize(STORIES, out, QuantConfig(bits=4, group_size=32), dataset=texts, nsamples=16, seqlen=128,
                  progress=False, overwrite=True)
     return out
+
+
+@pytest.fixture(scope="module")
+def one_thread_module():
+    """One intra-op thread for a module of tiny-model tests: fastest for tiny matmuls, and OpenMP threads do not
+    spin against other processes on a shared 2-core machine (10x slower forwards were measured with two)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

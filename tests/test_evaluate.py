@@ -24,13 +24,8 @@ SEQLEN = 256
 
 
 @pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # The model is tiny: one intra-op thread is fastest, and it keeps the timing sane on a shared 2-core machine
-    # where OpenMP threads otherwise spin against other processes (10x slower forwards were measured).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+def _one_thread(one_thread_module):
     yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -33,12 +33,8 @@ IDS = torch.randint(0, VOCAB, (2, 24), generator=torch.Generator().manual_seed(1
 
 
 @pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # Tiny models: one intra-op thread is fastest and does not spin against other processes on a shared machine.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+def _one_thread(one_thread_module):
     yield
-    torch.set_num_threads(threads)
 
 
 def tiny(arch: str = "llama", seed: int = 0) -> nn.Module:

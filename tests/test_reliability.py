@@ -143,12 +143,8 @@ def edit_json(path: Path, **changes) -> None:
 
 
 @pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # Two cores shared with other jobs: tiny matmuls are far faster on one thread (and the subprocesses use one too).
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
+def _one_thread(one_thread_module):
     yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(autouse=True)
