@@ -7,7 +7,8 @@
 Every model is measured in its own subprocess (gptqkit.bench.run_measurement): peak RSS is that model's alone.
 Columns: dense bf16 (the baseline the issue names), dense fp32 (the fastest dense dtype on a CPU without native
 bf16), gptqkit int4 with group 128 and 64 (bf16 activations), and GPTQModel on the same g128/g64 checkpoints in its
-own virtual environment when /work/peers/NOTES.md says it is installed. The quantized checkpoints use
+own virtual environment when benchmarks/peers/setup.sh has made it ($GPTQKIT_PEERS_DIR, default
+~/.cache/gptqkit/peers). The quantized checkpoints use
 round-to-nearest (gptqkit quantize --method rtn): speed does not depend on how the codes were chosen.
 
 Roofline: DRAM read bandwidth (a sum over a 1 GiB fp32 tensor, best of 5, same threads) divided by the weight
@@ -34,8 +35,8 @@ from gptqkit import bench as B
 ROOT = Path(__file__).resolve().parents[1]
 CALIB = ROOT.parent / "shared/assets/corpora/calibration/tiny.txt"
 STORIES = ROOT.parent / "shared/assets/models/stories260K"
-PEERS = Path("/work/peers")
-PEER_PY = PEERS / "gptqmodel/bin/python"
+PEERS = Path(os.environ.get("GPTQKIT_PEERS_DIR", Path.home() / ".cache" / "gptqkit" / "peers")).expanduser()
+PEER_PY = PEERS / "gptqmodel/bin/python"  # made by benchmarks/peers/setup.sh, which writes gptqmodel/.ready
 
 TINYLLAMA = dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
                  num_key_value_heads=4, vocab_size=32000, max_position_embeddings=2048, tie_word_embeddings=False,
@@ -174,9 +175,10 @@ def tinyllama(work: Path, groups: list[int]) -> tuple[Path, dict[int, Path]]:
 # ---------------------------------------------------------------------------------------------- measuring
 
 
-def weight_bytes_per_token(folder: Path, dense_bytes: int) -> int:
-    """Bytes of weights one decode step reads: quantized Linears in the cpu kernel's int4 layout (codes + bf16
-    scale/zero pairs), other 2-D weights at `dense_bytes` per value (the embedding only as a tied lm_head)."""
+def weight_bytes_per_token(folder: Path, dense_bytes: int, kernel: str = "avx2") -> int:
+    """Bytes of weights one decode step reads: quantized Linears in the layout `kernel` reads (avx2: qweight's
+    0.5 bytes per weight plus an fp16 scale and a uint8 zero per group and column; cpu: the int4 op's codes plus
+    bf16 scale/zero pairs), other 2-D weights at `dense_bytes` per value (the embedding only as a tied lm_head)."""
     from safetensors import safe_open
 
     from gptqkit.kernels.cpu_int4 import _int4_layout
@@ -194,8 +196,11 @@ def weight_bytes_per_token(folder: Path, dense_bytes: int) -> int:
             K, N = shapes[base + ".g_idx"][0], shape[1]
             G = shapes[base + ".scales"][0]
             g = -(-K // G)
-            src, gop, _ = _int4_layout(torch.arange(K) // g, K)
-            total += src.numel() * N // 2 + src.numel() // gop * N * 4
+            if kernel == "avx2":
+                total += K * N // 2 + G * N * 3
+            else:
+                src, gop, _ = _int4_layout(torch.arange(K) // g, K)
+                total += src.numel() * N // 2 + src.numel() // gop * N * 4
         elif k.endswith(".weight") and len(shape) == 2:
             if "embed_tokens" in k and not (config.get("tie_word_embeddings") and "lm_head.weight" not in shapes):
                 continue
@@ -203,11 +208,11 @@ def weight_bytes_per_token(folder: Path, dense_bytes: int) -> int:
     return total
 
 
-def measure(path: Path, quantized: bool, dtype: str, a) -> dict:
+def measure(path: Path, quantized: bool, dtype: str, a, kernel: str = "auto") -> dict:
     spec = {"path": str(path), "quantized": quantized, "dtype": dtype, "device": "cpu", "threads": a.threads,
             "prompt_len": a.prompt_len, "new_tokens": a.new_tokens, "runs": a.runs, "prefill_runs": a.prefill_runs,
-            "warmup": 1, "kernel": "auto"}
-    log(f"  measuring {path.name} ({dtype}) ...")
+            "warmup": 1, "kernel": kernel}
+    log(f"  measuring {path.name} ({dtype}, kernel {kernel}) ...")
     r = B.run_measurement(spec)
     r["new_tokens"] = a.new_tokens
     r["size_bytes"] = B.size_on_disk(path)
@@ -268,15 +273,16 @@ def run_model(name: str, dense: Path, ckpts: dict[int, Path], bw: float, a) -> t
     if not a.no_fp32:
         cols["dense fp32"] = measure(dense, False, "float32", a)
         cols["dense fp32"]["bytes_per_token"] = weight_bytes_per_token(dense, 4)
-    for g, ck in ckpts.items():
-        r = cols[f"int4 g{g}"] = measure(ck, True, "bfloat16", a)
-        r["bytes_per_token"] = weight_bytes_per_token(ck, 2)
-    peer_ok = (PEERS / "NOTES.md").exists() and PEER_PY.exists()
+    for kernel in a.kernels.split(","):
+        for g, ck in ckpts.items():
+            r = cols[f"{kernel} g{g}"] = measure(ck, True, "bfloat16", a, kernel)
+            r["bytes_per_token"] = weight_bytes_per_token(ck, 2, kernel)
+    peer_ok = (PEERS / "gptqmodel" / ".ready").exists() and PEER_PY.exists()
     if peer_ok and not a.no_peer:
         for g, ck in ckpts.items():
             r = cols[f"GPTQModel g{g}"] = measure_peer(ck, a)
             r["size_bytes"] = B.size_on_disk(ck)
-            r["bytes_per_token"] = weight_bytes_per_token(ck, 2)
+            r["bytes_per_token"] = weight_bytes_per_token(ck, 2, "cpu")  # it runs the same int4 op
     title = (f"{name}: {a.threads} threads, prompt {a.prompt_len} tokens, {a.new_tokens} new tokens, median of "
              f"{a.runs} decodes / {a.prefill_runs} prefills; DRAM read {bw / 1e9:.1f} GB/s")
     text = table(title, cols, bw)
@@ -289,42 +295,47 @@ def run_model(name: str, dense: Path, ckpts: dict[int, Path], bw: float, a) -> t
 
 
 def sweep(threads: int, ms: list[int]) -> str:
-    """Per-layer time of the int4 op and of the dequantize + GEMM path by rows M, and where they cross."""
+    """Per-layer ms per call by rows M: the avx2 C kernel, the int4 op (cpu kernel) and dequantize + GEMM."""
     import dataclasses
 
-    from gptqkit.kernels import cpu_int4
+    from gptqkit.kernels import cpu_avx2, cpu_int4
     from gptqkit.qlinear import QuantLinear
     from gptqkit.quant import QuantResult
 
     torch.set_num_threads(threads)
-    lines = [f"kernel sweep, {threads} threads, ms per call (best of 5 / median of 5), int4 op vs dequantize+GEMM "
-             f"({cpu_int4.dense_dtype()}); current PREFILL_M = {cpu_int4.prefill_m()}",
-             f"{'K x N':>12s} {'M':>5s} {'int4 best':>10s} {'int4 med':>10s} {'dense best':>11s} {'dense med':>10s}"]
+    lines = [f"kernel sweep, {threads} threads, ms per call (best of 5), avx2 C kernel vs int4 op vs "
+             f"dequantize+GEMM ({cpu_int4.dense_dtype()}); avx2 M_MAX = {cpu_avx2.M_MAX}, "
+             f"int4 op PREFILL_M = {cpu_int4.prefill_m()}",
+             f"{'K x N':>12s} {'M':>5s} {'avx2':>9s} {'int4 op':>9s} {'dense':>9s} {'avx2 GB/s':>10s}"]
     for K, N in ((576, 1536), (1536, 576), (2048, 2048), (2048, 5632), (5632, 2048)):
         g = 128 if K % 128 == 0 else 64
         gen = torch.Generator().manual_seed(0)
         res = QuantResult(torch.randint(0, 16, (N, K), generator=gen).to(torch.uint8),
                           (torch.rand(-(-K // g), N, generator=gen) * 0.01).half().float(),
                           torch.full((-(-K // g), N), 8, dtype=torch.int32), (torch.arange(K) // g).to(torch.int32))
-        layer = QuantLinear.from_result(res, None, 4, g)
-        layer.use_kernel(cpu_int4)
-        plan = layer._cpu_plan
+        a, b = QuantLinear.from_result(res, None, 4, g), QuantLinear.from_result(res, None, 4, g)
+        a.use_kernel(cpu_avx2)
+        b.use_kernel(cpu_int4)
+        plan = b._cpu_plan
         cross = None
         for M in ms:
-            x = torch.randn(M, K, dtype=torch.bfloat16)
+            x = torch.randn(M, K)
+            xb = x.to(torch.bfloat16)
             t = {}
-            for path, pm in (("int4", 1 << 30), ("dense", 0)):
-                layer._cpu_plan = dataclasses.replace(plan, prefill_m=pm)
+            for path, f in (("avx2", lambda: cpu_avx2.matmul(a, x)),
+                            ("int4", lambda: cpu_int4.forward(b, xb)),
+                            ("dense", lambda: cpu_int4.dense_matmul(b, x.to(cpu_int4.dense_dtype()),
+                                                                    cpu_int4.dense_dtype(), True))):
+                b._cpu_plan = dataclasses.replace(plan, prefill_m=1 << 30)
                 with torch.inference_mode():
-                    layer(x)
-                    ts = sorted(_timed(lambda: layer(x)) for _ in range(5))
-                t[path] = (ts[0] * 1e3, statistics.median(ts) * 1e3)
-            layer._cpu_plan = plan
-            if cross is None and t["dense"][0] < t["int4"][0]:
+                    f()
+                    t[path] = min(_timed(f) for _ in range(5)) * 1e3
+            b._cpu_plan = plan
+            if cross is None and t["dense"] < t["avx2"]:
                 cross = M
-            lines.append(f"{f'{K}x{N}':>12s} {M:5d} {t['int4'][0]:10.3f} {t['int4'][1]:10.3f} {t['dense'][0]:11.3f} "
-                         f"{t['dense'][1]:10.3f}")
-        lines.append(f"{f'{K}x{N}':>12s} dense path first faster at M = {cross}")
+            lines.append(f"{f'{K}x{N}':>12s} {M:5d} {t['avx2']:9.3f} {t['int4']:9.3f} {t['dense']:9.3f} "
+                         f"{K * N / 2 / t['avx2'] / 1e6:10.1f}")
+        lines.append(f"{f'{K}x{N}':>12s} dense path first faster than avx2 at M = {cross}")
     return "\n".join(lines)
 
 
@@ -340,6 +351,7 @@ def main() -> int:
     p.add_argument("--work", default=str(Path(os.environ.get("GPTQKIT_CACHE", Path.home() / ".cache/gptqkit"))
                                          / "bench"))
     p.add_argument("--no-fp32", action="store_true", help="skip the dense fp32 column")
+    p.add_argument("--kernels", default="avx2,cpu", help="gptqkit kernels to measure, one column per group each")
     p.add_argument("--no-peer", action="store_true", help="skip GPTQModel")
     p.add_argument("--sweep", action="store_true", help="only the per-layer kernel sweep")
     p.add_argument("--sweep-m", default="1,2,4,8,16,24,32,48,64,96,128,256")

@@ -362,13 +362,17 @@ def quantize_model(model: nn.Module, samples: list[dict], cfg: QuantConfig, devi
         compute_dtype = default_compute_dtype(device, next(blocks.parameters()).dtype)
     was_training = model.training
     model.eval()
-    batches = pad_batches(samples, batch_size, pad_id)
-    _move_outside(model, blocks, device)
-    blocks[0].to(device)
-    inputs = capture_inputs(model, blocks, batches, device)
-    inputs = [(_cast(h, compute_dtype), _cast(kw, compute_dtype), mask) for h, kw, mask in inputs]
-    blocks[0].to("cpu")
-    _move_outside(model, blocks, "cpu")
+    # Round-to-nearest reads the weights only: no calibration forwards, no block inputs.
+    calibrated = cfg.quant_method != "rtn"
+    inputs: list[tuple] = []
+    if calibrated:
+        batches = pad_batches(samples, batch_size, pad_id)
+        _move_outside(model, blocks, device)
+        blocks[0].to(device)
+        inputs = capture_inputs(model, blocks, batches, device)
+        inputs = [(_cast(h, compute_dtype), _cast(kw, compute_dtype), mask) for h, kw, mask in inputs]
+        blocks[0].to("cpu")
+        _move_outside(model, blocks, "cpu")
 
     logs: list[LayerLog] = []
     skipped: list[str] = []
@@ -400,7 +404,8 @@ def quantize_model(model: nn.Module, samples: list[dict], cfg: QuantConfig, devi
         for n, r in results.items():
             _set_weight(modules[n], r.dequantize().to(device))
         logs.extend(block_logs)
-        inputs = _block_inputs_next(block, inputs)
+        if calibrated:
+            inputs = _block_inputs_next(block, inputs)
         del block
         for n, r in results.items():
             _replace(src, n, QuantLinear.from_result(

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from gptqkit import kernels
-from gptqkit.kernels import cpu_int4, reference
+from gptqkit.kernels import cpu_avx2, cpu_int4, reference
 from gptqkit.qlinear import QuantLinear
 from gptqkit.quant import QuantResult
 from conftest import stories_checkpoint
@@ -204,7 +204,12 @@ def test_gradient_through_activations():
 def test_selection_on_cpu_and_refusal_elsewhere():
     layer = random_layer(128, 64, 4, 32)
     k, why = kernels.select(layer, "cpu")
-    assert k is cpu_int4 and why == []
+    if isinstance(cpu_avx2.library(), str):
+        assert k is cpu_int4 and why == [f"avx2: {cpu_avx2.library()}"]
+    else:
+        assert k is cpu_avx2 and why == []
+    k, why = kernels.select(random_layer(128, 64, 3, 32), "cpu")  # avx2 reads 4-bit codes only
+    assert k is cpu_int4 and why[0].startswith("avx2: it reads 4-bit codes only")
     assert cpu_int4.supports(layer, "cpu") is None
     assert "CPU" in cpu_int4.supports(layer, torch.device("meta"))
     k, why = kernels.select(layer, "meta")
@@ -250,3 +255,79 @@ def test_real_checkpoint_in_bf16(stories_ckpt):
     with torch.no_grad():
         a, b = m32(ids).logits, m16(ids).logits
     assert b.dtype == torch.bfloat16 and rel_err(b, a.double()) < 5e-2
+
+
+# ------------------------------------------------------------------------------------ the avx2 kernel
+
+needs_avx2 = pytest.mark.skipif(isinstance(cpu_avx2.library(), str),
+                                reason=f"avx2 kernel unavailable: {cpu_avx2.library()}")
+AVX2_CASES = [(gs, act, sym, fmt) for gs in (32, 64, 128, -1) for act in (False, True) for sym in (True, False)
+              for fmt in ("gptq", "gptq_v2")]
+
+
+@needs_avx2
+@pytest.mark.parametrize("group_size,act_order,sym,fmt", AVX2_CASES)
+def test_avx2_against_oracle(group_size, act_order, sym, fmt):
+    """fp32 all the way: the C kernel sums exact code products per group, so it matches float64 to fp32 rounding.
+    M 1..15 runs the C kernel, M >= 16 the dequantize + GEMM path."""
+    i = AVX2_CASES.index((group_size, act_order, sym, fmt))
+    K, N = (576, 80) if group_size in (64, 128) else (256, 48)  # 576 / 128: a 64-row last group
+    layer = random_layer(K, N, 4, group_size, act_order, sym, fmt, bias=i % 2 == 1, seed=i)
+    layer.use_kernel(cpu_avx2)
+    assert layer._avx2_plan.permuted == (act_order and group_size != -1)  # one group: any row order is sorted
+    gen = torch.Generator().manual_seed(200 + i)
+    for M in (1, 2, 7, 15, 16, 40):
+        for dtype in (torch.float32, torch.bfloat16):
+            x = torch.randn(M, K, generator=gen).to(dtype)
+            with torch.no_grad():
+                y = layer(x)
+            assert y.dtype == dtype and y.shape == (M, N)
+            tol = FP32_TOL if dtype == torch.float32 else INT4_TOL  # bf16: the output's own rounding
+            assert rel_err(y, oracle(layer, x)) < tol, (M, dtype)
+
+
+@needs_avx2
+def test_avx2_exact_integer_sums():
+    """Integer activations and scale 1: every partial sum is an integer below 2^24, so the C kernel is exact."""
+    layer = random_layer(1024, 64, 4, 128, sym=False, seed=11)
+    layer.scales.fill_(1.0)
+    layer.use_kernel(cpu_avx2)
+    x = torch.randint(-3, 4, (3, 1024)).float()
+    with torch.no_grad():
+        y = layer(x)
+    assert torch.equal(y.double(), oracle(layer, x))
+
+
+@needs_avx2
+def test_avx2_refusals_and_state_dict():
+    assert "4-bit" in cpu_avx2.supports(random_layer(128, 64, 8, 32), "cpu")
+    assert "CPU" in cpu_avx2.supports(random_layer(128, 64, 4, 32), torch.device("meta"))
+    odd = random_layer(120, 32, 4, 20)  # groups of 20 rows split 8-row words: not a whole number of words
+    assert "not a whole number of 8-row words" in cpu_avx2.supports(odd, "cpu")
+    k, why = kernels.select(odd, "cpu")
+    assert k is not cpu_avx2 and why[0].startswith("avx2: a group of 20 rows")
+    layer = random_layer(576, 64, 4, 128, act_order=True, bias=True, seed=3)
+    before = {k: v.clone() for k, v in layer.state_dict().items()}
+    layer.use_kernel(cpu_avx2)
+    with torch.no_grad():
+        layer(torch.randn(1, 576))
+        layer(torch.randn(100, 576))
+    after = layer.state_dict()
+    assert list(after) == list(before) and all(torch.equal(before[k], after[k]) for k in before)
+    plain = random_layer(576, 64, 4, 128)
+    plain.use_kernel(cpu_avx2)
+    assert not hasattr(plain, "avx2_qweight")  # without act-order the codes are read in place, not copied
+
+
+@needs_avx2
+def test_avx2_real_checkpoint(stories_ckpt):
+    from gptqkit.checkpoint import load
+
+    fast, ref = load(stories_ckpt), load(stories_ckpt, kernel="torch")
+    qlayers = [m for m in fast.modules() if isinstance(m, QuantLinear)]
+    assert qlayers and all(m.kernel is cpu_avx2 for m in qlayers)  # "auto" picks it for 4-bit layers
+    ids = torch.tensor([[1] + list(range(20, 60))])
+    with torch.no_grad():
+        for n in (1, 5, ids.shape[1]):
+            a, b = fast(ids[:, :n]).logits, ref(ids[:, :n]).logits
+            assert rel_err(a, b.double()) < FP32_TOL

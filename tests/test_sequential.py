@@ -79,6 +79,24 @@ def test_quantized_output_feeds_next_block_and_beats_rtn():
     assert ((g - r) ** 2).mean() < ((n - r) ** 2).mean()
 
 
+def test_rtn_reads_weights_only():
+    """--method rtn runs no calibration forward and gives quant.rtn of each weight exactly."""
+    from gptqkit.quant import rtn
+
+    model, ref = random_model("llama"), random_model("llama")
+    cfg = QuantConfig(bits=4, group_size=32, quant_method="rtn")
+    calls = []
+    _, blocks = find_blocks(model)
+    for b in blocks:
+        b.register_forward_pre_hook(lambda *a: calls.append(1))
+    quantize_model(model, random_samples(4, 32, seed=1), cfg, progress=False)
+    assert calls == []
+    for name, m in model.named_modules():
+        if isinstance(m, QuantLinear):
+            expect = rtn(ref.get_submodule(name).weight.detach(), cfg).dequantize()
+            assert torch.equal(m.dequantize(), expect.T), name
+
+
 def test_stories260k_unpackable_layers_stay_float_with_a_warning(stories_dir, tiny_texts, caplog):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

@@ -18,8 +18,9 @@ import torch
 log = logging.getLogger(__name__)
 
 # Most specific first; the reference kernel runs everywhere and closes the list.
-ORDER = {"cuda": ("triton", "torch"), "cpu": ("cpu", "torch")}
-MODULES = {"torch": "reference", "cpu": "cpu_int4", "triton": "triton_gptq"}
+# On CPU: avx2 (4-bit, reads qweight in place), then cpu (PyTorch's int4 op; any bits), then the reference.
+ORDER = {"cuda": ("triton", "torch"), "cpu": ("avx2", "cpu", "torch")}
+MODULES = {"torch": "reference", "avx2": "cpu_avx2", "cpu": "cpu_int4", "triton": "triton_gptq"}
 
 
 class KernelError(RuntimeError):

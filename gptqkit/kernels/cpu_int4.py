@@ -210,14 +210,14 @@ def _codes_rows(layer, k0: int, k1: int) -> torch.Tensor:
     return out.view(-1, N)
 
 
-def _dense_matmul(layer, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """x [M, K] (dtype) @ W [K, N], W dequantized CHUNK_K rows at a time from the persistent GPTQ tensors."""
+def dense_matmul(layer, x: torch.Tensor, dtype: torch.dtype, regular: bool) -> torch.Tensor:
+    """x [M, K] (dtype) @ W [K, N], W dequantized CHUNK_K rows at a time from the persistent GPTQ tensors.
+    regular: g_idx[k] == k // group_size, so scales broadcast over whole groups instead of being gathered per row."""
     K, N = layer.in_features, layer.out_features
     g_idx = layer.g_idx.long()
     scales = layer.scales.to(dtype)  # [G, N]
     sz = scales * _zeros(layer).to(dtype)  # [G, N]
     gs = layer.group_size if layer.group_size != -1 else K
-    regular = layer._cpu_plan.regular
     y = None
     for k0 in range(0, K, CHUNK_K):
         k1 = min(k0 + CHUNK_K, K)
@@ -251,7 +251,7 @@ def forward(layer, x: torch.Tensor) -> torch.Tensor:
                                                        layer.cpu_int4_sz).to(x.dtype)
     else:
         dt = dense_dtype()
-        y = _dense_matmul(layer, x2.to(dt), dt).to(x.dtype)
+        y = dense_matmul(layer, x2.to(dt), dt, plan.regular).to(x.dtype)
     if layer.bias is not None:
         y = y + layer.bias.to(x.dtype)
     return y.view(*lead, N)

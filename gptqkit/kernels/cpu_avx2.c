@@ -1,0 +1,131 @@
+/* 4-bit GPTQ matmul for few rows (decode) on x86-64 with AVX2, FMA and F16C.
+
+   Reads the checkpoint tensors as they are: no int4 copy of the weight is made, so a loaded model holds its
+   4-bit codes once. Built by cpu_avx2.py with the C compiler at hand and called through ctypes; OpenMP resolves to
+   the libgomp.so.1 that torch has already loaded, so this kernel and torch share one thread pool.
+
+       y[M, N] = x[M, K] @ W,   W[k, n] = scale[g, n] * (q[k, n] - zero[g, n]),   g the group of row k
+
+   qw      int32 [K/8, N]  word (r, n) holds q[8r + j, n] in bits 4j .. 4j+3 (GPTQ qweight, packed along K)
+   scales  fp16  [G, N]    (GPTQ scales)
+   zeros   uint8 [G, N]    true zero points (the v1 "+1" already applied)
+   runs    int32 [R + 1]   row chunks of 8: run r covers chunks runs[r] .. runs[r+1]-1, all in group rgroup[r]
+   rgroup  int32 [R]
+
+   Per run the sum over k of x[k] * q[k, n] is accumulated in fp32 over integer codes (exact products), then
+   y[n] += scale * (acc - zero * sum_k x[k]): one scale multiply per group instead of per weight.
+
+   Unpacking: nibble j is taken by a mask in place, (w & (15 << 4j)) = q * 16^j, converted to float (exact: at
+   most 4 significant bits), and multiplied by x[k] * 16^-j, which is x[k] scaled by a power of two (exact). This
+   saves the shift per nibble. Nibble 7 is shifted down instead, since 15 << 28 would set the sign bit. */
+
+#include <immintrin.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+static const float INV16[8] = {1.0f, 1.0f / 16, 1.0f / 256, 1.0f / 4096, 1.0f / 65536, 1.0f / 1048576,
+                               1.0f / 16777216, 1.0f};
+
+/* One run of chunks c0 .. c1-1 for columns [n0, n1) and all M rows, accumulated into acc [M, n1 - n0]. */
+static inline void run_accumulate(const float *xs, int M, int K, const int32_t *qw, int N, int c0, int c1,
+                                  int n0, int n1, float *acc) {
+    const int L = n1 - n0;
+    const __m256i m1 = _mm256_set1_epi32(0xF << 4), m2 = _mm256_set1_epi32(0xF << 8),
+                  m3 = _mm256_set1_epi32(0xF << 12), m4 = _mm256_set1_epi32(0xF << 16),
+                  m5 = _mm256_set1_epi32(0xF << 20), m6 = _mm256_set1_epi32(0xF << 24), m0 = _mm256_set1_epi32(0xF);
+    for (int c = c0; c < c1; c++) {
+        const int32_t *row = qw + (size_t)c * N;
+        for (int n = n0; n < n1; n += 8) {
+            const __m256i w = _mm256_loadu_si256((const __m256i *)(row + n));
+            const __m256 w0 = _mm256_cvtepi32_ps(_mm256_and_si256(w, m0));
+            const __m256 w1 = _mm256_cvtepi32_ps(_mm256_and_si256(w, m1));
+            const __m256 w2 = _mm256_cvtepi32_ps(_mm256_and_si256(w, m2));
+            const __m256 w3 = _mm256_cvtepi32_ps(_mm256_and_si256(w, m3));
+            const __m256 w4 = _mm256_cvtepi32_ps(_mm256_and_si256(w, m4));
+            const __m256 w5 = _mm256_cvtepi32_ps(_mm256_and_si256(w, m5));
+            const __m256 w6 = _mm256_cvtepi32_ps(_mm256_and_si256(w, m6));
+            const __m256 w7 = _mm256_cvtepi32_ps(_mm256_srli_epi32(w, 28));
+            for (int m = 0; m < M; m++) {
+                const float *x = xs + (size_t)m * K + 8 * c;
+                float *a = acc + (size_t)m * L + (n - n0);
+                /* four independent chains, so the FMA latency does not serialise the eight products */
+                __m256 p0 = _mm256_fmadd_ps(_mm256_broadcast_ss(x + 0), w0, _mm256_loadu_ps(a));
+                __m256 p1 = _mm256_mul_ps(_mm256_broadcast_ss(x + 1), w1);
+                __m256 p2 = _mm256_mul_ps(_mm256_broadcast_ss(x + 2), w2);
+                __m256 p3 = _mm256_mul_ps(_mm256_broadcast_ss(x + 3), w3);
+                p0 = _mm256_fmadd_ps(_mm256_broadcast_ss(x + 4), w4, p0);
+                p1 = _mm256_fmadd_ps(_mm256_broadcast_ss(x + 5), w5, p1);
+                p2 = _mm256_fmadd_ps(_mm256_broadcast_ss(x + 6), w6, p2);
+                p3 = _mm256_fmadd_ps(_mm256_broadcast_ss(x + 7), w7, p3);
+                _mm256_storeu_ps(a, _mm256_add_ps(_mm256_add_ps(p0, p1), _mm256_add_ps(p2, p3)));
+            }
+        }
+    }
+}
+
+/* x [M, K] fp32, y [M, N] fp32 (overwritten). Returns 0, or -1 when scratch memory cannot be had. */
+int gptq_q4_matmul(const float *x, int M, int K, const int32_t *qw, int N, const uint16_t *scales,
+                   const uint8_t *zeros, const int32_t *runs, const int32_t *rgroup, int R, float *y,
+                   int threads) {
+    /* xs [M, K]: x[m, k] * 16^-(k % 8);  sx [M, R]: the sum of x over each run's rows */
+    float *xs = (float *)malloc(sizeof(float) * ((size_t)M * K + (size_t)M * R));
+    if (!xs) return -1;
+    float *sx = xs + (size_t)M * K;
+    for (int m = 0; m < M; m++) {
+        const float *xm = x + (size_t)m * K;
+        for (int k = 0; k < K; k++) xs[(size_t)m * K + k] = xm[k] * INV16[k & 7];
+        for (int r = 0; r < R; r++) {
+            float s = 0.0f;
+            for (int k = 8 * runs[r]; k < 8 * runs[r + 1]; k++) s += xm[k];
+            sx[(size_t)m * R + r] = s;
+        }
+    }
+    memset(y, 0, sizeof(float) * (size_t)M * N);
+    int failed = 0;
+    /* Columns are split into one contiguous range per thread, on 16-column (64-byte) boundaries, so each thread
+       streams its part of every qweight row and no two threads write the same cache line of y. */
+#pragma omp parallel num_threads(threads) reduction(| : failed)
+    {
+        int t = 0, T = 1;
+#ifdef _OPENMP
+        t = omp_get_thread_num();
+        T = omp_get_num_threads();
+#endif
+        const int tiles = (N + 15) / 16;
+        int n0 = (int)((long)tiles * t / T) * 16, n1 = (int)((long)tiles * (t + 1) / T) * 16;
+        if (n1 > N) n1 = N;
+        if (n0 < n1) {
+            const int L = n1 - n0;
+            float *acc = (float *)malloc(sizeof(float) * (size_t)M * L);
+            if (!acc) {
+                failed = 1;
+            } else {
+                for (int r = 0; r < R; r++) {
+                    const int g = rgroup[r];
+                    memset(acc, 0, sizeof(float) * (size_t)M * L);
+                    run_accumulate(xs, M, K, qw, N, runs[r], runs[r + 1], n0, n1, acc);
+                    const uint16_t *sg = scales + (size_t)g * N;
+                    const uint8_t *zg = zeros + (size_t)g * N;
+                    for (int n = n0; n < n1; n += 8) {
+                        const __m256 s = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(sg + n)));
+                        const __m256 z = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(zg + n))));
+                        for (int m = 0; m < M; m++) {
+                            float *yo = y + (size_t)m * N + n;
+                            const __m256 a = _mm256_loadu_ps(acc + (size_t)m * L + (n - n0));
+                            const __m256 d = _mm256_fnmadd_ps(z, _mm256_set1_ps(sx[(size_t)m * R + r]), a);
+                            _mm256_storeu_ps(yo, _mm256_fmadd_ps(s, d, _mm256_loadu_ps(yo)));
+                        }
+                    }
+                }
+                free(acc);
+            }
+        }
+    }
+    free(xs);
+    return failed ? -1 : 0;
+}

@@ -1,0 +1,179 @@
+"""CPU kernel for 4-bit layers on x86-64 with AVX2: a C matmul over the checkpoint's own qweight for decode.
+
+Decode (M < M_MAX rows) calls `gptq_q4_matmul` in cpu_avx2.c. It reads qweight [K/8, N] int32, scales fp16 and
+one byte per group zero, unpacks nibbles in registers and accumulates over each group in fp32, so a token reads
+0.5 bytes per weight plus 3 bytes per group and column, and no second copy of the codes is kept in memory
+(the `cpu` kernel's int4 op needs its own [N, K/2] layout next to qweight). Activations are fp32 inside.
+Prefill (M >= M_MAX) uses the `cpu` kernel's dequantize + GEMM in cache-sized chunks.
+
+The C file is compiled once per machine with the C compiler at hand (`$CC`, else `cc`), with -mavx2 -mfma -mf16c
+-fopenmp, into `$GPTQKIT_CACHE/kernels` (default ~/.cache/gptqkit/kernels), named by a hash of the source and the
+flags; it is loaded with ctypes. Without a compiler or on another CPU, supports() says so and `cpu` runs instead.
+
+Act-order (g_idx not sorted) rows are sorted by group once in prepare(), which makes a reordered copy of the codes
+(a non-persistent buffer, 0.5 bytes per weight); activations are gathered in the same order at every call.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import logging
+import os
+import shutil
+import subprocess
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from . import cpu_int4
+from ..packing import pack_qweight, unpack_qweight
+
+log = logging.getLogger(__name__)
+
+name = "avx2"
+
+SOURCE = Path(__file__).with_name("cpu_avx2.c")
+FLAGS = ("-O3", "-shared", "-fPIC", "-fopenmp", "-mavx2", "-mfma", "-mf16c", "-std=c99")
+# Rows from which prefill goes to dequantize + GEMM. Measured with `benchmarks/cpu_decode.py --sweep` on the
+# 2-core AVX2 EPYC: see the constant's use in forward(); the C kernel's cost grows by about one FMA stream per row.
+M_MAX = 16
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("GPTQKIT_CACHE", Path.home() / ".cache" / "gptqkit")) / "kernels"
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    # No /proc (not Linux): torch's own dispatch check covers AVX2 and FMA; F16C ships with every AVX2 x86 CPU.
+    cap = torch.backends.cpu.get_cpu_capability()
+    return {"avx2", "fma", "f16c"} if cap in ("AVX2", "AVX512") else set()
+
+
+@functools.lru_cache(maxsize=None)
+def library() -> ctypes.CDLL | str:
+    """The compiled kernel, or a sentence saying why it cannot be had (built once per machine, then cached)."""
+    import platform
+
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return f"it needs an x86-64 CPU, this is {platform.machine()}"
+    missing = {"avx2", "fma", "f16c"} - _cpu_flags()
+    if missing:
+        return f"this CPU lacks {', '.join(sorted(missing))}"
+    cc = os.environ.get("CC", "cc")
+    src = SOURCE.read_bytes()
+    tag = hashlib.sha256(src + " ".join((cc,) + FLAGS).encode() + torch.__version__.encode()).hexdigest()[:16]
+    so = cache_dir() / f"cpu_avx2-{tag}.so"
+    if not so.exists():
+        if shutil.which(cc) is None:
+            return f"no C compiler ({cc}) to build it; install gcc or set CC"
+        so.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=so.parent, suffix=".so")  # several processes may build at once
+        os.close(fd)
+        p = subprocess.run([cc, *FLAGS, str(SOURCE), "-o", tmp], capture_output=True, text=True)
+        if p.returncode != 0:
+            os.unlink(tmp)
+            first = (p.stderr.strip().splitlines() or ["no output"])[0]
+            return f"compiling {SOURCE.name} with {cc} failed: {first}"
+        os.replace(tmp, so)
+        log.info("built %s", so)
+    lib = ctypes.CDLL(str(so))
+    fn = lib.gptq_q4_matmul
+    fn.restype = ctypes.c_int
+    P, I = ctypes.c_void_p, ctypes.c_int
+    fn.argtypes = [P, I, I, P, I, P, P, P, P, I, P, I]
+    return lib
+
+
+@dataclass(frozen=True)
+class Plan:
+    runs: int  # R: runs of 8-row chunks that share a group
+    permuted: bool  # act-order: codes reordered by group in `avx2_qweight`, x gathered by `avx2_src`
+    regular: bool  # g_idx[k] == k // group_size (the dense path broadcasts scales)
+
+
+def _runs(g_idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | str:
+    """(order of rows sorted by group, runs [R+1] in 8-row chunks, group of each run [R]) or why not."""
+    order = torch.argsort(g_idx, stable=True)
+    groups, counts = torch.unique_consecutive(g_idx[order], return_counts=True)
+    if bool((counts % 8).any()):
+        bad = int(counts[counts % 8 != 0][0])
+        return f"a group of {bad} rows is not a whole number of 8-row words"
+    runs = torch.zeros(len(counts) + 1, dtype=torch.int32)
+    runs[1:] = torch.cumsum(counts // 8, 0)
+    return order, runs, groups.to(torch.int32)
+
+
+def supports(layer, device: torch.device | str | None = None) -> str | None:
+    device = torch.device(device) if device is not None else layer.qweight.device
+    if device.type != "cpu":
+        return f"it runs on CPU tensors only, not {device.type}"
+    if layer.bits != 4:
+        return f"it reads 4-bit codes only, this layer has {layer.bits}"
+    lib = library()
+    if isinstance(lib, str):
+        return lib
+    r = _runs(layer.g_idx.long().cpu())
+    return r if isinstance(r, str) else None
+
+
+def prepare(layer) -> None:
+    K = layer.in_features
+    g_idx = layer.g_idx.long().cpu()
+    order, runs, rgroup = _runs(g_idx)
+    permuted = not bool((order == torch.arange(K)).all())
+    gs = layer.group_size if layer.group_size != -1 else K
+    regular = bool((g_idx == torch.arange(K) // gs).all())
+    if permuted:
+        cpu_int4._log_once("avx2 act-order", "avx2 kernel: act-order g_idx: codes reordered once by group (a second "
+                           "copy, 0.5 bytes per weight), activations gathered per call")
+        codes = unpack_qweight(layer.qweight, 4)[order]  # [K, N] in group order
+        layer.register_buffer("avx2_qweight", pack_qweight(codes.T, 4), persistent=False)
+        layer.register_buffer("avx2_src", order, persistent=False)
+    zeros = cpu_int4._zeros(layer).clamp(0, 255).to(torch.uint8).contiguous()  # [G, N] true zero points
+    layer.register_buffer("avx2_zeros", zeros, persistent=False)
+    layer.register_buffer("avx2_runs", runs, persistent=False)
+    layer.register_buffer("avx2_rgroup", rgroup, persistent=False)
+    layer._avx2_plan = Plan(runs=len(rgroup), permuted=permuted, regular=regular)
+
+
+def matmul(layer, x: torch.Tensor) -> torch.Tensor:
+    """x [M, K] float32 contiguous -> [M, N] float32 through the C kernel (no bias)."""
+    plan: Plan = layer._avx2_plan
+    M, K = x.shape
+    N = layer.out_features
+    if plan.permuted:
+        x = x.index_select(1, layer.avx2_src)
+    qw = layer.avx2_qweight if plan.permuted else layer.qweight
+    y = torch.empty(M, N, dtype=torch.float32)
+    rc = library().gptq_q4_matmul(x.data_ptr(), M, K, qw.data_ptr(), N, layer.scales.data_ptr(),
+                                  layer.avx2_zeros.data_ptr(), layer.avx2_runs.data_ptr(),
+                                  layer.avx2_rgroup.data_ptr(), plan.runs, y.data_ptr(), torch.get_num_threads())
+    if rc != 0:
+        raise MemoryError(f"avx2 kernel: no scratch memory for a {M}x{K} @ {K}x{N} matmul")
+    return y
+
+
+def forward(layer, x: torch.Tensor) -> torch.Tensor:
+    K, N = layer.in_features, layer.out_features
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, K)
+    grad = torch.is_grad_enabled() and x.requires_grad
+    if x2.shape[0] < M_MAX and not grad:
+        y = matmul(layer, x2.to(torch.float32).contiguous()).to(x.dtype)
+    else:
+        dt = cpu_int4.dense_dtype()
+        y = cpu_int4.dense_matmul(layer, x2.to(dt), dt, layer._avx2_plan.regular).to(x.dtype)
+    if layer.bias is not None:
+        y = y + layer.bias.to(x.dtype)
+    return y.view(*lead, N)
