@@ -38,7 +38,9 @@ ROOT = Path(__file__).resolve().parents[1]
 PEERS_SRC = Path(__file__).resolve().parent / "peers"
 ASSETS = ROOT.parent / "shared" / "assets"
 CORPORA = ASSETS / "corpora"
-PEERS = ("gptqmodel", "autogptq")
+PEERS = ("gptqmodel", "autogptq")  # the venvs setup.sh makes
+# Loaders that run inside another peer's venv: transformers' GPTQ integration (with optimum) in GPTQModel's.
+VENV = {"transformers": "gptqmodel"}
 log = logging.getLogger("interop")
 
 
@@ -48,7 +50,7 @@ def peers_dir() -> Path:
 
 def peer_python(peer: str) -> Path | None:
     """The venv interpreter for `peer`, or None when that venv has not been created."""
-    py = peers_dir() / peer / "bin" / "python"
+    py = peers_dir() / VENV.get(peer, peer) / "bin" / "python"
     return py if py.exists() else None
 
 
@@ -399,7 +401,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--models", default="tiny,smollm2", help="comma list of tiny, smollm2")
     ap.add_argument("--makers", default="gptqmodel,gptqkit", help="comma list of gptqmodel, gptqkit")
     ap.add_argument("--variants", default="", help="comma list of variant tags to run (default: all)")
-    ap.add_argument("--peers", default="gptqmodel,autogptq", help="loaders besides gptqkit")
+    ap.add_argument("--peers", default="gptqmodel,autogptq,transformers", help="loaders besides gptqkit")
     ap.add_argument("--work", default=str(Path.home() / ".cache" / "gptqkit" / "interop"))
     ap.add_argument("--nsamples", type=int, default=None, help="calibration samples (tiny 16, smollm2 32)")
     ap.add_argument("--seqlen", type=int, default=None, help="calibration tokens per sample (tiny 128, smollm2 256)")
@@ -419,7 +421,7 @@ def main(argv: list[str] | None = None) -> int:
         if a.no_setup:
             print(f"peer venvs missing in {peers_dir()}: {', '.join(missing)}; run benchmarks/peers/setup.sh")
             return 2
-        setup_peers(sorted(missing))
+        setup_peers(sorted({VENV.get(p, p) for p in missing}))
     work = Path(a.work).expanduser()
     work.mkdir(parents=True, exist_ok=True)
     setups = model_setups(work, a.nsamples, a.seqlen)

@@ -2,6 +2,7 @@
 
     GPTQKIT_DATA=../shared/assets/corpora python benchmarks/quality.py                 # SmolLM2 64x512 + stories260K
     GPTQKIT_DATA=../shared/assets/corpora python benchmarks/quality.py --calib 64x512,128x2048 --eval-chars 0
+    GPTQKIT_DATA=../shared/assets/corpora python benchmarks/quality.py --peer --skip-stories   # + GPTQModel rows
 
 SmolLM2-135M-Instruct: calibration windows from the c4 sample, evaluation on the WikiText-2 test split (rows joined
 with "\\n\\n", no BOS added by this tokenizer) in non-overlapping windows of 2048 tokens; --eval-chars limits it to
@@ -41,7 +42,27 @@ def child(spec: dict) -> dict:
     model, tok = load_source(spec["model"])
     tokens = eval_tokens(tok, spec["eval"], data_dir=spec["data_dir"], max_chars=spec["eval_chars"] or None)
     secs = 0.0
-    if spec["method"] != "fp32":
+    if spec["method"] == "gptqmodel":
+        # GPTQModel 7.6.0 in its own venv, on the very token windows gptqkit calibrates with (seed 0), classic GPTQ
+        # (its act_group_aware reordering off). Its time is its own load + quantize (imports and save excluded).
+        sys.path.insert(0, str(ROOT / "benchmarks"))
+        import interop
+        from gptqkit.data import calibration_samples
+
+        del model
+        samples = calibration_samples(tok, spec["calib"], nsamples=spec["nsamples"], seqlen=spec["seqlen"], seed=0,
+                                      data_dir=spec["data_dir"])
+        out, job = Path(spec["tmp"]) / "ckpt", Path(spec["tmp"]) / "job.json"
+        job.write_text(json.dumps({"bits": spec["bits"], "group_size": spec["group_size"], "desc_act": spec["desc_act"],
+                                   "sym": True, "damp_percent": 0.01, "dtype": "float32",
+                                   "calibration": [s["input_ids"][0].tolist() for s in samples]}))
+        text = interop.run_peer("gptqmodel", "gptqmodel_quantize.py", [spec["model"], out, job],
+                                Path(spec["tmp"]) / "gptqmodel.log", threads=torch.get_num_threads())
+        res = json.loads(next(ln for ln in text.splitlines() if ln.startswith("RESULT "))[len("RESULT "):])
+        secs = res["load_s"] + res["quantize_s"]
+        rss = float("nan")  # another process; not comparable with the rows measured in-process
+        model = load(out, kernel="torch")
+    elif spec["method"] != "fp32":
         out = Path(spec["tmp"]) / "ckpt"
         cfg = QuantConfig(bits=spec["bits"], group_size=spec["group_size"], desc_act=spec["desc_act"],
                           quant_method=spec["method"], damp_percent=0.01)
@@ -69,7 +90,7 @@ def run(spec: dict) -> dict:
 
 
 def rows_for(model: str, calib: str, nsamples: int, seqlen: int, eval_set: str, eval_chars: int, eval_seqlen: int,
-             group_size: int, data_dir: str, bits_list=(4, 3)):
+             group_size: int, data_dir: str, bits_list=(4, 3), peer: bool = False):
     base = dict(model=model, calib=calib, nsamples=nsamples, seqlen=seqlen, eval=eval_set, eval_chars=eval_chars,
                 eval_seqlen=eval_seqlen, group_size=group_size, data_dir=data_dir, bits=16, desc_act=False)
     yield "fp32", {**base, "method": "fp32"}
@@ -77,6 +98,8 @@ def rows_for(model: str, calib: str, nsamples: int, seqlen: int, eval_set: str, 
         yield f"RTN {bits}-bit", {**base, "method": "rtn", "bits": bits}
         yield f"GPTQ {bits}-bit", {**base, "method": "gptq", "bits": bits}
         yield f"GPTQ {bits}-bit act-order", {**base, "method": "gptq", "bits": bits, "desc_act": True}
+        if peer:
+            yield f"GPTQModel {bits}-bit", {**base, "method": "gptqmodel", "bits": bits}
 
 
 def main() -> None:
@@ -87,12 +110,15 @@ def main() -> None:
     ap.add_argument("--group-size", type=int, default=64)
     ap.add_argument("--skip-smollm2", action="store_true")
     ap.add_argument("--skip-stories", action="store_true")
+    ap.add_argument("--peer", action="store_true", help="add GPTQModel rows on SmolLM2 (needs benchmarks/peers/setup.sh)")
+    ap.add_argument("--bits", default="4,3", help="comma list of bit widths")
     a = ap.parse_args()
     if a.child:
         print(json.dumps(child(json.loads(a.child))))
         return
     data_dir = os.environ.get("GPTQKIT_DATA", str(ASSETS / "corpora"))
     tables = []
+    bits = tuple(int(b) for b in a.bits.split(","))
     if not a.skip_smollm2:
         from gptqkit import bundled
 
@@ -101,20 +127,22 @@ def main() -> None:
             n, s = (int(x) for x in c.split("x"))
             tables.append((f"SmolLM2-135M-Instruct, group {a.group_size}, sym, damp 0.01, calibration c4 sample "
                            f"{n} x {s}, eval WikiText-2 test ({a.eval_chars or 'all'} chars) in windows of 2048",
-                           list(rows_for(smol, "c4", n, s, "wikitext2", a.eval_chars, 2048, a.group_size, data_dir))))
+                           list(rows_for(smol, "c4", n, s, "wikitext2", a.eval_chars, 2048, a.group_size, data_dir,
+                                         bits, a.peer))))
     if not a.skip_stories:
         tiny = str(ASSETS / "corpora" / "calibration" / "tiny.txt")
         tables.append(("stories260K, per-channel (group -1), calibration 64 x 256 from tiny.txt, eval tiny.txt "
                        "(first 60,000 chars) in windows of 256",
                        list(rows_for(str(ASSETS / "models" / "stories260K"), tiny, 64, 256, tiny, 60_000, 256, -1,
-                                     data_dir))))
+                                     data_dir, bits))))
     for title, rows in tables:
         print(f"\n{title}")
         print(f"{'':28s} {'ppl':>9s} {'quant s':>8s} {'peak RSS MiB':>13s}")
         for name, spec in rows:
             r = run(spec)
             secs = f"{r['seconds']:8.1f}" if r["seconds"] else f"{'-':>8s}"
-            print(f"{name:28s} {r['ppl']:9.3f} {secs} {r['peak_rss_mib']:13.0f}", flush=True)
+            rss = f"{r['peak_rss_mib']:13.0f}" if r["peak_rss_mib"] == r["peak_rss_mib"] else f"{'-':>13s}"
+            print(f"{name:28s} {r['ppl']:9.3f} {secs} {rss}", flush=True)
 
 
 if __name__ == "__main__":

@@ -232,10 +232,14 @@ def _slice_kwargs(kwargs: dict, n: int) -> dict:
 @torch.no_grad()
 def _hessians(block, group: list[str], inputs, device) -> dict[str, torch.Tensor]:
     """Accumulate H = sum x x^T (float32) for each Linear of a group over all inputs, stopping each forward
-    right after the group's last Linear has read its input."""
+    right after the group's last Linear has read its input.
+
+    The members of a true-sequential group read one input tensor, so they share one H (the solver copies it):
+    q/k/v cost one accumulation instead of three. A member that reads another tensor gets its own."""
     modules = dict(block.named_modules())
     H = {}
-    state = {"mask": None}
+    shares: dict[str, str] = {}  # member -> the member whose H it shares, decided on the first input
+    state = {"mask": None, "x": None, "owner": None, "first": True}
 
     def make(name, last):
         m = modules[name]
@@ -243,7 +247,12 @@ def _hessians(block, group: list[str], inputs, device) -> dict[str, torch.Tensor
         H[name] = torch.zeros(K, K, dtype=torch.float32, device=device)
 
         def hook(mod, args):
-            accumulate(H[name], args[0], state["mask"])
+            x = args[0]
+            if state["first"] and state["x"] is x:
+                shares[name] = state["owner"]
+            if name not in shares:
+                accumulate(H[name], x, state["mask"])
+                state["x"], state["owner"] = x, name
             if last:
                 raise _Stop
         return hook
@@ -251,14 +260,17 @@ def _hessians(block, group: list[str], inputs, device) -> dict[str, torch.Tensor
     handles = [modules[n].register_forward_pre_hook(make(n, i == len(group) - 1)) for i, n in enumerate(group)]
     try:
         for hidden, kwargs, mask in inputs:
-            state["mask"] = mask
+            state.update(mask=mask, x=None, owner=None)
             try:
                 _run_block(block, hidden, kwargs)
             except _Stop:
                 pass
+            state["first"] = False
     finally:
         for h in handles:
             h.remove()
+    for name, owner in shares.items():
+        H[name] = H[owner]
     return H
 
 

@@ -1,5 +1,5 @@
 """Interop with the real peers on a tiny random Llama (widths multiples of 128): GPTQModel 7.6.0 quantizes and
-gptqkit loads; gptqkit quantizes and GPTQModel and AutoGPTQ 0.7.1 load. Same weights must give the same dequantized
+gptqkit loads; gptqkit quantizes and GPTQModel, AutoGPTQ 0.7.1 and transformers (from_pretrained) load. Same weights must give the same dequantized
 matrices bit for bit and the same float32 logits.
 
 Skipped unless the peer venvs exist in $GPTQKIT_PEERS_DIR (default ~/.cache/gptqkit/peers); create them with
@@ -73,7 +73,12 @@ def test_gptqmodel_checkpoint_loads_in_gptqkit(bench, tiny):
     _check(bench.evaluate_checkpoint(s, v, ckpt, job_path, d, ["gptqmodel"]), {"gptqkit", "gptqmodel"})
 
 
-@pytest.mark.parametrize("fmt,sym,peers", [("gptq", True, ["gptqmodel", "autogptq"]),
+# transformers' own from_pretrained (GPTQ integration via optimum) runs in the gptqmodel venv, which setup.sh
+# gives optimum; an older venv without it skips that loader.
+_TRANSFORMERS = ["transformers"] if list((_dir / "gptqmodel").glob("lib/python*/site-packages/optimum")) else []
+
+
+@pytest.mark.parametrize("fmt,sym,peers", [("gptq", True, ["gptqmodel", "autogptq", *_TRANSFORMERS]),
                                            ("gptq", False, ["autogptq", "gptqmodel"]),
                                            ("gptq_v2", False, ["gptqmodel"])])
 def test_gptqkit_checkpoint_loads_in_peers(bench, tiny, fmt, sym, peers):

@@ -269,14 +269,14 @@ AVX2_CASES = [(gs, act, sym, fmt) for gs in (32, 64, 128, -1) for act in (False,
 @pytest.mark.parametrize("group_size,act_order,sym,fmt", AVX2_CASES)
 def test_avx2_against_oracle(group_size, act_order, sym, fmt):
     """fp32 all the way: the C kernel sums exact code products per group, so it matches float64 to fp32 rounding.
-    M 1..15 runs the C kernel, M >= 16 the dequantize + GEMM path."""
+    M 1..31 runs the C kernel, M >= 32 the dequantize + GEMM path."""
     i = AVX2_CASES.index((group_size, act_order, sym, fmt))
     K, N = (576, 80) if group_size in (64, 128) else (256, 48)  # 576 / 128: a 64-row last group
     layer = random_layer(K, N, 4, group_size, act_order, sym, fmt, bias=i % 2 == 1, seed=i)
     layer.use_kernel(cpu_avx2)
     assert layer._avx2_plan.permuted == (act_order and group_size != -1)  # one group: any row order is sorted
     gen = torch.Generator().manual_seed(200 + i)
-    for M in (1, 2, 7, 15, 16, 40):
+    for M in (1, 2, 7, 31, 32, 40):
         for dtype in (torch.float32, torch.bfloat16):
             x = torch.randn(M, K, generator=gen).to(dtype)
             with torch.no_grad():

@@ -79,6 +79,32 @@ def test_quantized_output_feeds_next_block_and_beats_rtn():
     assert ((g - r) ** 2).mean() < ((n - r) ** 2).mean()
 
 
+def test_group_members_share_one_hessian():
+    """q/k/v read one tensor: one H for the three, equal to sum x x^T over the real (unpadded) tokens."""
+    from gptqkit.sequential import _hessians, capture_inputs
+
+    model = random_model("llama")
+    samples = random_samples(3, 24, seed=2)
+    samples[2] = {k: v[:, :9] for k, v in samples[2].items()}
+    _, blocks = find_blocks(model)
+    inputs = capture_inputs(model, blocks, pad_batches(samples, 2), "cpu")
+    names = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"]
+    H = _hessians(blocks[0], names, inputs, "cpu")
+    assert H[names[0]] is H[names[1]] is H[names[2]]
+    xs = []
+    h = blocks[0].self_attn.k_proj.register_forward_pre_hook(lambda m, a: xs.append(a[0]))
+    with torch.no_grad():
+        for hidden, kwargs, mask in inputs:
+            blocks[0](hidden, **kwargs)
+    h.remove()
+    X = torch.cat([x[m.bool()] for x, (_, _, m) in zip(xs, inputs)])
+    assert X.shape[0] == 24 + 24 + 9
+    torch.testing.assert_close(H[names[0]], X.T @ X, rtol=1e-5, atol=1e-4)
+    # a group whose members read different tensors keeps one H each
+    H2 = _hessians(blocks[0], ["self_attn.o_proj", "mlp.down_proj"], inputs, "cpu")
+    assert H2["self_attn.o_proj"] is not H2["mlp.down_proj"]
+
+
 def test_rtn_reads_weights_only():
     """--method rtn runs no calibration forward and gives quant.rtn of each weight exactly."""
     from gptqkit.quant import rtn

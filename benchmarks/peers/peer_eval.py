@@ -3,6 +3,7 @@
 Run with the matching venv's python:
     python peer_eval.py gptqmodel CKPT JOB.pt OUT.pt [DEQUANT.safetensors]
     python peer_eval.py autogptq  CKPT JOB.pt OUT.pt [DEQUANT.safetensors]
+    python peer_eval.py transformers CKPT JOB.pt OUT.pt [DEQUANT.safetensors]   (with the gptqmodel venv)
 
 JOB.pt (torch.save of a dict):
     probe_ids   LongTensor [B, T]   inputs whose logits are compared
@@ -49,6 +50,21 @@ def load_gptqmodel(ckpt: str, dtype: torch.dtype):
     return model.model, versions
 
 
+def load_transformers(ckpt: str, dtype: torch.dtype):
+    """transformers' own GPTQ integration (AutoModelForCausalLM.from_pretrained reads quantization_config; it needs
+    optimum and runs GPTQModel's layers underneath). Run with the gptqmodel venv, which has optimum for this."""
+    import optimum
+    import transformers
+    from gptqmodel.nn_modules.qlinear.torch import TorchLinear
+    from transformers import AutoModelForCausalLM
+
+    if dtype not in TorchLinear.SUPPORTS_DTYPES:
+        TorchLinear.SUPPORTS_DTYPES = [*TorchLinear.SUPPORTS_DTYPES, dtype]
+    model = AutoModelForCausalLM.from_pretrained(ckpt, dtype=dtype, device_map="cpu")
+    versions = {"transformers": str(transformers.__version__), "optimum": str(optimum.__version__)}
+    return model, versions
+
+
 def load_autogptq(ckpt: str, dtype: torch.dtype):
     import auto_gptq
     import transformers
@@ -66,7 +82,7 @@ def peer_dequantize(peer: str, m: torch.nn.Module, dtype: torch.dtype) -> torch.
     scales = m.scales
     m.scales = scales.to(dtype)
     try:
-        if peer == "gptqmodel":
+        if peer in ("gptqmodel", "transformers"):  # transformers runs GPTQModel's layers
             if hasattr(m, "clear_weight_cache"):
                 m.clear_weight_cache()
             if hasattr(m, "_stream_reset_cache"):
@@ -96,7 +112,8 @@ def main() -> None:
     dtype = getattr(torch, job["dtype"])
 
     t0 = time.perf_counter()
-    model, versions = (load_gptqmodel if peer == "gptqmodel" else load_autogptq)(ckpt, dtype)
+    loader = {"gptqmodel": load_gptqmodel, "transformers": load_transformers, "autogptq": load_autogptq}[peer]
+    model, versions = loader(ckpt, dtype)
     model.eval()
     load_s = time.perf_counter() - t0
     versions["torch"] = str(torch.__version__)
@@ -121,7 +138,7 @@ def main() -> None:
             W = peer_dequantize(peer, m, torch.float32)
             deq[n] = W.contiguous()
             # The fp16 path: one rounding of the exact product, so it must equal the float32 result rounded.
-            same = torch.equal(peer_dequantize(peer, m, torch.float16).half(), W.half()) if peer == "gptqmodel" \
+            same = torch.equal(peer_dequantize(peer, m, torch.float16).half(), W.half()) if peer != "autogptq" \
                 else True  # AutoGPTQ's fp16 route is forward(I) in fp16: too slow on CPU matmuls, not checked
             deq[f"{n}.fp16_same"] = torch.tensor([int(same)], dtype=torch.int32)
         save_file(deq, dequant_path)

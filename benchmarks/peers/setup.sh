@@ -26,6 +26,8 @@ for peer in "${peers[@]}"; do
       "$PY" -m venv gptqmodel
       gptqmodel/bin/python -m pip install -q -c constraints.txt torch==2.13.0
       gptqmodel/bin/python -m pip install -q -c constraints.txt gptqmodel==7.6.0
+      # optimum lets transformers' own from_pretrained load GPTQ checkpoints (the "transformers" loader)
+      gptqmodel/bin/python -m pip install -q -c constraints.txt optimum==2.3.0
       gptqmodel/bin/python -c "import gptqmodel; print('gptqmodel', gptqmodel.__version__)"
       ;;
     autogptq)

@@ -38,9 +38,10 @@ name = "avx2"
 
 SOURCE = Path(__file__).with_name("cpu_avx2.c")
 FLAGS = ("-O3", "-shared", "-fPIC", "-fopenmp", "-mavx2", "-mfma", "-mf16c", "-std=c99")
-# Rows from which prefill goes to dequantize + GEMM. Measured with `benchmarks/cpu_decode.py --sweep` on the
-# 2-core AVX2 EPYC: see the constant's use in forward(); the C kernel's cost grows by about one FMA stream per row.
-M_MAX = 16
+# Rows from which the call goes to dequantize + GEMM instead. `benchmarks/cpu_decode.py --sweep` on the 2-core
+# AVX2 EPYC: the dense path first won at M = 24 (2048x2048), 32 (5632x2048), 64 (2048x5632) and never below 64
+# on SmolLM2's 576/1536 layers.
+M_MAX = 32
 
 
 def cache_dir() -> Path:
