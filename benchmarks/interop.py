@@ -351,6 +351,10 @@ def evaluate_checkpoint(s: Setup, v: Variant, ckpt: Path, job_path: Path, d: Pat
                 pjob = d / "job.logits-only.pt"
                 torch.save({**job, "ppl_windows": 0}, pjob)
             try:
+                # transformers runs GPTQModel's layers (whose dequantization the gptqmodel row already checks) and
+                # leaves some of their int buffers in another dtype, which dequantize_weight() cannot shift: for it,
+                # logits and perplexity only.
+                full = full and lib != "transformers"
                 results[name] = peer_side(lib, folder, pjob, d / f"{v.tag}.{key}.pt", deq if full else None,
                                           d / f"{v.tag}.{key}.log")
             except RuntimeError as e:  # a peer that refuses the checkpoint is a result, not a crash

@@ -59,10 +59,13 @@ def _check(rows: list[dict], loaders: set[str]) -> None:
     assert loaders <= set(got), got.keys()
     for name in loaders:
         r = got[name]
-        assert r["max_dlogit"] <= 1e-5, r
-        assert r["top1"] == 1.0, r
-        assert abs(r["ppl"] - r["ppl_maker"]) <= 1e-4 * r["ppl_maker"], r
-        if name != "gptqkit":
+        # transformers picks GPTQModel's TorchAtenLinear, torch's int4 op, which computes with bf16 activations and
+        # scales: kernel rounding of a few 1e-3. The others run float32 torch kernels and agree to float32 rounding.
+        bf16 = name == "transformers"
+        assert r["max_dlogit"] <= (2e-2 if bf16 else 1e-5), r
+        assert r["top1"] >= (0.99 if bf16 else 1.0), r
+        assert abs(r["ppl"] - r["ppl_maker"]) <= (5e-3 if bf16 else 1e-4) * r["ppl_maker"], r
+        if name in ("gptqmodel", "autogptq"):  # transformers: logits and perplexity only (see interop.py)
             assert r["dequant_max_diff"] == 0.0 and r["dequant_layers"] == 14, r
 
 

@@ -53,7 +53,8 @@ def load_gptqmodel(ckpt: str, dtype: torch.dtype):
 def load_transformers(ckpt: str, dtype: torch.dtype):
     """transformers' own GPTQ integration (AutoModelForCausalLM.from_pretrained reads quantization_config; it needs
     optimum and runs GPTQModel's layers underneath). Run with the gptqmodel venv, which has optimum for this."""
-    import optimum
+    from importlib.metadata import version
+
     import transformers
     from gptqmodel.nn_modules.qlinear.torch import TorchLinear
     from transformers import AutoModelForCausalLM
@@ -61,7 +62,7 @@ def load_transformers(ckpt: str, dtype: torch.dtype):
     if dtype not in TorchLinear.SUPPORTS_DTYPES:
         TorchLinear.SUPPORTS_DTYPES = [*TorchLinear.SUPPORTS_DTYPES, dtype]
     model = AutoModelForCausalLM.from_pretrained(ckpt, dtype=dtype, device_map="cpu")
-    versions = {"transformers": str(transformers.__version__), "optimum": str(optimum.__version__)}
+    versions = {"transformers": str(transformers.__version__), "optimum": version("optimum")}
     return model, versions
 
 
