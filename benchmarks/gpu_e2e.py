@@ -32,6 +32,8 @@ from pathlib import Path
 
 import torch
 
+import gpu_check  # benchmarks/gpu_check.py, beside this script
+
 GiB = 1 << 30
 
 
@@ -315,14 +317,9 @@ def main() -> int:
     ap.add_argument("--work", default="/tmp/gptqkit-gpu-e2e", help="scratch folder for model folders")
     ap.add_argument("--keep", action="store_true", help="keep the random source and quantized folders")
     args = ap.parse_args()
-    if not torch.cuda.is_available():
-        print("gpu_e2e.py needs a CUDA GPU; none is visible (torch.cuda.is_available() is False).", file=sys.stderr)
+    if gpu_check.missing("gpu_e2e.py", " for the int4 kernels"):
         return 2
-    try:
-        import triton
-    except ImportError:
-        print("gpu_e2e.py needs Triton for the int4 kernels: pip install gptqkit[triton]", file=sys.stderr)
-        return 2
+    import triton
     import transformers
 
     Path(args.work).mkdir(parents=True, exist_ok=True)

@@ -24,6 +24,8 @@ import sys
 
 import torch
 
+import gpu_check  # benchmarks/gpu_check.py, beside this script
+
 SHAPES = ((4096, 4096), (4096, 11008), (11008, 4096))
 
 
@@ -117,14 +119,9 @@ def main() -> int:
     ap.add_argument("--act-order", action="store_true", help="random g_idx (desc_act checkpoints)")
     ap.add_argument("--dtype", default="float16", choices=("float16", "bfloat16"))
     args = ap.parse_args()
-    if not torch.cuda.is_available():
-        print("gpu_kernels.py needs a CUDA GPU; none is visible (torch.cuda.is_available() is False).", file=sys.stderr)
+    if gpu_check.missing("gpu_kernels.py"):
         return 2
-    try:
-        import triton
-    except ImportError:
-        print("gpu_kernels.py needs Triton: pip install gptqkit[triton]", file=sys.stderr)
-        return 2
+    import triton
     torch.manual_seed(0)
     dtype = getattr(torch, args.dtype)
     props = torch.cuda.get_device_properties(0)

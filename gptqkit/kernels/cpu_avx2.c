@@ -31,16 +31,15 @@
 static const float INV16[8] = {1.0f, 1.0f / 16, 1.0f / 256, 1.0f / 4096, 1.0f / 65536, 1.0f / 1048576,
                                1.0f / 16777216, 1.0f};
 
-/* One run of chunks c0 .. c1-1 for columns [n0, n1) and all M rows, accumulated into acc [M, n1 - n0]. */
+/* Chunks c0 .. c1-1 (8 rows each) for all N columns and all M rows, accumulated into acc [M, N]. */
 static inline void run_accumulate(const float *xs, int M, int K, const int32_t *qw, int N, int c0, int c1,
-                                  int n0, int n1, float *acc) {
-    const int L = n1 - n0;
+                                  float *acc) {
     const __m256i m1 = _mm256_set1_epi32(0xF << 4), m2 = _mm256_set1_epi32(0xF << 8),
                   m3 = _mm256_set1_epi32(0xF << 12), m4 = _mm256_set1_epi32(0xF << 16),
                   m5 = _mm256_set1_epi32(0xF << 20), m6 = _mm256_set1_epi32(0xF << 24), m0 = _mm256_set1_epi32(0xF);
     for (int c = c0; c < c1; c++) {
         const int32_t *row = qw + (size_t)c * N;
-        for (int n = n0; n < n1; n += 8) {
+        for (int n = 0; n < N; n += 8) {
             const __m256i w = _mm256_loadu_si256((const __m256i *)(row + n));
             const __m256 w0 = _mm256_cvtepi32_ps(_mm256_and_si256(w, m0));
             const __m256 w1 = _mm256_cvtepi32_ps(_mm256_and_si256(w, m1));
@@ -52,7 +51,7 @@ static inline void run_accumulate(const float *xs, int M, int K, const int32_t *
             const __m256 w7 = _mm256_cvtepi32_ps(_mm256_srli_epi32(w, 28));
             for (int m = 0; m < M; m++) {
                 const float *x = xs + (size_t)m * K + 8 * c;
-                float *a = acc + (size_t)m * L + (n - n0);
+                float *a = acc + (size_t)m * N + n;
                 /* four independent chains, so the FMA latency does not serialise the eight products */
                 __m256 p0 = _mm256_fmadd_ps(_mm256_broadcast_ss(x + 0), w0, _mm256_loadu_ps(a));
                 __m256 p1 = _mm256_mul_ps(_mm256_broadcast_ss(x + 1), w1);
@@ -69,8 +68,7 @@ static inline void run_accumulate(const float *xs, int M, int K, const int32_t *
 }
 
 /* The same for one row of x (decode): the eight activations of a chunk stay in registers across the whole row. */
-static inline void run_accumulate_1(const float *xs, const int32_t *qw, int N, int c0, int c1, int n0, int n1,
-                                    float *acc) {
+static inline void run_accumulate_1(const float *xs, const int32_t *qw, int N, int c0, int c1, float *acc) {
     const __m256i m1 = _mm256_set1_epi32(0xF << 4), m2 = _mm256_set1_epi32(0xF << 8),
                   m3 = _mm256_set1_epi32(0xF << 12), m4 = _mm256_set1_epi32(0xF << 16),
                   m5 = _mm256_set1_epi32(0xF << 20), m6 = _mm256_set1_epi32(0xF << 24), m0 = _mm256_set1_epi32(0xF);
@@ -81,11 +79,11 @@ static inline void run_accumulate_1(const float *xs, const int32_t *qw, int N, i
                      x2 = _mm256_broadcast_ss(x + 2), x3 = _mm256_broadcast_ss(x + 3),
                      x4 = _mm256_broadcast_ss(x + 4), x5 = _mm256_broadcast_ss(x + 5),
                      x6 = _mm256_broadcast_ss(x + 6), x7 = _mm256_broadcast_ss(x + 7);
-        for (int n = n0; n < n1; n += 8) {
+        for (int n = 0; n < N; n += 8) {
             /* one row (N words) ahead of the stream */
-            if (((n - n0) & 15) == 0) _mm_prefetch((const char *)(row + N + n), _MM_HINT_T0);
+            if ((n & 15) == 0) _mm_prefetch((const char *)(row + N + n), _MM_HINT_T0);
             const __m256i w = _mm256_loadu_si256((const __m256i *)(row + n));
-            float *a = acc + (n - n0);
+            float *a = acc + n;
             __m256 p0 = _mm256_fmadd_ps(x0, _mm256_cvtepi32_ps(_mm256_and_si256(w, m0)), _mm256_loadu_ps(a));
             __m256 p1 = _mm256_mul_ps(x1, _mm256_cvtepi32_ps(_mm256_and_si256(w, m1)));
             __m256 p2 = _mm256_mul_ps(x2, _mm256_cvtepi32_ps(_mm256_and_si256(w, m2)));
@@ -148,9 +146,9 @@ int gptq_q4_matmul(const float *x, int M, int K, const int32_t *qw, int N, const
                 }
                 memset(acc, 0, sizeof(float) * MN);
                 if (M == 1)
-                    run_accumulate_1(xs, qw, N, a0, a1, 0, N, acc);
+                    run_accumulate_1(xs, qw, N, a0, a1, acc);
                 else
-                    run_accumulate(xs, M, K, qw, N, a0, a1, 0, N, acc);
+                    run_accumulate(xs, M, K, qw, N, a0, a1, acc);
                 const uint16_t *sg = scales + (size_t)g * N;
                 const uint8_t *zg = zeros + (size_t)g * N;
                 for (int n = 0; n < N; n += 8) {
