@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -43,8 +44,8 @@ def child(spec: dict) -> dict:
     tokens = eval_tokens(tok, spec["eval"], data_dir=spec["data_dir"], max_chars=spec["eval_chars"] or None)
     secs = 0.0
     if spec["method"] == "gptqmodel":
-        # GPTQModel 7.6.0 in its own venv, on the very token windows gptqkit calibrates with (seed 0), classic GPTQ
-        # (its act_group_aware reordering off). Its time is its own load + quantize (imports and save excluded).
+        # GPTQModel 7.6.0 in its own venv, on the very token windows gptqkit calibrates with (seed 0), with the
+        # same column order as the gptqkit row it sits under (act_group_aware is its default). Its time is its own load + quantize (imports and save excluded).
         sys.path.insert(0, str(ROOT / "benchmarks"))
         import interop
         from gptqkit.data import calibration_samples
@@ -54,7 +55,7 @@ def child(spec: dict) -> dict:
                                       data_dir=spec["data_dir"])
         out, job = Path(spec["tmp"]) / "ckpt", Path(spec["tmp"]) / "job.json"
         job.write_text(json.dumps({"bits": spec["bits"], "group_size": spec["group_size"], "desc_act": spec["desc_act"],
-                                   "sym": True, "damp_percent": 0.01, "dtype": "float32",
+                                   "act_group_aware": spec["group_aware"], "sym": True, "damp_percent": 0.01, "dtype": "float32",
                                    "calibration": [s["input_ids"][0].tolist() for s in samples]}))
         text = interop.run_peer("gptqmodel", "gptqmodel_quantize.py", [spec["model"], out, job],
                                 Path(spec["tmp"]) / "gptqmodel.log", threads=torch.get_num_threads())
@@ -65,7 +66,7 @@ def child(spec: dict) -> dict:
     elif spec["method"] != "fp32":
         out = Path(spec["tmp"]) / "ckpt"
         cfg = QuantConfig(bits=spec["bits"], group_size=spec["group_size"], desc_act=spec["desc_act"],
-                          quant_method=spec["method"], damp_percent=0.01)
+                          act_group_aware=spec["group_aware"], quant_method=spec["method"], damp_percent=0.01)
         del model
         t = time.perf_counter()
         quantize(spec["model"], out, cfg, dataset=spec["calib"], nsamples=spec["nsamples"], seqlen=spec["seqlen"],
@@ -90,16 +91,17 @@ def run(spec: dict) -> dict:
 
 
 def rows_for(model: str, calib: str, nsamples: int, seqlen: int, eval_set: str, eval_chars: int, eval_seqlen: int,
-             group_size: int, data_dir: str, bits_list=(4, 3), peer: bool = False):
+             group_size: int, data_dir: str, bits_list=(4, 3), peer=()):
     base = dict(model=model, calib=calib, nsamples=nsamples, seqlen=seqlen, eval=eval_set, eval_chars=eval_chars,
-                eval_seqlen=eval_seqlen, group_size=group_size, data_dir=data_dir, bits=16, desc_act=False)
+                eval_seqlen=eval_seqlen, group_size=group_size, data_dir=data_dir, bits=16, desc_act=False,
+                group_aware=False)
     yield "fp32", {**base, "method": "fp32"}
     for bits in bits_list:
         yield f"RTN {bits}-bit", {**base, "method": "rtn", "bits": bits}
-        yield f"GPTQ {bits}-bit", {**base, "method": "gptq", "bits": bits}
-        yield f"GPTQ {bits}-bit act-order", {**base, "method": "gptq", "bits": bits, "desc_act": True}
-        if peer:
-            yield f"GPTQModel {bits}-bit", {**base, "method": "gptqmodel", "bits": bits}
+        for order, kw in (("natural", {}), ("group-aware", {"group_aware": True}), ("act-order", {"desc_act": True})):
+            yield f"GPTQ {bits}-bit {order}", {**base, "method": "gptq", "bits": bits, **kw}
+            if peer and order in peer:
+                yield f"GPTQModel {bits}-bit {order}", {**base, "method": "gptqmodel", "bits": bits, **kw}
 
 
 def main() -> None:
@@ -110,8 +112,11 @@ def main() -> None:
     ap.add_argument("--group-size", type=int, default=64)
     ap.add_argument("--skip-smollm2", action="store_true")
     ap.add_argument("--skip-stories", action="store_true")
-    ap.add_argument("--peer", action="store_true", help="add GPTQModel rows on SmolLM2 (needs benchmarks/peers/setup.sh)")
+    ap.add_argument("--peer", nargs="?", const="group-aware", default="",
+                    help="add GPTQModel rows on SmolLM2 for these column orders (comma list of natural, group-aware, "
+                         "act-order; default group-aware, its own default); needs benchmarks/peers/setup.sh")
     ap.add_argument("--bits", default="4,3", help="comma list of bit widths")
+    ap.add_argument("--only", default="", help="run only the rows whose name matches this regular expression")
     a = ap.parse_args()
     if a.child:
         print(json.dumps(child(json.loads(a.child))))
@@ -128,7 +133,7 @@ def main() -> None:
             tables.append((f"SmolLM2-135M-Instruct, group {a.group_size}, sym, damp 0.01, calibration c4 sample "
                            f"{n} x {s}, eval WikiText-2 test ({a.eval_chars or 'all'} chars) in windows of 2048",
                            list(rows_for(smol, "c4", n, s, "wikitext2", a.eval_chars, 2048, a.group_size, data_dir,
-                                         bits, a.peer))))
+                                         bits, a.peer.split(",") if a.peer else ()))))
     if not a.skip_stories:
         tiny = str(ASSETS / "corpora" / "calibration" / "tiny.txt")
         tables.append(("stories260K, per-channel (group -1), calibration 64 x 256 from tiny.txt, eval tiny.txt "
@@ -137,12 +142,14 @@ def main() -> None:
                                      data_dir, bits))))
     for title, rows in tables:
         print(f"\n{title}")
-        print(f"{'':28s} {'ppl':>9s} {'quant s':>8s} {'peak RSS MiB':>13s}")
+        print(f"{'':32s} {'ppl':>9s} {'quant s':>8s} {'peak RSS MiB':>13s}")
         for name, spec in rows:
+            if a.only and not re.search(a.only, name):
+                continue
             r = run(spec)
             secs = f"{r['seconds']:8.1f}" if r["seconds"] else f"{'-':>8s}"
             rss = f"{r['peak_rss_mib']:13.0f}" if r["peak_rss_mib"] == r["peak_rss_mib"] else f"{'-':>13s}"
-            print(f"{name:28s} {r['ppl']:9.3f} {secs} {rss}", flush=True)
+            print(f"{name:32s} {r['ppl']:9.3f} {secs} {rss}", flush=True)
 
 
 if __name__ == "__main__":

@@ -50,7 +50,7 @@ def cmd_quantize(a) -> int:
 
     cfg = QuantConfig(bits=a.bits, group_size=a.group_size, desc_act=a.desc_act, sym=not a.asym,
                       damp_percent=a.damp, true_sequential=not a.no_true_sequential, static_groups=a.static_groups,
-                      checkpoint_format=a.format, mse=a.mse, quant_method=a.method)
+                      act_group_aware=not a.natural_order, checkpoint_format=a.format, mse=a.mse, quant_method=a.method)
     r = quantize(_model_arg(a.model), a.out, cfg, dataset=a.dataset, nsamples=a.nsamples, seqlen=a.seqlen,
                  seed=a.seed, data_dir=a.data_dir, device=a.device, batch_size=a.batch_size, resume=a.resume,
                  overwrite=a.overwrite, save_dtype=a.save_dtype, max_shard_size=a.max_shard_size,
@@ -132,6 +132,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--group-size", type=int, default=128, help="input columns per group; -1 for one group")
     q.add_argument("--desc-act", action="store_true", help="act-order: quantize columns by decreasing activation")
     q.add_argument("--static-groups", action="store_true", help="fix groups before act-order permutes columns")
+    q.add_argument("--natural-order", action="store_true",
+                   help="without --desc-act, walk columns in their stored order (the paper's GPTQ) instead of "
+                        "whole groups by activation importance (the default; same checkpoint layout)")
     q.add_argument("--asym", action="store_true", help="asymmetric zero points (default symmetric)")
     q.add_argument("--mse", action="store_true", help="search clipping ranges that minimise the error")
     q.add_argument("--no-true-sequential", action="store_true", help="solve all Linears of a block at once")

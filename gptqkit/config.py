@@ -27,6 +27,9 @@ class QuantConfig:
     damp_percent: float = 0.01  # fraction of mean(diag(H)) added to the diagonal
     true_sequential: bool = True
     static_groups: bool = False
+    # Walk whole groups by importance, columns inside a group by decreasing diag(H) (gptq.column_order). Applies
+    # only when desc_act and static_groups are off; g_idx stays k // group_size, so inference pays nothing.
+    act_group_aware: bool = True
     checkpoint_format: str = "gptq"  # "gptq" (v1: stores zero - 1) or "gptq_v2" (stores zero)
     mse: bool = False  # search a shrunk clipping range per group that minimises the quantization error
     lm_head: bool = False  # lm_head is never quantized by gptqkit; the key is written because loaders read it
@@ -54,6 +57,10 @@ class QuantConfig:
     def maxq(self) -> int:
         return 2**self.bits - 1
 
+    @property
+    def uses_group_aware_order(self) -> bool:
+        return self.act_group_aware and not self.desc_act and not self.static_groups and self.quant_method == "gptq"
+
     def group_for(self, in_features: int) -> int:
         """The effective group size for a layer with `in_features` inputs (-1 means all of them)."""
         return in_features if self.group_size == -1 else self.group_size
@@ -79,6 +86,7 @@ class QuantConfig:
             "model_name_or_path": None,
             "model_file_base_name": None,
             "meta": {"quantizer": [f"gptqkit:{__version__}"], "method": self.quant_method, "mse": self.mse,
+                     "act_group_aware": self.uses_group_aware_order,
                      **(meta or {})},
         }
         if self.dynamic:
@@ -119,5 +127,7 @@ class QuantConfig:
             kw["damp_percent"] = float(damp)
         kw["checkpoint_format"] = str(fmt).lower()
         kw["mse"] = bool(meta.get("mse", False)) if isinstance(meta.get("mse", False), bool) else False
+        # Absent from most files; it describes how the codes were chosen, never how to read them.
+        kw["act_group_aware"] = meta.get("act_group_aware") is True
         assert set(kw) <= known
         return cls(**kw)

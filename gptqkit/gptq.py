@@ -55,12 +55,54 @@ def _inverse_cholesky(H: torch.Tensor, damp_percent: float) -> tuple[torch.Tenso
     return None, pct
 
 
+def column_order(diag: torch.Tensor, K: int, g: int, cfg: QuantConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """The order the solver walks the K columns in, and the group each position's column belongs to.
+
+    Returns (perm [K], gid [K]): position p processes original column perm[p], whose scale/zero is group gid[p].
+    - natural order: perm = identity, groups are runs of g consecutive columns (g_idx = k // g).
+    - desc_act: columns by decreasing diag(H); a group is g consecutive positions of that order, so the stored
+      g_idx is not monotone and a loader must gather per column.
+    - static_groups: the groups of the natural order (fixed from the unmodified W), whatever the walk order.
+    - act_group_aware (when neither of the above; GPTQModel's default): the natural groups, walked whole, most important group first
+      (by its largest diag(H)), and inside a group by decreasing diag(H). The important columns are quantized
+      while most columns can still absorb their error, as with act-order, but g_idx stays k // g: the checkpoint
+      is an ordinary one with no per-column gather at inference.
+    """
+    dev = diag.device
+    natural = torch.arange(K, device=dev) // g
+    if cfg.desc_act:
+        # stable: equal diagonals (e.g. H = I) keep their natural order
+        perm = torch.argsort(diag, descending=True, stable=True)
+        return perm, (natural if not cfg.static_groups else perm // g)
+    if cfg.act_group_aware and not cfg.static_groups:
+        G = math.ceil(K / g)
+        padded = torch.full((G * g,), -1.0, device=dev, dtype=diag.dtype)  # a partial last group pads with -1 < 0
+        padded[:K] = diag
+        inside = torch.argsort(padded.view(G, g), dim=1, descending=True, stable=True)  # [G, g], pads sort last
+        top = padded.view(G, g).max(dim=1).values
+        groups = torch.argsort(top, descending=True, stable=True)
+        perm = (inside[groups] + groups[:, None] * g).reshape(-1)
+        perm = perm[perm < K]
+        return perm, perm // g
+    return torch.arange(K, device=dev), natural
+
+
+def _run_lengths(gids: list[int]) -> dict[int, int]:
+    """{start position: length} of each run of equal group ids, i.e. of each group in walk order."""
+    runs, start = {}, 0
+    for p in range(1, len(gids) + 1):
+        if p == len(gids) or gids[p] != gids[start]:
+            runs[start] = p - start
+            start = p
+    return runs
+
+
 def gptq(W: torch.Tensor, H: torch.Tensor, cfg: QuantConfig, block_size: int = BLOCK_SIZE) -> QuantResult:
     """Quantize W [N, K] given H [K, K]. Returns codes/scales/zeros/g_idx in the original column order.
 
-    desc_act: columns are processed by decreasing diag(H); without static_groups a group is formed from
-    consecutive columns of that order, so g_idx is not monotone. static_groups: groups are fixed on the original
-    order from the unmodified W before the pass. If H stays non-positive-definite up to damp 1.0 the layer falls
+    The walk order and the groups come from `column_order` (natural, desc_act, static_groups, act_group_aware).
+    A group's scale and zero are fixed when the walk reaches its first column, from the columns as updated so far
+    (static_groups: from the unmodified W before the pass). If H stays non-positive-definite up to damp 1.0 the layer falls
     back to round-to-nearest and `fallback` says why.
     """
     W = W.detach().float().clone()
@@ -82,8 +124,9 @@ def gptq(W: torch.Tensor, H: torch.Tensor, cfg: QuantConfig, block_size: int = B
     if cfg.static_groups and cfg.group_size != -1:
         static = [find_params(W[:, c0:c0 + g], cfg) for c0 in range(0, K, g)]
 
+    perm, gid = column_order(torch.diag(H), K, g, cfg)
     dev = W.device
-    perm = torch.argsort(torch.diag(H), descending=True) if cfg.desc_act else torch.arange(K, device=dev)
+    perm = perm.to(dev)
     W = W[:, perm]
     H = H[perm][:, perm]
 
@@ -101,7 +144,8 @@ def gptq(W: torch.Tensor, H: torch.Tensor, cfg: QuantConfig, block_size: int = B
     scales = torch.zeros(G, N, device=dev)
     zeros = torch.zeros(G, N, device=dev)
     loss = torch.zeros((), device=dev)
-    order = perm.tolist()  # one host copy instead of a device sync per column
+    gids = gid.tolist()  # one host copy instead of a device sync per column
+    runs = _run_lengths(gids)
     scale = zero = None
 
     for i1 in range(0, K, block_size):
@@ -112,14 +156,16 @@ def gptq(W: torch.Tensor, H: torch.Tensor, cfg: QuantConfig, block_size: int = B
         for i in range(i2 - i1):
             col = i1 + i
             if static is not None:
-                scale, zero = static[order[col] // g]
-            elif col % g == 0:
-                # The group's columns with every update so far: in-block ones live in W1, later ones in Wt.
-                span = W1[i:i + g]
-                if span.shape[0] < g and i2 < K:
-                    span = torch.cat([span, Wt[i2:i2 + g - span.shape[0]]])
+                scale, zero = static[gids[col]]
+            elif col == 0 or gids[col] != gids[col - 1]:
+                # A group starts here: its columns with every update so far (in-block ones live in W1, later
+                # ones in Wt) fix its scale and zero.
+                n = runs[col]
+                span = W1[i:i + n]
+                if span.shape[0] < n:
+                    span = torch.cat([span, Wt[i2:i2 + n - span.shape[0]]])
                 scale, zero = find_params(span.T, cfg)
-                scales[col // g], zeros[col // g] = scale, zero
+                scales[gids[col]], zeros[gids[col]] = scale, zero
             w = W1[i]
             c = quantize(w, scale, zero, cfg.maxq)
             codes[col] = c
@@ -132,10 +178,7 @@ def gptq(W: torch.Tensor, H: torch.Tensor, cfg: QuantConfig, block_size: int = B
 
     invperm = torch.argsort(perm)
     codes = codes[invperm].T.contiguous().to(torch.uint8)
-    if static is not None:
-        g_idx = (torch.arange(K, device=dev) // g).to(torch.int32)
-    else:
-        g_idx = (invperm // g).to(torch.int32)  # column k was processed at position invperm[k]
+    g_idx = gid.to(dev)[invperm].to(torch.int32)  # column k was processed at position invperm[k]
     if static is not None:
         scales = torch.stack([s for s, _ in static])
         zeros = torch.stack([z for _, z in static])

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from gptqkit.config import ConfigError, QuantConfig
-from gptqkit.gptq import accumulate, gptq
+from gptqkit.gptq import accumulate, column_order, gptq
 from gptqkit.qlinear import QuantLinear
 from gptqkit.quant import find_params, rtn
 
@@ -35,15 +35,18 @@ def test_identity_hessian_gives_rtn_exactly():
         assert torch.equal(r.scales, ref.scales) and torch.equal(r.zeros, ref.zeros)
 
 
+ORDERS = {"natural": dict(act_group_aware=False), "group-aware": dict(), "desc_act": dict(desc_act=True)}
+
+
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])
-@pytest.mark.parametrize("desc_act", [False, True])
-def test_gptq_beats_rtn_on_correlated_inputs(bits, desc_act):
+@pytest.mark.parametrize("order", list(ORDERS))
+def test_gptq_beats_rtn_on_correlated_inputs(bits, order):
     X, W = correlated(256), layer()
     H = torch.zeros(256, 256)
     accumulate(H, X)
     # At 2 bits on these strongly mixed, unevenly scaled inputs the error feedback needs more damping than 0.01
     # to stay ahead of RTN without act-order (GPTQ's known 2-bit fragility); 0.1 is a common 2-bit setting.
-    cfg = QuantConfig(bits=bits, group_size=64, desc_act=desc_act, damp_percent=0.1 if bits == 2 else 0.01)
+    cfg = QuantConfig(bits=bits, group_size=64, damp_percent=0.1 if bits == 2 else 0.01, **ORDERS[order])
     e_gptq = out_err(X, W, gptq(W, H, cfg).dequantize())
     e_rtn = out_err(X, W, rtn(W, cfg).dequantize())
     assert e_gptq < 0.8 * e_rtn
@@ -58,6 +61,38 @@ def test_act_order_g_idx():
     assert torch.equal(r.g_idx[order].long(), torch.arange(256) // 64)
     assert (r.g_idx[1:] < r.g_idx[:-1]).any()  # not monotone
     assert torch.equal(torch.bincount(r.g_idx.long()), torch.full((4,), 64))
+
+
+@pytest.mark.parametrize("K,g", [(256, 64), (576, 128), (96, -1)])
+def test_group_aware_order_walks_whole_groups_by_importance(K, g):
+    diag = torch.rand(K, generator=torch.Generator().manual_seed(K)) + 0.1
+    gs = K if g == -1 else g
+    perm, gid = column_order(diag, K, gs, QuantConfig(bits=4, group_size=g))
+    assert torch.equal(torch.sort(perm).values, torch.arange(K))
+    assert torch.equal(gid, perm // gs)  # every position's column keeps its natural group
+    starts = [0] + [p for p in range(1, K) if gid[p] != gid[p - 1]]
+    assert len(starts) == math.ceil(K / gs)  # each group is walked in one piece
+    firsts = diag[perm[starts]]
+    assert (firsts[:-1] >= firsts[1:]).all()  # groups by their largest diagonal, decreasing
+    assert all((diag[perm[p]] >= diag[perm[p + 1]]) for p in range(K - 1) if gid[p] == gid[p + 1])
+    # and the solver stores the natural g_idx, as a plain checkpoint has
+    W = layer(N=32, K=K)
+    H = torch.diag(diag) + 0.01
+    r = gptq(W, H, QuantConfig(bits=4, group_size=g))
+    assert torch.equal(r.g_idx.long(), torch.arange(K) // gs)
+    ql = QuantLinear.from_result(r, None, 4, g)
+    assert torch.equal(ql.dequantize().T, r.dequantize())
+
+
+def test_group_aware_order_is_off_with_act_order_or_static_groups():
+    diag = torch.rand(128)
+    for cfg in (QuantConfig(group_size=32, static_groups=True), QuantConfig(group_size=32, act_group_aware=False)):
+        perm, gid = column_order(diag, 128, 32, cfg)
+        assert torch.equal(perm, torch.arange(128)) and torch.equal(gid, torch.arange(128) // 32)
+    perm, gid = column_order(diag, 128, 32, QuantConfig(group_size=32, desc_act=True))
+    assert torch.equal(perm, torch.argsort(diag, descending=True)) and torch.equal(gid, torch.arange(128) // 32)
+    assert QuantConfig(desc_act=True).to_dict()["meta"]["act_group_aware"] is False
+    assert QuantConfig().to_dict()["meta"]["act_group_aware"] is True
 
 
 def test_static_groups_keep_monotone_g_idx_with_act_order():
