@@ -9,7 +9,8 @@ with "\\n\\n", no BOS added by this tokenizer) in non-overlapping windows of 204
 the first N characters (120,000 is the slice the GPTQModel reference numbers in issue 2 used; 0 means all of it).
 Its weights came from a Q4_1 GGUF, so the "fp32" model already sits on a 4-bit grid of block 32.
 stories260K: per-channel (group -1), calibration and evaluation on TinyStories-style text.
-Each quantization runs in its own subprocess so its peak RSS is its own.
+Each quantization runs in its own subprocess so its peak RSS is its own. gptqkit's GPTQ rows use its defaults
+(MSE clipping search on; --no-mse turns it off); RTN is plain round-to-nearest over the full range, as in the paper.
 """
 
 from __future__ import annotations
@@ -66,7 +67,8 @@ def child(spec: dict) -> dict:
     elif spec["method"] != "fp32":
         out = Path(spec["tmp"]) / "ckpt"
         cfg = QuantConfig(bits=spec["bits"], group_size=spec["group_size"], desc_act=spec["desc_act"],
-                          act_group_aware=spec["group_aware"], quant_method=spec["method"], damp_percent=0.01)
+                          act_group_aware=spec["group_aware"], quant_method=spec["method"], damp_percent=0.01,
+                          mse=spec.get("mse", False))
         del model
         t = time.perf_counter()
         quantize(spec["model"], out, cfg, dataset=spec["calib"], nsamples=spec["nsamples"], seqlen=spec["seqlen"],
@@ -91,13 +93,13 @@ def run(spec: dict) -> dict:
 
 
 def rows_for(model: str, calib: str, nsamples: int, seqlen: int, eval_set: str, eval_chars: int, eval_seqlen: int,
-             group_size: int, data_dir: str, bits_list=(4, 3), peer=()):
+             group_size: int, data_dir: str, bits_list=(4, 3), peer=(), mse: bool = False):
     base = dict(model=model, calib=calib, nsamples=nsamples, seqlen=seqlen, eval=eval_set, eval_chars=eval_chars,
                 eval_seqlen=eval_seqlen, group_size=group_size, data_dir=data_dir, bits=16, desc_act=False,
-                group_aware=False)
+                group_aware=False, mse=mse)
     yield "fp32", {**base, "method": "fp32"}
     for bits in bits_list:
-        yield f"RTN {bits}-bit", {**base, "method": "rtn", "bits": bits}
+        yield f"RTN {bits}-bit", {**base, "method": "rtn", "bits": bits, "mse": False}  # the paper's baseline
         for order, kw in (("natural", {}), ("group-aware", {"group_aware": True}), ("act-order", {"desc_act": True})):
             yield f"GPTQ {bits}-bit {order}", {**base, "method": "gptq", "bits": bits, **kw}
             if peer and order in peer:
@@ -116,6 +118,8 @@ def main() -> None:
                     help="add GPTQModel rows on SmolLM2 for these column orders (comma list of natural, group-aware, "
                          "act-order; default group-aware, its own default); needs benchmarks/peers/setup.sh")
     ap.add_argument("--bits", default="4,3", help="comma list of bit widths")
+    ap.add_argument("--mse", action=argparse.BooleanOptionalAction, default=True,
+                    help="gptqkit's GPTQ rows search clipping ranges (QuantConfig.mse, its default); RTN rows never do")
     ap.add_argument("--only", default="", help="run only the rows whose name matches this regular expression")
     a = ap.parse_args()
     if a.child:
@@ -133,7 +137,7 @@ def main() -> None:
             tables.append((f"SmolLM2-135M-Instruct, group {a.group_size}, sym, damp 0.01, calibration c4 sample "
                            f"{n} x {s}, eval WikiText-2 test ({a.eval_chars or 'all'} chars) in windows of 2048",
                            list(rows_for(smol, "c4", n, s, "wikitext2", a.eval_chars, 2048, a.group_size, data_dir,
-                                         bits, a.peer.split(",") if a.peer else ()))))
+                                         bits, a.peer.split(",") if a.peer else (), a.mse))))
     if not a.skip_stories:
         tiny = str(ASSETS / "corpora" / "calibration" / "tiny.txt")
         tables.append(("stories260K, per-channel (group -1), calibration 64 x 256 from tiny.txt, eval tiny.txt "

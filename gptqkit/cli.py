@@ -136,7 +136,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="without --desc-act, walk columns in their stored order (the paper's GPTQ) instead of "
                         "whole groups by activation importance (the default; same checkpoint layout)")
     q.add_argument("--asym", action="store_true", help="asymmetric zero points (default symmetric)")
-    q.add_argument("--mse", action="store_true", help="search clipping ranges that minimise the error")
+    q.add_argument("--mse", action=argparse.BooleanOptionalAction, default=True,
+                   help="search clipping ranges that minimise the error (default on; --no-mse: the full range)")
     q.add_argument("--no-true-sequential", action="store_true", help="solve all Linears of a block at once")
     q.add_argument("--damp", type=float, default=0.01, help="damp_percent (default 0.01)")
     q.add_argument("--method", choices=("gptq", "rtn"), default="gptq")

@@ -31,7 +31,9 @@ class QuantConfig:
     # only when desc_act and static_groups are off; g_idx stays k // group_size, so inference pays nothing.
     act_group_aware: bool = True
     checkpoint_format: str = "gptq"  # "gptq" (v1: stores zero - 1) or "gptq_v2" (stores zero)
-    mse: bool = False  # search a shrunk clipping range per group that minimises the quantization error
+    # Search a shrunk clipping range per group that minimises |w - q|^2.4 (GPTQ's `mse` option). On by default: on
+    # SmolLM2 (g64, 64 x 512 c4) it took WikiText-2 ppl from 27.5 to 26.1 at 4 bits and 63.9 to 43.5 at 3 bits.
+    mse: bool = True
     lm_head: bool = False  # lm_head is never quantized by gptqkit; the key is written because loaders read it
     quant_method: str = "gptq"
     # Per-module overrides as GPTQModel writes them: {"-:regex": {}} skips, {"+:regex": {"bits": 8}} overrides.
@@ -126,7 +128,7 @@ class QuantConfig:
         if damp is not None:
             kw["damp_percent"] = float(damp)
         kw["checkpoint_format"] = str(fmt).lower()
-        kw["mse"] = bool(meta.get("mse", False)) if isinstance(meta.get("mse", False), bool) else False
+        kw["mse"] = meta.get("mse") is True  # how the codes were chosen; files that do not say get False
         # Absent from most files; it describes how the codes were chosen, never how to read them.
         kw["act_group_aware"] = meta.get("act_group_aware") is True
         assert set(kw) <= known
