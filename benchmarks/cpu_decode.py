@@ -208,11 +208,11 @@ def weight_bytes_per_token(folder: Path, dense_bytes: int, kernel: str = "avx2")
     return total
 
 
-def measure(path: Path, quantized: bool, dtype: str, a, kernel: str = "auto") -> dict:
+def measure(path: Path, quantized: bool, dtype: str, a, kernel: str = "auto", dense_dtype: str | None = None) -> dict:
     spec = {"path": str(path), "quantized": quantized, "dtype": dtype, "device": "cpu", "threads": a.threads,
             "prompt_len": a.prompt_len, "new_tokens": a.new_tokens, "runs": a.runs, "prefill_runs": a.prefill_runs,
-            "warmup": 1, "kernel": kernel}
-    log(f"  measuring {path.name} ({dtype}, kernel {kernel}) ...")
+            "warmup": 1, "kernel": kernel, "dense_dtype": dense_dtype}
+    log(f"  measuring {path.name} ({dtype}, kernel {kernel}, embedding/lm_head {dense_dtype or dtype}) ...")
     r = B.run_measurement(spec)
     r["new_tokens"] = a.new_tokens
     r["size_bytes"] = B.size_on_disk(path)
@@ -275,8 +275,12 @@ def run_model(name: str, dense: Path, ckpts: dict[int, Path], bw: float, a) -> t
         cols["dense fp32"]["bytes_per_token"] = weight_bytes_per_token(dense, 4)
     for kernel in a.kernels.split(","):
         for g, ck in ckpts.items():
-            r = cols[f"{kernel} g{g}"] = measure(ck, True, "bfloat16", a, kernel)
-            r["bytes_per_token"] = weight_bytes_per_token(ck, 2, kernel)
+            for act in a.acts.split(","):
+                # bf16: everything in bf16; fp32: fp32 activations, embedding and lm_head stored in bf16
+                col = f"{kernel} g{g}" + (" fp32" if act == "fp32" else "")
+                r = cols[col] = measure(ck, True, {"bf16": "bfloat16", "fp32": "float32"}[act], a, kernel,
+                                        "bfloat16" if act == "fp32" else None)
+                r["bytes_per_token"] = weight_bytes_per_token(ck, 2, kernel)
     peer_ok = (PEERS / "gptqmodel" / ".ready").exists() and PEER_PY.exists()
     if peer_ok and not a.no_peer:
         for g, ck in ckpts.items():
@@ -352,6 +356,9 @@ def main() -> int:
                                          / "bench"))
     p.add_argument("--no-fp32", action="store_true", help="skip the dense fp32 column")
     p.add_argument("--kernels", default="avx2,cpu", help="gptqkit kernels to measure, one column per group each")
+    p.add_argument("--acts", default="bf16,fp32",
+                   help="gptqkit activation modes, a column each: bf16 (all bf16), fp32 (fp32 activations with the "
+                        "embedding and lm_head stored in bf16, gptqkit.dense)")
     p.add_argument("--no-peer", action="store_true", help="skip GPTQModel")
     p.add_argument("--sweep", action="store_true", help="only the per-layer kernel sweep")
     p.add_argument("--sweep-m", default="1,2,4,8,16,24,32,48,64,96,128,256")

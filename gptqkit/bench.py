@@ -68,7 +68,8 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
     dtype = getattr(torch, spec["dtype"]) if spec.get("dtype") else None
     t0 = time.perf_counter()
     if spec["quantized"]:
-        model = load(spec["path"], device=device, dtype=dtype, kernel=spec.get("kernel", "auto"))
+        model = load(spec["path"], device=device, dtype=dtype, kernel=spec.get("kernel", "auto"),
+                     dense_dtype=spec.get("dense_dtype"))
     else:
         model = AutoModelForCausalLM.from_pretrained(spec["path"], dtype=dtype or torch.float32,
                                                      low_cpu_mem_usage=True).to(device).eval()
@@ -111,7 +112,8 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
         dec = [decode(out, spec["new_tokens"]) for _ in range(spec["runs"])]
     r: dict[str, Any] = {
         "path": str(spec["path"]), "quantized": spec["quantized"], "device": str(device),
-        "dtype": str(next(model.parameters()).dtype).removeprefix("torch."), "threads": torch.get_num_threads(),
+        "dtype": spec.get("dtype") or str(next(model.parameters()).dtype).removeprefix("torch."),
+        "dense_dtype": spec.get("dense_dtype"), "threads": torch.get_num_threads(),
         "load_s": load_s, "prefill_s": pre, "decode_s": dec,
         "prefill_tokens_per_s": spec["prompt_len"] / statistics.median(pre),
         "decode_ms_per_token": 1e3 * statistics.median(dec) / spec["new_tokens"],
@@ -152,13 +154,16 @@ def run_measurement(spec: dict[str, Any], timeout: float | None = None) -> dict[
 def bench(ckpt: str | os.PathLike, baseline: str | os.PathLike | None = None, prompt_len: int = 128,
           new_tokens: int = 64, runs: int = 3, device: str = "cpu", threads: int | None = None,
           dtype: str | None = None, baseline_dtype: str | None = None, kernel: str = "auto", warmup: int = 1,
-          timeout: float | None = None, prefill_runs: int | None = None) -> dict[str, Any]:
+          timeout: float | None = None, prefill_runs: int | None = None,
+          dense_dtype: str | None = None) -> dict[str, Any]:
     """Measure a GPTQ checkpoint and, if given, its dense baseline, each in a fresh subprocess.
 
     dtype (of activations and unquantized tensors) defaults to bfloat16 on CPU and float16 on CUDA, for both
     models: what a CPU user would run the dense model in. Returns {"settings", "quantized", "baseline", "ratios"}
     with sizes in bytes and times in seconds; ratios are quantized / baseline (memory, size) and baseline /
-    quantized for time (a speed-up above 1 means the checkpoint is faster).
+    quantized for time (a speed-up above 1 means the checkpoint is faster). dense_dtype: storage of the
+    checkpoint's embedding and lm_head when it differs from dtype (see gptqkit.dense), e.g. dtype float32 with
+    dense_dtype bfloat16 on a CPU without native bf16.
 
     >>> r = bench("smollm2-gptq-4bit", baseline="SmolLM2-135M-Instruct", threads=2)  # doctest: +SKIP
     >>> r["ratios"]["decode_speedup"]  # doctest: +SKIP
@@ -175,7 +180,8 @@ def bench(ckpt: str | os.PathLike, baseline: str | os.PathLike | None = None, pr
     settings = {"prompt_len": prompt_len, "new_tokens": new_tokens, "runs": runs, "warmup": warmup,
                 "prefill_runs": prefill_runs or runs, "device": device, "threads": threads, "kernel": kernel}
     common = {**settings, "seed": 0}
-    q = run_measurement({**common, "path": str(ckpt), "quantized": True, "dtype": dtype}, timeout)
+    q = run_measurement({**common, "path": str(ckpt), "quantized": True, "dtype": dtype, "dense_dtype": dense_dtype},
+                        timeout)
     q["size_bytes"] = size_on_disk(ckpt)
     result: dict[str, Any] = {"settings": settings, "quantized": q, "baseline": None, "ratios": {}}
     if baseline is not None:
@@ -236,6 +242,8 @@ def add_bench_args(p) -> None:
     p.add_argument("--dtype", default=None, help="activations/unquantized tensors (default bfloat16 on CPU, "
                                                  "float16 on CUDA)")
     p.add_argument("--baseline-dtype", default=None, help="dtype of the baseline (default: --dtype)")
+    p.add_argument("--dense-dtype", default=None, help="storage dtype of the checkpoint's embedding and lm_head "
+                                                       "(e.g. --dtype float32 --dense-dtype bfloat16 on AVX2 CPUs)")
     p.add_argument("--kernel", default="auto")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
 
@@ -249,7 +257,7 @@ def run_bench(args) -> int:
     r = bench(args.ckpt, baseline=baseline, prompt_len=args.prompt_len, new_tokens=args.new_tokens,
               runs=args.runs, device=args.device, threads=args.threads, dtype=args.dtype,
               baseline_dtype=args.baseline_dtype, kernel=args.kernel, warmup=args.warmup,
-              prefill_runs=args.prefill_runs)
+              prefill_runs=args.prefill_runs, dense_dtype=args.dense_dtype)
     print(json.dumps(r, indent=2) if args.json else format_table(r))
     return 0
 

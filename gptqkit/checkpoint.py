@@ -355,12 +355,15 @@ def _quant_linear_for(name: str, module: nn.Module, sd: dict, cfg: QuantConfig, 
 
 
 def load(path: str | os.PathLike, device: str | torch.device = "cpu", dtype: torch.dtype | str | None = None,
-         kernel: str = "auto", trust_remote_code: bool = False, allow_pickle: bool = False) -> nn.Module:
+         kernel: str = "auto", trust_remote_code: bool = False, allow_pickle: bool = False,
+         dense_dtype: torch.dtype | str | None = None) -> nn.Module:
     """Load a GPTQ checkpoint (gptqkit's or another tool's) into a transformers model with QuantLinear layers.
 
     The skeleton is built without allocating weights; Linears that have `qweight` in the checkpoint become
     QuantLinear and take the checkpoint tensors as they are. dtype: of the unquantized tensors and activations
-    (default float32 on CPU, float16 on CUDA).
+    (default float32 on CPU, float16 on CUDA). dense_dtype: storage dtype of the input embedding and lm_head when
+    it should differ from dtype (gptqkit.dense): e.g. dtype float32 with dense_dtype bfloat16 on a CPU without
+    native bf16 computes in fp32 and keeps those two matrices at 2 bytes per weight.
 
     >>> model = load("smollm2-gptq-4bit")  # doctest: +SKIP
     >>> model(torch.tensor([[1, 2, 3]])).logits.shape  # doctest: +SKIP
@@ -436,6 +439,10 @@ def load(path: str | os.PathLike, device: str | torch.device = "cpu", dtype: tor
                               f"{' ...' if len(still_meta) > 5 else ''}; the checkpoint is incomplete")
     model.to(device)
     model.eval()
+    if dense_dtype is not None:
+        from .dense import store_dense
+
+        store_dense(model, getattr(torch, dense_dtype) if isinstance(dense_dtype, str) else dense_dtype)
     use_kernels(model, device, kernel)
     return model
 

@@ -1,0 +1,76 @@
+"""The large unquantized matrices (token embeddings, lm_head) stored in a 16-bit dtype while the model computes in
+another.
+
+A 4-bit model's biggest dense tensors are its embedding and lm_head ([vocab, hidden] each, 131 MB apiece in bf16
+for a 1.1B Llama). On a CPU without native bf16 (AVX2 only: bf16 arithmetic is emulated), computing in fp32 is
+faster (attention, norms and the quantized kernels' inputs need no casts), but fp32 storage of these two matrices
+would double their memory and the lm_head's bytes read per token. So they keep a 16-bit storage dtype and cast at
+their boundary: the embedding looks rows up in storage and returns them in the compute dtype; lm_head runs its
+GEMV in the storage dtype (bandwidth-bound: 2 bytes per weight) and returns the compute dtype.
+
+Only plain nn.Embedding / nn.Linear are swapped (a subclass such as Gemma's scaled embedding keeps its own forward
+and its dtype); a tied lm_head shares the embedding's stored Parameter.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+log = logging.getLogger(__name__)
+
+
+class StoredEmbedding(nn.Embedding):
+    """nn.Embedding whose weight is held in a storage dtype; outputs are cast to `compute_dtype`."""
+
+    compute_dtype: torch.dtype
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        out = F.embedding(ids, self.weight, self.padding_idx, self.max_norm, self.norm_type, self.scale_grad_by_freq,
+                          self.sparse)
+        return out.to(self.compute_dtype)
+
+
+class StoredLinear(nn.Linear):
+    """nn.Linear whose weight is held in a storage dtype: x is cast to it, the result back to x's dtype."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.weight
+        return F.linear(x.to(w.dtype), w, None if self.bias is None else self.bias.to(w.dtype)).to(x.dtype)
+
+
+def store_dense(model: nn.Module, storage: torch.dtype) -> int:
+    """Keep the input embedding and lm_head of a transformers model in `storage`, computing in the model's dtype.
+    Returns the bytes saved."""
+    emb, head = model.get_input_embeddings(), model.get_output_embeddings()
+    saved = 0
+    new_weight = None
+    if type(emb) is nn.Embedding and emb.weight.dtype != storage:
+        new = StoredEmbedding.__new__(StoredEmbedding)
+        nn.Module.__init__(new)
+        new.__dict__.update({k: v for k, v in emb.__dict__.items() if not k.startswith("_")})
+        new.compute_dtype = emb.weight.dtype
+        saved += emb.weight.numel() * (emb.weight.element_size() - torch.finfo(storage).bits // 8)
+        new_weight = nn.Parameter(emb.weight.detach().to(storage), requires_grad=False)
+        new.weight = new_weight
+        tied = head is not None and head.weight is emb.weight
+        model.set_input_embeddings(new)
+    else:
+        tied = False
+        if type(emb) is not nn.Embedding:
+            log.info("input embedding %s keeps its own dtype (not a plain nn.Embedding)", type(emb).__name__)
+    if type(head) is nn.Linear and head.weight.dtype != storage:
+        lin = StoredLinear.__new__(StoredLinear)
+        nn.Module.__init__(lin)
+        lin.in_features, lin.out_features = head.in_features, head.out_features
+        if tied:
+            lin.weight = new_weight
+        else:
+            saved += head.weight.numel() * (head.weight.element_size() - torch.finfo(storage).bits // 8)
+            lin.weight = nn.Parameter(head.weight.detach().to(storage), requires_grad=False)
+        lin.bias = None if head.bias is None else nn.Parameter(head.bias.detach(), requires_grad=False)
+        model.set_output_embeddings(lin)
+    return saved

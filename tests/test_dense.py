@@ -1,0 +1,43 @@
+"""Embedding and lm_head kept in a 16-bit storage dtype while the model computes in fp32 (gptqkit.dense)."""
+
+import torch
+
+from conftest import random_model, stories_checkpoint
+from gptqkit.checkpoint import load
+from gptqkit.dense import StoredEmbedding, StoredLinear, store_dense
+
+
+def test_stories_checkpoint_in_fp32_with_bf16_embedding_and_head(tmp_path_factory):
+    ckpt = stories_checkpoint(tmp_path_factory)
+    ref = load(ckpt, dtype=torch.float32, kernel="torch")
+    m = load(ckpt, dtype=torch.float32, kernel="torch", dense_dtype="bfloat16")
+    emb, head = m.get_input_embeddings(), m.get_output_embeddings()
+    assert isinstance(emb, StoredEmbedding) and isinstance(head, StoredLinear)
+    assert emb.weight.dtype == torch.bfloat16 and head.weight is emb.weight  # stories260K ties them: one copy
+    assert m.model.norm.weight.dtype == torch.float32
+    ids = torch.randint(0, 512, (2, 40), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        a, b = ref(ids).logits, m(ids).logits
+    assert b.dtype == torch.float32
+    # the only difference is bf16 rounding of the two matrices (and of lm_head's input)
+    assert (a - b).abs().max() < 0.05 * a.abs().max()
+    assert (a.argmax(-1) == b.argmax(-1)).float().mean() > 0.95
+
+
+def test_untied_head_gets_its_own_copy_and_subclasses_are_left_alone():
+    model = random_model("llama")
+    model.config.tie_word_embeddings = False
+    model.lm_head.weight = torch.nn.Parameter(model.lm_head.weight.detach().clone())
+    w_emb, w_head = model.model.embed_tokens.weight.detach().clone(), model.lm_head.weight.detach().clone()
+    saved = store_dense(model, torch.bfloat16)
+    assert saved == (w_emb.numel() + w_head.numel()) * 2
+    assert torch.equal(model.model.embed_tokens.weight, w_emb.bfloat16())
+    assert torch.equal(model.lm_head.weight, w_head.bfloat16())
+    ids = torch.tensor([[1, 5, 9]])
+    with torch.no_grad():
+        out = model(ids).logits
+    assert out.dtype == torch.float32 and torch.isfinite(out).all()
+    gemma = random_model("gemma")  # its scaled embedding is a subclass with its own forward: not swapped
+    kind = type(gemma.get_input_embeddings())
+    store_dense(gemma, torch.bfloat16)
+    assert type(gemma.get_input_embeddings()) is kind
