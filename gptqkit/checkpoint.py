@@ -420,9 +420,16 @@ def load(path: str | os.PathLike, device: str | torch.device = "cpu", dtype: tor
                 _quant_linear_for(name, module, sd, cfg, hint, infer_group))
 
     qbuf = {f"{n}.{b}" for n in qnames for b in ("qweight", "qzeros", "scales", "g_idx", "bias")}
+    if dense_dtype is not None:
+        from .dense import dense_names, store_dense
+
+        dense_dtype = getattr(torch, dense_dtype) if isinstance(dense_dtype, str) else dense_dtype
+        stored = dense_names(model)  # cast straight to their storage dtype: no transient copy in `dtype`
+    else:
+        stored = set()
     for k, t in sd.items():
         if t.is_floating_point() and k not in qbuf:
-            sd[k] = t.to(dtype)
+            sd[k] = t.to(dense_dtype if k in stored else dtype)
     for n in qnames:
         if f"{n}.g_idx" not in sd:  # very old checkpoints omit g_idx: groups are consecutive then
             ql = model.get_submodule(n)
@@ -440,9 +447,7 @@ def load(path: str | os.PathLike, device: str | torch.device = "cpu", dtype: tor
     model.to(device)
     model.eval()
     if dense_dtype is not None:
-        from .dense import store_dense
-
-        store_dense(model, getattr(torch, dense_dtype) if isinstance(dense_dtype, str) else dense_dtype)
+        store_dense(model, dense_dtype, compute=dtype)
     use_kernels(model, device, kernel)
     return model
 

@@ -42,17 +42,24 @@ class StoredLinear(nn.Linear):
         return F.linear(x.to(w.dtype), w, None if self.bias is None else self.bias.to(w.dtype)).to(x.dtype)
 
 
-def store_dense(model: nn.Module, storage: torch.dtype) -> int:
-    """Keep the input embedding and lm_head of a transformers model in `storage`, computing in the model's dtype.
-    Returns the bytes saved."""
+def dense_names(model: nn.Module) -> set[str]:
+    """Parameter names of the input embedding and lm_head weights that store_dense would keep in storage."""
+    wanted = {id(m) for m in (model.get_input_embeddings(), model.get_output_embeddings())
+              if type(m) in (nn.Embedding, nn.Linear)}
+    return {f"{n}.weight" for n, m in model.named_modules() if id(m) in wanted}
+
+
+def store_dense(model: nn.Module, storage: torch.dtype, compute: torch.dtype | None = None) -> int:
+    """Keep the input embedding and lm_head of a transformers model in `storage`, computing in `compute` (default:
+    the embedding's current dtype). Returns the bytes saved."""
     emb, head = model.get_input_embeddings(), model.get_output_embeddings()
     saved = 0
     new_weight = None
-    if type(emb) is nn.Embedding and emb.weight.dtype != storage:
+    if type(emb) is nn.Embedding:
         new = StoredEmbedding.__new__(StoredEmbedding)
         nn.Module.__init__(new)
         new.__dict__.update({k: v for k, v in emb.__dict__.items() if not k.startswith("_")})
-        new.compute_dtype = emb.weight.dtype
+        new.compute_dtype = compute or emb.weight.dtype
         saved += emb.weight.numel() * (emb.weight.element_size() - torch.finfo(storage).bits // 8)
         new_weight = nn.Parameter(emb.weight.detach().to(storage), requires_grad=False)
         new.weight = new_weight
@@ -62,7 +69,7 @@ def store_dense(model: nn.Module, storage: torch.dtype) -> int:
         tied = False
         if type(emb) is not nn.Embedding:
             log.info("input embedding %s keeps its own dtype (not a plain nn.Embedding)", type(emb).__name__)
-    if type(head) is nn.Linear and head.weight.dtype != storage:
+    if type(head) is nn.Linear:
         lin = StoredLinear.__new__(StoredLinear)
         nn.Module.__init__(lin)
         lin.in_features, lin.out_features = head.in_features, head.out_features
