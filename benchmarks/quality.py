@@ -143,7 +143,7 @@ def main() -> None:
         tables.append(("stories260K, per-channel (group -1), calibration 64 x 256 from tiny.txt, eval tiny.txt "
                        "(first 60,000 chars) in windows of 256",
                        list(rows_for(str(ASSETS / "models" / "stories260K"), tiny, 64, 256, tiny, 60_000, 256, -1,
-                                     data_dir, bits))))
+                                     data_dir, bits, mse=a.mse))))
     for title, rows in tables:
         print(f"\n{title}")
         print(f"{'':32s} {'ppl':>9s} {'quant s':>8s} {'peak RSS MiB':>13s}")
