@@ -58,7 +58,9 @@ def test_padding_never_enters_the_hessian():
     """Right-padded batches give the same quantized weights as the same texts one at a time."""
     samples = random_samples(3, 20, seed=3)
     samples[1] = {k: v[:, :11] for k, v in samples[1].items()}  # a shorter text
-    cfg = QuantConfig(bits=4, group_size=32)
+    # Without the clipping search: its argmin over 80 candidate ranges turns last-bit differences of the batched
+    # matmuls into different grids, which is rounding noise, not padding.
+    cfg = QuantConfig(bits=4, group_size=32, mse=False)
     m1, m2 = random_model("llama"), random_model("llama")
     quantize_model(m1, samples, cfg, batch_size=1, progress=False)
     quantize_model(m2, samples, cfg, batch_size=3, pad_id=7, progress=False)

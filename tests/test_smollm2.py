@@ -36,7 +36,8 @@ def test_gptq_beats_rtn_and_checkpoint_round_trips(smol, tmp_path):
     assert tokens.shape[1] >= 2 * 2048
     ppl = {"fp32": perplexity(model, tokens, seqlen=2048, progress=False)}
     for name, cfg in [("gptq3", QuantConfig(bits=3, group_size=64)),
-                      ("rtn3", QuantConfig(bits=3, group_size=64, quant_method="rtn")),
+                      # plain round-to-nearest over the full range, the paper's baseline (no clipping search)
+                      ("rtn3", QuantConfig(bits=3, group_size=64, quant_method="rtn", mse=False)),
                       ("gptq4", QuantConfig(bits=4, group_size=64))]:
         out = tmp_path / name
         quantize(path, out, cfg, dataset="c4", nsamples=16, seqlen=256, data_dir=CORPORA, progress=False)
