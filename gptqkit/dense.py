@@ -56,28 +56,23 @@ def store_dense(model: nn.Module, storage: torch.dtype, compute: torch.dtype | N
     saved = 0
     new_weight = None
     if type(emb) is nn.Embedding:
-        new = StoredEmbedding.__new__(StoredEmbedding)
-        nn.Module.__init__(new)
-        new.__dict__.update({k: v for k, v in emb.__dict__.items() if not k.startswith("_")})
-        new.compute_dtype = compute or emb.weight.dtype
         saved += emb.weight.numel() * (emb.weight.element_size() - torch.finfo(storage).bits // 8)
         new_weight = nn.Parameter(emb.weight.detach().to(storage), requires_grad=False)
-        new.weight = new_weight
+        new = StoredEmbedding(emb.num_embeddings, emb.embedding_dim, emb.padding_idx, emb.max_norm, emb.norm_type,
+                              emb.scale_grad_by_freq, emb.sparse, _weight=new_weight)
+        new.weight = new_weight  # _weight is wrapped in a fresh Parameter; a tied head must share this one
+        new.compute_dtype = compute or emb.weight.dtype
         tied = head is not None and head.weight is emb.weight
         model.set_input_embeddings(new)
     else:
         tied = False
-        if type(emb) is not nn.Embedding:
-            log.info("input embedding %s keeps its own dtype (not a plain nn.Embedding)", type(emb).__name__)
+        log.info("input embedding %s keeps its own dtype (not a plain nn.Embedding)", type(emb).__name__)
     if type(head) is nn.Linear:
-        lin = StoredLinear.__new__(StoredLinear)
-        nn.Module.__init__(lin)
-        lin.in_features, lin.out_features = head.in_features, head.out_features
-        if tied:
-            lin.weight = new_weight
-        else:
+        if not tied:
             saved += head.weight.numel() * (head.weight.element_size() - torch.finfo(storage).bits // 8)
-            lin.weight = nn.Parameter(head.weight.detach().to(storage), requires_grad=False)
-        lin.bias = None if head.bias is None else nn.Parameter(head.bias.detach(), requires_grad=False)
+        lin = StoredLinear(head.in_features, head.out_features, bias=head.bias is not None, device="meta")
+        lin.weight = new_weight if tied else nn.Parameter(head.weight.detach().to(storage), requires_grad=False)
+        if head.bias is not None:
+            lin.bias = nn.Parameter(head.bias.detach(), requires_grad=False)
         model.set_output_embeddings(lin)
     return saved
