@@ -196,7 +196,7 @@ def weight_bytes_per_token(folder: Path, dense_bytes: int, kernel: str = "avx2")
             K, N = shapes[base + ".g_idx"][0], shape[1]
             G = shapes[base + ".scales"][0]
             g = -(-K // G)
-            if kernel == "avx2":
+            if kernel.startswith("avx2"):  # avx2 and avx2-q8 read qweight in place
                 total += K * N // 2 + G * N * 3
             else:
                 src, gop, _ = _int4_layout(torch.arange(K) // g, K)
@@ -355,7 +355,7 @@ def main() -> int:
     p.add_argument("--work", default=str(Path(os.environ.get("GPTQKIT_CACHE", Path.home() / ".cache/gptqkit"))
                                          / "bench"))
     p.add_argument("--no-fp32", action="store_true", help="skip the dense fp32 column")
-    p.add_argument("--kernels", default="avx2,cpu", help="gptqkit kernels to measure, one column per group each")
+    p.add_argument("--kernels", default="avx2-q8,avx2,cpu", help="gptqkit kernels to measure, one column per group each")
     p.add_argument("--acts", default="bf16,fp32",
                    help="gptqkit activation modes, a column each: bf16 (all bf16), fp32 (fp32 activations with the "
                         "embedding and lm_head stored in bf16, gptqkit.dense)")

@@ -34,10 +34,10 @@ def test_both_models_measured(result, tmp_path_factory):
         assert r["dtype"] == "bfloat16"  # the CPU default, for both models
     assert q["quantized"] and not b["quantized"]
     # q/k/v/o in 5 blocks (the 172-wide MLP is not packable and stays dense), all on the first CPU kernel that runs
-    # here: avx2 when its C file builds, else cpu
+    # here: avx2-q8 when its C file builds, else cpu
     from gptqkit.kernels import cpu_avx2
 
-    assert q["kernels"] == {"cpu" if isinstance(cpu_avx2.library(), str) else "avx2": 20}
+    assert q["kernels"] == {"cpu" if isinstance(cpu_avx2.library(), str) else "avx2-q8": 20}
     assert q["size_bytes"] == size_on_disk(stories_checkpoint(tmp_path_factory)) < b["size_bytes"]
     ratios = result["ratios"]
     assert ratios["size"] == q["size_bytes"] / b["size_bytes"] < 1

@@ -172,3 +172,154 @@ int gptq_q4_matmul(const float *x, int M, int K, const int32_t *qw, int N, const
     free(xs);
     return failed ? -1 : 0;
 }
+
+/* ---------------------------------------------------------------------------------------------------------------
+   The same product with activations rounded to int8 (the `avx2-q8` kernel), as llama.cpp's Q4 x Q8 dot products:
+   integer multiply-adds need about a third of the instructions of the fp32 path above, which is what keeps a 2-core
+   AVX2 CPU below the DRAM speed on decode.
+
+   x is split into blocks of QB = 32 consecutive inputs (4 chunks of 8 rows, counted from k = 0); block b gets
+   d[b] = max|x| / 127 and x8[k] = round(x[k] / d[b]) in -127 .. 127. Runs are cut at block edges, so each piece
+   lies in one block and one group:
+
+       y[n] += scale[g, n] * (sum_b d[b] * sum_k x8[k] q[k, n]  -  zero[g, n] * sum_b d[b] * sum_k x8[k])
+
+   The inner sums are exact in integers. A qweight word holds bytes (q1 q0) (q3 q2) (q5 q4) (q7 q6); w & 0x0F0F0F0F
+   gives the bytes q0 q2 q4 q6 and (w >> 4) & 0x0F0F0F0F gives q1 q3 q5 q7, each an unsigned byte that
+   _mm256_maddubs_epi16 multiplies with the signed activation bytes in the same order and adds in pairs. A pair is
+   at most 2 * 15 * 127 = 3810, and 4 chunks * 2 halves of pairs sum to at most 30480, inside int16: a piece of up to
+   4 chunks is summed in int16, widened to int32 once, and scaled by d[b] in fp32. */
+
+#define QB_CHUNKS 4
+
+/* Piece of nc <= 4 chunks from c0 for one row: facc[n] += d * sum_k x8[k] q[k, n]. xl/xh: per chunk the
+   activation bytes of its even / odd rows as one int32. */
+static inline void piece_q8(const int32_t *qw, int N, int c0, int nc, const int32_t *xl, const int32_t *xh,
+                            float d, float *facc) {
+    const __m256i mask = _mm256_set1_epi32(0x0F0F0F0F), ones = _mm256_set1_epi16(1);
+    __m256i bl[QB_CHUNKS], bh[QB_CHUNKS];
+    for (int i = 0; i < nc; i++) {
+        bl[i] = _mm256_set1_epi32(xl[c0 + i]);
+        bh[i] = _mm256_set1_epi32(xh[c0 + i]);
+    }
+    const __m256 dv = _mm256_set1_ps(d);
+    for (int n = 0; n < N; n += 8) {
+        __m256i s = _mm256_setzero_si256();
+        for (int i = 0; i < nc; i++) {
+            const int32_t *row = qw + (size_t)(c0 + i) * N;
+            const __m256i w = _mm256_loadu_si256((const __m256i *)(row + n));
+            const __m256i lo = _mm256_and_si256(w, mask), hi = _mm256_and_si256(_mm256_srli_epi32(w, 4), mask);
+            s = _mm256_add_epi16(s, _mm256_maddubs_epi16(lo, bl[i]));
+            s = _mm256_add_epi16(s, _mm256_maddubs_epi16(hi, bh[i]));
+        }
+        const __m256 f = _mm256_cvtepi32_ps(_mm256_madd_epi16(s, ones));
+        _mm256_storeu_ps(facc + n, _mm256_fmadd_ps(dv, f, _mm256_loadu_ps(facc + n)));
+    }
+}
+
+/* Arguments as gptq_q4_matmul. Returns 0, or -1 when scratch memory cannot be had. */
+int gptq_q4_matmul_q8(const float *x, int M, int K, const int32_t *qw, int N, const uint16_t *scales,
+                      const uint8_t *zeros, const int32_t *runs, const int32_t *rgroup, int R, float *y,
+                      int threads) {
+    const int C = K / 8, B = (C + QB_CHUNKS - 1) / QB_CHUNKS;
+    if (threads < 1) threads = 1;
+    if (threads > C) threads = C > 0 ? C : 1;
+    const size_t MN = (size_t)M * N;
+    /* per row m: xl, xh [C] packed activation bytes; d [B] block scales; sb [C] sum of x8 over each chunk */
+    int32_t *xl = (int32_t *)malloc(sizeof(int32_t) * (size_t)M * 3 * C + sizeof(float) * ((size_t)M * B +
+                                    (size_t)(threads - 1) * MN));
+    if (!xl) return -1;
+    int32_t *xh = xl + (size_t)M * C, *sb = xh + (size_t)M * C;
+    float *d = (float *)(sb + (size_t)M * C), *part = d + (size_t)M * B;
+    for (int m = 0; m < M; m++) {
+        const float *xm = x + (size_t)m * K;
+        for (int b = 0; b < B; b++) {
+            const int k0 = b * 8 * QB_CHUNKS, k1 = k0 + 8 * QB_CHUNKS < K ? k0 + 8 * QB_CHUNKS : K;
+            float amax = 0.0f;
+            for (int k = k0; k < k1; k++) {
+                const float a = xm[k] < 0.0f ? -xm[k] : xm[k];
+                amax = a > amax ? a : amax;
+            }
+            const float db = amax / 127.0f, inv = amax > 0.0f ? 127.0f / amax : 0.0f;
+            d[(size_t)m * B + b] = db;
+            for (int c = k0 / 8; c < k1 / 8; c++) {
+                int8_t q[8];
+                int s = 0;
+                for (int j = 0; j < 8; j++) {
+                    const float v = xm[8 * c + j] * inv; /* |v| <= 127; rounded half away from zero */
+                    q[j] = (int8_t)(int)(v + (v < 0.0f ? -0.5f : 0.5f));
+                    s += q[j];
+                }
+                const uint32_t l = (uint8_t)q[0] | (uint32_t)(uint8_t)q[2] << 8 | (uint32_t)(uint8_t)q[4] << 16 |
+                                   (uint32_t)(uint8_t)q[6] << 24;
+                const uint32_t h = (uint8_t)q[1] | (uint32_t)(uint8_t)q[3] << 8 | (uint32_t)(uint8_t)q[5] << 16 |
+                                   (uint32_t)(uint8_t)q[7] << 24;
+                xl[(size_t)m * C + c] = (int32_t)l;
+                xh[(size_t)m * C + c] = (int32_t)h;
+                sb[(size_t)m * C + c] = s;
+            }
+        }
+    }
+    memset(y, 0, sizeof(float) * MN);
+    int failed = 0, used = 1;
+#pragma omp parallel num_threads(threads) reduction(| : failed)
+    {
+        int t = 0, T = 1;
+#ifdef _OPENMP
+        t = omp_get_thread_num();
+        T = omp_get_num_threads();
+#endif
+        if (t == 0) used = T;
+        const int c0 = (int)((long)C * t / T), c1 = (int)((long)C * (t + 1) / T);
+        float *yo = t == 0 ? y : part + (size_t)(t - 1) * MN;
+        float *facc = (float *)malloc(sizeof(float) * (MN + (size_t)M));
+        if (!facc) {
+            failed = 1;
+        } else {
+            float *sx = facc + MN;
+            if (t > 0) memset(yo, 0, sizeof(float) * MN);
+            int r = 0;
+            while (r < R && runs[r + 1] <= c0) r++;
+            for (; r < R && runs[r] < c1; r++) {
+                const int a0 = runs[r] > c0 ? runs[r] : c0, a1 = runs[r + 1] < c1 ? runs[r + 1] : c1;
+                const int g = rgroup[r];
+                memset(facc, 0, sizeof(float) * (MN + (size_t)M));
+                for (int p0 = a0; p0 < a1;) {
+                    const int edge = (p0 / QB_CHUNKS + 1) * QB_CHUNKS, p1 = edge < a1 ? edge : a1;
+                    const int b = p0 / QB_CHUNKS;
+                    for (int m = 0; m < M; m++) {
+                        const float db = d[(size_t)m * B + b];
+                        int s = 0;
+                        for (int c = p0; c < p1; c++) s += sb[(size_t)m * C + c];
+                        sx[m] += db * (float)s;
+                        /* the whole-block call gets a constant count, so the compiler unrolls it */
+                        if (p1 - p0 == QB_CHUNKS)
+                            piece_q8(qw, N, p0, QB_CHUNKS, xl + (size_t)m * C, xh + (size_t)m * C, db, facc + (size_t)m * N);
+                        else
+                            piece_q8(qw, N, p0, p1 - p0, xl + (size_t)m * C, xh + (size_t)m * C, db, facc + (size_t)m * N);
+                    }
+                    p0 = p1;
+                }
+                const uint16_t *sg = scales + (size_t)g * N;
+                const uint8_t *zg = zeros + (size_t)g * N;
+                for (int n = 0; n < N; n += 8) {
+                    const __m256 sc = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(sg + n)));
+                    const __m256 z = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(zg + n))));
+                    for (int m = 0; m < M; m++) {
+                        float *o = yo + (size_t)m * N + n;
+                        const __m256 a = _mm256_loadu_ps(facc + (size_t)m * N + n);
+                        const __m256 dd = _mm256_fnmadd_ps(z, _mm256_set1_ps(sx[m]), a);
+                        _mm256_storeu_ps(o, _mm256_fmadd_ps(sc, dd, _mm256_loadu_ps(o)));
+                    }
+                }
+            }
+            free(facc);
+        }
+    }
+    for (int t = 1; t < used; t++) {
+        const float *p = part + (size_t)(t - 1) * MN;
+        for (size_t i = 0; i < MN; i++) y[i] += p[i];
+    }
+    free(xl);
+    return failed ? -1 : 0;
+}

@@ -89,10 +89,10 @@ def library() -> ctypes.CDLL | str:
         os.replace(tmp, so)
         log.info("built %s", so)
     lib = ctypes.CDLL(str(so))
-    fn = lib.gptq_q4_matmul
-    fn.restype = ctypes.c_int
     P, I = ctypes.c_void_p, ctypes.c_int
-    fn.argtypes = [P, I, I, P, I, P, P, P, P, I, P, I]
+    for fn in (lib.gptq_q4_matmul, lib.gptq_q4_matmul_q8):
+        fn.restype = ctypes.c_int
+        fn.argtypes = [P, I, I, P, I, P, P, P, P, I, P, I]
     return lib
 
 
@@ -148,8 +148,9 @@ def prepare(layer) -> None:
     layer._avx2_plan = Plan(runs=len(rgroup), permuted=permuted, regular=regular)
 
 
-def matmul(layer, x: torch.Tensor) -> torch.Tensor:
-    """x [M, K] float32 contiguous -> [M, N] float32 through the C kernel (no bias)."""
+def matmul(layer, x: torch.Tensor, int8: bool = False) -> torch.Tensor:
+    """x [M, K] float32 contiguous -> [M, N] float32 through the C kernel (no bias); `int8` rounds x to int8 per
+    block of 32 inputs inside it (the avx2-q8 kernel)."""
     plan: Plan = layer._avx2_plan
     M, K = x.shape
     N = layer.out_features
@@ -157,21 +158,21 @@ def matmul(layer, x: torch.Tensor) -> torch.Tensor:
         x = x.index_select(1, layer.avx2_src)
     qw = layer.avx2_qweight if plan.permuted else layer.qweight
     y = torch.empty(M, N, dtype=torch.float32)
-    rc = library().gptq_q4_matmul(x.data_ptr(), M, K, qw.data_ptr(), N, layer.scales.data_ptr(),
-                                  layer.avx2_zeros.data_ptr(), layer.avx2_runs.data_ptr(),
-                                  layer.avx2_rgroup.data_ptr(), plan.runs, y.data_ptr(), torch.get_num_threads())
+    fn = library().gptq_q4_matmul_q8 if int8 else library().gptq_q4_matmul
+    rc = fn(x.data_ptr(), M, K, qw.data_ptr(), N, layer.scales.data_ptr(), layer.avx2_zeros.data_ptr(),
+            layer.avx2_runs.data_ptr(), layer.avx2_rgroup.data_ptr(), plan.runs, y.data_ptr(), torch.get_num_threads())
     if rc != 0:
         raise MemoryError(f"avx2 kernel: no scratch memory for a {M}x{K} @ {K}x{N} matmul")
     return y
 
 
-def forward(layer, x: torch.Tensor) -> torch.Tensor:
+def forward(layer, x: torch.Tensor, int8: bool = False) -> torch.Tensor:
     K, N = layer.in_features, layer.out_features
     lead = x.shape[:-1]
     x2 = x.reshape(-1, K)
     grad = torch.is_grad_enabled() and x.requires_grad
     if x2.shape[0] < M_MAX and not grad:
-        y = matmul(layer, x2.to(torch.float32).contiguous()).to(x.dtype)
+        y = matmul(layer, x2.to(torch.float32).contiguous(), int8).to(x.dtype)
     else:
         dt = cpu_int4.dense_dtype()
         y = cpu_int4.dense_matmul(layer, x2.to(dt), dt, layer._avx2_plan.regular).to(x.dtype)

@@ -1,0 +1,25 @@
+"""CPU kernel `avx2-q8`: the avx2 kernel's in-place 4-bit codes times activations rounded to int8.
+
+Decode reads the checkpoint's qweight like `avx2` does, but rounds each block of 32 activations to int8 with its own
+scale (max |x| / 127, as llama.cpp's Q8_0) and multiplies codes and activations as integers
+(`gptq_q4_matmul_q8` in cpu_avx2.c): about a third of the instructions per weight, so two AVX2 cores keep up with
+DRAM instead of falling behind it. The integer sums are exact; the one approximation is the rounding of x, a
+relative error of about 0.5% per product sum on Gaussian activations (about 1e-3 of the output's scale on a real
+model, see tests/test_kernels.py). Prefill (M >= cpu_avx2.M_MAX) and autograd take `avx2`'s dense path, with
+activations unrounded. Layouts, refusals and prepare() are `avx2`'s.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import cpu_avx2
+
+name = "avx2-q8"
+
+supports = cpu_avx2.supports
+prepare = cpu_avx2.prepare
+
+
+def forward(layer, x: torch.Tensor) -> torch.Tensor:
+    return cpu_avx2.forward(layer, x, int8=True)
