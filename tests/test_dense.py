@@ -41,3 +41,38 @@ def test_untied_head_gets_its_own_copy_and_subclasses_are_left_alone():
     kind = type(gemma.get_input_embeddings())
     store_dense(gemma, torch.bfloat16)
     assert type(gemma.get_input_embeddings()) is kind
+
+
+def test_decode_rows_of_a_bf16_head_use_the_fp32_gemv():
+    """Fewer than GEMV_ROWS fp32 rows against a bf16 head: the avx2 C GEMV (where it builds) sums in fp32, so it
+    matches float64 on the bf16 weights to fp32 rounding, for any K (2001: a 16-wide tail), with and without bias;
+    prefill rows and autograd take torch's bf16 path."""
+    import pytest
+
+    from gptqkit.dense import GEMV_ROWS
+    from gptqkit.kernels import cpu_avx2
+
+    if isinstance(cpu_avx2.library(), str):
+        pytest.skip(f"avx2 C library unavailable: {cpu_avx2.library()}")
+    gen = torch.Generator().manual_seed(0)
+    for K, N, bias in ((2048, 300, False), (2001, 77, True)):
+        lin = StoredLinear(K, N, bias=bias)
+        lin.weight = torch.nn.Parameter(torch.randn(N, K, generator=gen).bfloat16(), requires_grad=False)
+        if bias:
+            lin.bias = torch.nn.Parameter(torch.randn(N, generator=gen), requires_grad=False)
+        b = lin.bias.double() if bias else 0
+        for shape in ((1, 1, K), (3, K), (1, GEMV_ROWS - 1, K)):
+            x = torch.randn(*shape, generator=gen)
+            with torch.no_grad():
+                y = lin(x)
+            ref = x.double() @ lin.weight.double().T + b
+            assert y.dtype == torch.float32 and y.shape == ref.shape
+            assert ((y - ref).norm() / ref.norm()) < 1e-6, shape  # bf16 x and output would give ~2e-3
+        x = torch.randn(GEMV_ROWS, K, generator=gen)
+        with torch.no_grad():
+            y = lin(x)
+        ref = x.double() @ lin.weight.double().T + b
+        assert 1e-4 < ((y - ref).norm() / ref.norm()) < 1e-2  # torch's bf16 GEMM: x rounded to bf16
+    x = torch.randn(1, 2001, requires_grad=True)
+    lin(x).sum().backward()
+    assert x.grad is not None and x.grad.shape == x.shape

@@ -93,6 +93,8 @@ def library() -> ctypes.CDLL | str:
     for fn in (lib.gptq_q4_matmul, lib.gptq_q4_matmul_q8):
         fn.restype = ctypes.c_int
         fn.argtypes = [P, I, I, P, I, P, P, P, P, I, P, I]
+    lib.bf16_matmul.restype = ctypes.c_int
+    lib.bf16_matmul.argtypes = [P, I, I, P, I, P, I]
     return lib
 
 
@@ -101,6 +103,12 @@ class Plan:
     runs: int  # R: runs of 8-row chunks that share a group
     permuted: bool  # act-order: codes reordered by group in `avx2_qweight`, x gathered by `avx2_src`
     regular: bool  # g_idx[k] == k // group_size (the dense path broadcasts scales)
+    # The C call's fixed arguments (qweight or its reordered copy, scales, zeros, runs, groups): the tensors, held
+    # so their memory stays valid, and their addresses, read once here because decode makes ~150 such calls per
+    # token and each tensor access costs microseconds. Like every derived layout, they follow the buffers that
+    # prepare() saw; a caller that swaps in new buffers calls use_kernel() again.
+    tensors: tuple
+    ptrs: tuple
 
 
 def _runs(g_idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | str:
@@ -145,7 +153,10 @@ def prepare(layer) -> None:
     layer.register_buffer("avx2_zeros", zeros, persistent=False)
     layer.register_buffer("avx2_runs", runs, persistent=False)
     layer.register_buffer("avx2_rgroup", rgroup, persistent=False)
-    layer._avx2_plan = Plan(runs=len(rgroup), permuted=permuted, regular=regular)
+    qw = layer.avx2_qweight if permuted else layer.qweight
+    tensors = (qw, layer.scales, zeros, runs, rgroup)
+    layer._avx2_plan = Plan(runs=len(rgroup), permuted=permuted, regular=regular, tensors=tensors,
+                            ptrs=tuple(t.data_ptr() for t in tensors))
 
 
 def matmul(layer, x: torch.Tensor, int8: bool = False) -> torch.Tensor:
@@ -156,11 +167,10 @@ def matmul(layer, x: torch.Tensor, int8: bool = False) -> torch.Tensor:
     N = layer.out_features
     if plan.permuted:
         x = x.index_select(1, layer.avx2_src)
-    qw = layer.avx2_qweight if plan.permuted else layer.qweight
     y = torch.empty(M, N, dtype=torch.float32)
+    qw, sc, z, runs, rgroup = plan.ptrs
     fn = library().gptq_q4_matmul_q8 if int8 else library().gptq_q4_matmul
-    rc = fn(x.data_ptr(), M, K, qw.data_ptr(), N, layer.scales.data_ptr(), layer.avx2_zeros.data_ptr(),
-            layer.avx2_runs.data_ptr(), layer.avx2_rgroup.data_ptr(), plan.runs, y.data_ptr(), torch.get_num_threads())
+    rc = fn(x.data_ptr(), M, K, qw, N, sc, z, runs, rgroup, plan.runs, y.data_ptr(), torch.get_num_threads())
     if rc != 0:
         raise MemoryError(f"avx2 kernel: no scratch memory for a {M}x{K} @ {K}x{N} matmul")
     return y
@@ -172,10 +182,27 @@ def forward(layer, x: torch.Tensor, int8: bool = False) -> torch.Tensor:
     x2 = x.reshape(-1, K)
     grad = torch.is_grad_enabled() and x.requires_grad
     if x2.shape[0] < M_MAX and not grad:
-        y = matmul(layer, x2.to(torch.float32).contiguous(), int8).to(x.dtype)
+        if x.dtype == torch.float32:  # decode in fp32: no casts (each torch call costs microseconds per layer)
+            y = matmul(layer, x2 if x2.is_contiguous() else x2.contiguous(), int8)
+        else:
+            y = matmul(layer, x2.to(torch.float32).contiguous(), int8).to(x.dtype)
     else:
         dt = cpu_int4.dense_dtype()
         y = cpu_int4.dense_matmul(layer, x2.to(dt), dt, layer._avx2_plan.regular).to(x.dtype)
     if layer.bias is not None:
         y = y + layer.bias.to(x.dtype)
     return y.view(*lead, N)
+
+
+def bf16_matmul(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor | None:
+    """x [M, K] float32 @ w.T for a bf16 w [N, K] (a dense lm_head in bf16 storage) -> [M, N] float32, through the C
+    GEMV that widens bf16 in registers; None where the C library cannot be had (the caller falls back to torch)."""
+    lib = library()
+    if isinstance(lib, str):
+        return None
+    x, w = x.contiguous(), w.contiguous()
+    (M, K), N = x.shape, w.shape[0]
+    y = torch.empty(M, N, dtype=torch.float32)
+    if lib.bf16_matmul(x.data_ptr(), M, K, w.data_ptr(), N, y.data_ptr(), torch.get_num_threads()) != 0:
+        raise MemoryError(f"avx2 kernel: no scratch memory for a {M}x{K} @ {K}x{N} bf16 matmul")
+    return y
