@@ -275,7 +275,9 @@ def load_for_inference(path: str | os.PathLike, device: str = "cpu", kernel: str
                        dtype: torch.dtype | str | None = None):
     """(model, tokenizer) for a GPTQ checkpoint (QuantLinear kernels) or a floating-point model folder.
 
-    dtype None: the checkpoint loader's default (float32 on CPU) or float32 for a dense model.
+    dtype None: the checkpoint loader's default (float32 on CPU, where the embedding and lm_head are then kept in
+    bfloat16 storage on CPUs without bf16 instructions, as `bench` does: see bench.default_dtypes) or float32 for
+    a dense model.
     """
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -288,7 +290,12 @@ def load_for_inference(path: str | os.PathLike, device: str = "cpu", kernel: str
     dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
     tok = AutoTokenizer.from_pretrained(path)
     if is_checkpoint(path):
-        return load(path, device=device, dtype=dtype, kernel=kernel), tok
+        dense = None
+        if dtype is None and torch.device(device).type == "cpu":
+            from .bench import default_dtypes
+
+            dense = default_dtypes(device)[1]
+        return load(path, device=device, dtype=dtype, kernel=kernel, dense_dtype=dense), tok
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or torch.float32, low_cpu_mem_usage=True)
     return model.to(device).eval(), tok
 

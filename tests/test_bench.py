@@ -31,8 +31,11 @@ def test_both_models_measured(result, tmp_path_factory):
         assert r["prefill_tokens_per_s"] > 0 and r["decode_tokens_per_s"] > 0 and r["threads"] == 1
         assert abs(r["decode_ms_per_token"] * r["decode_tokens_per_s"] - 1000) < 1e-6
         assert r["peak_rss_bytes"] >= r["rss_loaded_bytes"] > 50 * 2**20  # torch + transformers alone exceed this
-        assert r["dtype"] == "bfloat16"  # the CPU default, for both models
     assert q["quantized"] and not b["quantized"]
+    # the defaults for this CPU: bf16 throughout with bf16 instructions, else fp32 compute with a bf16 head
+    dtype, dense, base = bench_mod.default_dtypes("cpu")
+    assert (q["dtype"], q["dense_dtype"], b["dtype"]) == (dtype, dense, base)
+    assert base == "bfloat16" and (dtype, dense) in (("bfloat16", None), ("float32", "bfloat16"))
     # q/k/v/o in 5 blocks (the 172-wide MLP is not packable and stays dense), all on the first CPU kernel that runs
     # here: avx2-q8 when its C file builds, else cpu
     from gptqkit.kernels import cpu_avx2
