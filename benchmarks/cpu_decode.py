@@ -355,7 +355,8 @@ def main() -> int:
     p.add_argument("--work", default=str(Path(os.environ.get("GPTQKIT_CACHE", Path.home() / ".cache/gptqkit"))
                                          / "bench"))
     p.add_argument("--no-fp32", action="store_true", help="skip the dense fp32 column")
-    p.add_argument("--kernels", default="avx2-q8,avx2,cpu", help="gptqkit kernels to measure, one column per group each")
+    p.add_argument("--kernels", default="avx2-q8,avx2,cpu",
+                   help="gptqkit kernels to measure, one column per group each")
     p.add_argument("--acts", default="bf16,fp32",
                    help="gptqkit activation modes, a column each: bf16 (all bf16), fp32 (fp32 activations with the "
                         "embedding and lm_head stored in bf16, gptqkit.dense)")

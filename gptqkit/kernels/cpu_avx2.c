@@ -1,5 +1,8 @@
 /* 4-bit GPTQ matmul for few rows (decode) on x86-64 with AVX2, FMA and F16C.
 
+   Entry points: gptq_q4_matmul (fp32 activations, the `avx2` kernel), gptq_q4_matmul_q8 (activations rounded to
+   int8, `avx2-q8`) and bf16_matmul (a dense bf16 GEMV for an lm_head kept in bf16, gptqkit.dense).
+
    Reads the checkpoint tensors as they are: no int4 copy of the weight is made, so a loaded model holds its
    4-bit codes once. Built by cpu_avx2.py with the C compiler at hand and called through ctypes; OpenMP resolves to
    the libgomp.so.1 that torch has already loaded, so this kernel and torch share one thread pool.
@@ -97,6 +100,21 @@ static inline void run_accumulate_1(const float *xs, const int32_t *qw, int N, i
     }
 }
 
+/* End of a run of group g: y[m, n] += scale[g, n] * (acc[m, n] - zero[g, n] * sx[m]), sx[m] the sum of x over the
+   run's rows (sg, zg: group g's rows of scales and zeros). */
+static inline void flush_run(float *y, const float *acc, const float *sx, const uint16_t *sg, const uint8_t *zg,
+                             int M, int N) {
+    for (int n = 0; n < N; n += 8) {
+        const __m256 sc = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(sg + n)));
+        const __m256 z = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(zg + n))));
+        for (int m = 0; m < M; m++) {
+            float *o = y + (size_t)m * N + n;
+            const __m256 d = _mm256_fnmadd_ps(z, _mm256_set1_ps(sx[m]), _mm256_loadu_ps(acc + (size_t)m * N + n));
+            _mm256_storeu_ps(o, _mm256_fmadd_ps(sc, d, _mm256_loadu_ps(o)));
+        }
+    }
+}
+
 /* x [M, K] fp32, y [M, N] fp32 (overwritten). Returns 0, or -1 when scratch memory cannot be had.
 
    Threads split the rows (K), not the columns: each thread streams one contiguous block of qweight rows, which the
@@ -149,18 +167,7 @@ int gptq_q4_matmul(const float *x, int M, int K, const int32_t *qw, int N, const
                     run_accumulate_1(xs, qw, N, a0, a1, acc);
                 else
                     run_accumulate(xs, M, K, qw, N, a0, a1, acc);
-                const uint16_t *sg = scales + (size_t)g * N;
-                const uint8_t *zg = zeros + (size_t)g * N;
-                for (int n = 0; n < N; n += 8) {
-                    const __m256 sc = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(sg + n)));
-                    const __m256 z = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(zg + n))));
-                    for (int m = 0; m < M; m++) {
-                        float *o = yo + (size_t)m * N + n;
-                        const __m256 a = _mm256_loadu_ps(acc + (size_t)m * N + n);
-                        const __m256 d = _mm256_fnmadd_ps(z, _mm256_set1_ps(sx[m]), a);
-                        _mm256_storeu_ps(o, _mm256_fmadd_ps(sc, d, _mm256_loadu_ps(o)));
-                    }
-                }
+                flush_run(yo, acc, sx, scales + (size_t)g * N, zeros + (size_t)g * N, M, N);
             }
             free(acc);
         }
@@ -292,26 +299,16 @@ int gptq_q4_matmul_q8(const float *x, int M, int K, const int32_t *qw, int N, co
                         int s = 0;
                         for (int c = p0; c < p1; c++) s += sb[(size_t)m * C + c];
                         sx[m] += db * (float)s;
+                        const int32_t *l = xl + (size_t)m * C, *h = xh + (size_t)m * C;
                         /* the whole-block call gets a constant count, so the compiler unrolls it */
                         if (p1 - p0 == QB_CHUNKS)
-                            piece_q8(qw, N, p0, QB_CHUNKS, xl + (size_t)m * C, xh + (size_t)m * C, db, facc + (size_t)m * N);
+                            piece_q8(qw, N, p0, QB_CHUNKS, l, h, db, facc + (size_t)m * N);
                         else
-                            piece_q8(qw, N, p0, p1 - p0, xl + (size_t)m * C, xh + (size_t)m * C, db, facc + (size_t)m * N);
+                            piece_q8(qw, N, p0, p1 - p0, l, h, db, facc + (size_t)m * N);
                     }
                     p0 = p1;
                 }
-                const uint16_t *sg = scales + (size_t)g * N;
-                const uint8_t *zg = zeros + (size_t)g * N;
-                for (int n = 0; n < N; n += 8) {
-                    const __m256 sc = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(sg + n)));
-                    const __m256 z = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(zg + n))));
-                    for (int m = 0; m < M; m++) {
-                        float *o = yo + (size_t)m * N + n;
-                        const __m256 a = _mm256_loadu_ps(facc + (size_t)m * N + n);
-                        const __m256 dd = _mm256_fnmadd_ps(z, _mm256_set1_ps(sx[m]), a);
-                        _mm256_storeu_ps(o, _mm256_fmadd_ps(sc, dd, _mm256_loadu_ps(o)));
-                    }
-                }
+                flush_run(yo, facc, sx, scales + (size_t)g * N, zeros + (size_t)g * N, M, N);
             }
             free(facc);
         }

@@ -6,6 +6,9 @@ one byte per group zero, unpacks nibbles in registers and accumulates over each 
 (the `cpu` kernel's int4 op needs its own [N, K/2] layout next to qweight). Activations are fp32 inside.
 Prefill (M >= M_MAX) uses the `cpu` kernel's dequantize + GEMM in cache-sized chunks.
 
+The same C file holds the `avx2-q8` kernel's int8-activation matmul (cpu_avx2_q8.py) and the bf16 GEMV that
+gptqkit.dense uses for a bf16 lm_head (bf16_matmul below).
+
 The C file is compiled once per machine with the C compiler at hand (`$CC`, else `cc`), with -mavx2 -mfma -mf16c
 -fopenmp, into `$GPTQKIT_CACHE/kernels` (default ~/.cache/gptqkit/kernels), named by a hash of the source and the
 flags; it is loaded with ctypes. Without a compiler or on another CPU, supports() says so and `cpu` runs instead.
