@@ -578,9 +578,7 @@ def quantize_model(model: nn.Module, samples: list[dict], cfg: QuantConfig, devi
         for n, r in results.items():
             _set_weight(modules[n], r.dequantize().to(device))
         logs.extend(block_logs)
-        if calibrated:
-            if replay is not None:
-                replay.solved.update(quant_names)
+        if calibrated:  # _quantize_block has marked every quantized Linear solved, group by group
             inputs = _block_inputs_next(block, inputs, replay)
         del block, replay
         for n, r in results.items():
