@@ -126,14 +126,22 @@ def calibration_samples(
     docs = _rows(base, "train", folder)
     windows = None
     if base == "c4":
-        windows = _doc_windows(tokenizer, docs, nsamples, seqlen, rng)
-        if windows is None:
+        drawn = _doc_windows(tokenizer, docs, nsamples, seqlen, rng)
+        if drawn is None:
             logger.warning("c4: no document is longer than seqlen=%d tokens; drawing windows from the documents "
                            "joined with '\\n\\n' instead", seqlen)
+        else:
+            windows, source = drawn
     if windows is None:
         sep = " " if name == "ptb-new" else "\n\n"
         stream = _encode(tokenizer, sep.join(docs))
-        windows = _stream_windows(stream, nsamples, seqlen, rng, name)
+        windows, source = _stream_windows(stream, nsamples, seqlen, rng, name), len(stream)
+    if nsamples * seqlen > source:
+        # A small local corpus (the bundled C4 sample has 118 documents, 9 of them over 2048 SmolLM2 tokens) cannot
+        # fill many long windows: they overlap and the Hessians see the same few texts many times over.
+        logger.warning("calibration: %d windows of %d tokens need %d tokens but %s offers only %d to draw them from, "
+                       "so they overlap (the same text counted many times); use fewer samples, a shorter seqlen or a "
+                       "larger corpus", nsamples, seqlen, nsamples * seqlen, name, source)
     logger.info("calibration: %d windows of %d tokens from %s (seed %d)", len(windows), seqlen, name, seed)
     return [_sample(w) for w in windows]
 
@@ -188,7 +196,8 @@ def _named_eval(tokenizer: Any, name: str, folder: Path | None, max_chars: int |
         return _encode(tokenizer, " ".join(docs[:C4_NEW_EVAL_DOCS])[:max_chars])[: C4_EVAL_WINDOWS * seqlen]
     docs = _clip_docs(docs, max_chars)
     rng = random.Random(0)  # the GPTQ repo reseeds with 0 for the C4 validation windows
-    windows = _doc_windows(tokenizer, docs, C4_EVAL_WINDOWS, seqlen, rng)
+    drawn = _doc_windows(tokenizer, docs, C4_EVAL_WINDOWS, seqlen, rng)
+    windows = drawn[0] if drawn is not None else None
     if windows is None:
         logger.warning("c4: no validation document is longer than seqlen=%d tokens; drawing windows from the "
                        "documents joined with '\\n\\n' instead", seqlen)
@@ -418,10 +427,11 @@ def _stream_windows(stream: list[int], n: int, seqlen: int, rng: random.Random, 
 
 
 def _doc_windows(tokenizer: Any, docs: Sequence[str], n: int, seqlen: int,
-                 rng: random.Random) -> list[torch.Tensor] | None:
+                 rng: random.Random) -> tuple[list[torch.Tensor], int] | None:
     """GPTQ's C4 sampler: draw random documents until one has more than seqlen tokens, take a random window of it.
 
-    None when no document is long enough. A document of b UTF-8 bytes has at most b + 3 tokens (every token covers
+    Returns the windows and the number of tokens in the documents they were drawn from, or None when no document is
+    long enough. A document of b UTF-8 bytes has at most b + 3 tokens (every token covers
     at least one byte; BOS, EOS and a sentencepiece dummy prefix are the extras), so shorter documents are rejected
     without tokenizing them, and a corpus is known to have no long document once every candidate proved too short.
     The draws consume the generator exactly as the reference loop does.
@@ -444,7 +454,7 @@ def _doc_windows(tokenizer: Any, docs: Sequence[str], n: int, seqlen: int,
         ids = long[i]
         j = rng.randint(0, len(ids) - seqlen - 1)
         windows.append(torch.tensor(ids[j : j + seqlen], dtype=torch.long))
-    return windows
+    return windows, sum(len(ids) for ids in long.values())
 
 
 def _text_samples(tokenizer: Any, texts: list[str], n: int, seqlen: int, seed: int) -> list[torch.Tensor]:

@@ -105,6 +105,28 @@ def test_c4_windows_are_slices_of_single_long_documents(tok):
         assert any(is_slice(w, d) for d in doc_ids if len(d) > seqlen)
 
 
+def test_more_window_tokens_than_the_corpus_offers_is_warned(tok, tmp_path, caplog):
+    """Windows that cannot all be distinct text (nsamples * seqlen above the tokens of the documents drawn from, or
+    of the whole stream) are allowed, as GPTQ's sampler allows them, but said; enough text draws no warning."""
+    (tmp_path / "c4").mkdir()
+    long_doc = " ".join(f"word{k}" for k in range(400))  # one document of some hundreds of tokens
+    (tmp_path / "c4/c4_sample.txt").write_text(long_doc + "\nshort one\n", encoding="utf-8")
+    n_tokens = len(ids_of(tok, long_doc))
+    with caplog.at_level("WARNING", logger="gptqkit.data"):
+        calibration_samples(tok, "c4", nsamples=n_tokens // 64 + 1, seqlen=64, data_dir=tmp_path)
+    assert f"offers only {n_tokens} to draw them from, so they overlap" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="gptqkit.data"):
+        calibration_samples(tok, "c4", nsamples=n_tokens // 64 - 1, seqlen=64, data_dir=tmp_path)
+        calibration_samples(tok, "wikitext2", nsamples=4, seqlen=64, data_dir=CORPORA)
+    assert "offers only" not in caplog.text
+    (tmp_path / "ptb").mkdir()
+    (tmp_path / "ptb/ptb.train.txt").write_text(long_doc + "\n", encoding="utf-8")
+    with caplog.at_level("WARNING", logger="gptqkit.data"):
+        calibration_samples(tok, "ptb", nsamples=n_tokens // 64 + 2, seqlen=64, data_dir=tmp_path)
+    assert "ptb offers only" in caplog.text
+
+
 def test_c4_falls_back_to_joined_documents_when_none_is_long_enough(tok, tmp_path, caplog):
     (tmp_path / "c4").mkdir()
     docs = [f"Document {k} says that the cat sat on the mat number {k}." for k in range(60)]
