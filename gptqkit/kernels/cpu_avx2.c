@@ -115,25 +115,34 @@ static inline void flush_run(float *y, const float *acc, const float *sx, const 
     }
 }
 
-/* x [M, K] fp32, y [M, N] fp32 (overwritten). Returns 0, or -1 when scratch memory cannot be had.
+/* Activations prepared once per call and read by every thread: the fp32 path uses x and xs; the int8 path
+   (q8 != 0) uses xl, xh, sb and d (see the int8 section below). */
+typedef struct {
+    int q8;
+    const float *x, *xs;         /* [M, K]: x, and x[m, k] * 16^-(k % 8) */
+    const int32_t *xl, *xh, *sb; /* [M, C]: activation bytes of each chunk's even / odd rows; sum of its x8 */
+    const float *d;              /* [M, B]: int8 block scales */
+    int B;
+} acts_t;
+
+static void run_q8(const acts_t *a, int M, int C, const int32_t *qw, int N, int a0, int a1, float *acc, float *sx);
+
+/* y [M, N] fp32 (overwritten) from the prepared activations. Returns 0, or -1 when scratch memory cannot be had.
 
    Threads split the rows (K), not the columns: each thread streams one contiguous block of qweight rows, which the
    hardware prefetcher follows at full DRAM speed (a split by columns gives each thread short row segments and a
    jump per row: measured about half the bandwidth on a 1.1B model). A run of one group cut by a thread boundary is
    fine: the flush y += scale * (acc - zero * sum x) is linear, so each thread flushes its part with the sum of x
    over its own rows, into its own partial y; the partials are added at the end. */
-int gptq_q4_matmul(const float *x, int M, int K, const int32_t *qw, int N, const uint16_t *scales,
-                   const uint8_t *zeros, const int32_t *runs, const int32_t *rgroup, int R, float *y,
-                   int threads) {
+static int q4_matmul(const acts_t *a, int M, int K, const int32_t *qw, int N, const uint16_t *scales,
+                     const uint8_t *zeros, const int32_t *runs, const int32_t *rgroup, int R, float *y, int threads) {
     const int C = K / 8;
     if (threads < 1) threads = 1;
     if (threads > C) threads = C > 0 ? C : 1;
-    /* xs [M, K]: x[m, k] * 16^-(k % 8);  part [threads - 1, M, N]: the other threads' partial outputs */
     const size_t MN = (size_t)M * N;
-    float *xs = (float *)malloc(sizeof(float) * ((size_t)M * K + (size_t)(threads - 1) * MN));
-    if (!xs) return -1;
-    float *part = xs + (size_t)M * K;
-    for (size_t i = 0; i < (size_t)M * K; i++) xs[i] = x[i] * INV16[(i % (size_t)K) & 7];
+    /* part [threads - 1, M, N]: the other threads' partial outputs */
+    float *part = threads > 1 ? (float *)malloc(sizeof(float) * (size_t)(threads - 1) * MN) : NULL;
+    if (threads > 1 && !part) return -1;
     memset(y, 0, sizeof(float) * MN);
     int failed = 0, used = 1; /* OpenMP may give fewer threads than asked: only those partials exist */
 #pragma omp parallel num_threads(threads) reduction(| : failed)
@@ -157,16 +166,20 @@ int gptq_q4_matmul(const float *x, int M, int K, const int32_t *qw, int N, const
             for (; r < R && runs[r] < c1; r++) {
                 const int a0 = runs[r] > c0 ? runs[r] : c0, a1 = runs[r + 1] < c1 ? runs[r + 1] : c1;
                 const int g = rgroup[r];
-                for (int m = 0; m < M; m++) {
-                    float s = 0.0f;
-                    for (int k = 8 * a0; k < 8 * a1; k++) s += x[(size_t)m * K + k];
-                    sx[m] = s;
+                memset(acc, 0, sizeof(float) * (MN + (size_t)M));
+                if (a->q8) {
+                    run_q8(a, M, C, qw, N, a0, a1, acc, sx);
+                } else {
+                    for (int m = 0; m < M; m++) {
+                        float s = 0.0f;
+                        for (int k = 8 * a0; k < 8 * a1; k++) s += a->x[(size_t)m * K + k];
+                        sx[m] = s;
+                    }
+                    if (M == 1)
+                        run_accumulate_1(a->xs, qw, N, a0, a1, acc);
+                    else
+                        run_accumulate(a->xs, M, K, qw, N, a0, a1, acc);
                 }
-                memset(acc, 0, sizeof(float) * MN);
-                if (M == 1)
-                    run_accumulate_1(xs, qw, N, a0, a1, acc);
-                else
-                    run_accumulate(xs, M, K, qw, N, a0, a1, acc);
                 flush_run(yo, acc, sx, scales + (size_t)g * N, zeros + (size_t)g * N, M, N);
             }
             free(acc);
@@ -176,8 +189,21 @@ int gptq_q4_matmul(const float *x, int M, int K, const int32_t *qw, int N, const
         const float *p = part + (size_t)(t - 1) * MN;
         for (size_t i = 0; i < MN; i++) y[i] += p[i];
     }
-    free(xs);
+    free(part);
     return failed ? -1 : 0;
+}
+
+/* x [M, K] fp32, y [M, N] fp32 (overwritten). Returns 0, or -1 when scratch memory cannot be had. */
+int gptq_q4_matmul(const float *x, int M, int K, const int32_t *qw, int N, const uint16_t *scales,
+                   const uint8_t *zeros, const int32_t *runs, const int32_t *rgroup, int R, float *y,
+                   int threads) {
+    float *xs = (float *)malloc(sizeof(float) * ((size_t)M * K + 1));
+    if (!xs) return -1;
+    for (size_t i = 0; i < (size_t)M * K; i++) xs[i] = x[i] * INV16[(i % (size_t)K) & 7];
+    const acts_t a = {0, x, xs, NULL, NULL, NULL, NULL, 0};
+    const int rc = q4_matmul(&a, M, K, qw, N, scales, zeros, runs, rgroup, R, y, threads);
+    free(xs);
+    return rc;
 }
 
 /* ---------------------------------------------------------------------------------------------------------------
@@ -224,20 +250,38 @@ static inline void piece_q8(const int32_t *qw, int N, int c0, int nc, const int3
     }
 }
 
+/* A run's chunks a0 .. a1-1 cut at block edges: acc [M, N] += the integer sums scaled by d[b]; sx[m] += the same
+   for the sum of x. */
+static void run_q8(const acts_t *a, int M, int C, const int32_t *qw, int N, int a0, int a1, float *acc, float *sx) {
+    for (int p0 = a0; p0 < a1;) {
+        const int edge = (p0 / QB_CHUNKS + 1) * QB_CHUNKS, p1 = edge < a1 ? edge : a1;
+        const int b = p0 / QB_CHUNKS;
+        for (int m = 0; m < M; m++) {
+            const float db = a->d[(size_t)m * a->B + b];
+            int s = 0;
+            for (int c = p0; c < p1; c++) s += a->sb[(size_t)m * C + c];
+            sx[m] += db * (float)s;
+            const int32_t *l = a->xl + (size_t)m * C, *h = a->xh + (size_t)m * C;
+            /* the whole-block call gets a constant count, so the compiler unrolls it */
+            if (p1 - p0 == QB_CHUNKS)
+                piece_q8(qw, N, p0, QB_CHUNKS, l, h, db, acc + (size_t)m * N);
+            else
+                piece_q8(qw, N, p0, p1 - p0, l, h, db, acc + (size_t)m * N);
+        }
+        p0 = p1;
+    }
+}
+
 /* Arguments as gptq_q4_matmul. Returns 0, or -1 when scratch memory cannot be had. */
 int gptq_q4_matmul_q8(const float *x, int M, int K, const int32_t *qw, int N, const uint16_t *scales,
                       const uint8_t *zeros, const int32_t *runs, const int32_t *rgroup, int R, float *y,
                       int threads) {
     const int C = K / 8, B = (C + QB_CHUNKS - 1) / QB_CHUNKS;
-    if (threads < 1) threads = 1;
-    if (threads > C) threads = C > 0 ? C : 1;
-    const size_t MN = (size_t)M * N;
-    /* per row m: xl, xh [C] packed activation bytes; d [B] block scales; sb [C] sum of x8 over each chunk */
-    int32_t *xl = (int32_t *)malloc(sizeof(int32_t) * (size_t)M * 3 * C + sizeof(float) * ((size_t)M * B +
-                                    (size_t)(threads - 1) * MN));
+    /* per row m: xl, xh [C] packed activation bytes; sb [C] sum of x8 over each chunk; d [B] block scales */
+    int32_t *xl = (int32_t *)malloc(sizeof(int32_t) * ((size_t)M * 3 * C + 1) + sizeof(float) * (size_t)M * B);
     if (!xl) return -1;
     int32_t *xh = xl + (size_t)M * C, *sb = xh + (size_t)M * C;
-    float *d = (float *)(sb + (size_t)M * C), *part = d + (size_t)M * B;
+    float *d = (float *)(sb + (size_t)M * C);
     for (int m = 0; m < M; m++) {
         const float *xm = x + (size_t)m * K;
         for (int b = 0; b < B; b++) {
@@ -267,58 +311,10 @@ int gptq_q4_matmul_q8(const float *x, int M, int K, const int32_t *qw, int N, co
             }
         }
     }
-    memset(y, 0, sizeof(float) * MN);
-    int failed = 0, used = 1;
-#pragma omp parallel num_threads(threads) reduction(| : failed)
-    {
-        int t = 0, T = 1;
-#ifdef _OPENMP
-        t = omp_get_thread_num();
-        T = omp_get_num_threads();
-#endif
-        if (t == 0) used = T;
-        const int c0 = (int)((long)C * t / T), c1 = (int)((long)C * (t + 1) / T);
-        float *yo = t == 0 ? y : part + (size_t)(t - 1) * MN;
-        float *facc = (float *)malloc(sizeof(float) * (MN + (size_t)M));
-        if (!facc) {
-            failed = 1;
-        } else {
-            float *sx = facc + MN;
-            if (t > 0) memset(yo, 0, sizeof(float) * MN);
-            int r = 0;
-            while (r < R && runs[r + 1] <= c0) r++;
-            for (; r < R && runs[r] < c1; r++) {
-                const int a0 = runs[r] > c0 ? runs[r] : c0, a1 = runs[r + 1] < c1 ? runs[r + 1] : c1;
-                const int g = rgroup[r];
-                memset(facc, 0, sizeof(float) * (MN + (size_t)M));
-                for (int p0 = a0; p0 < a1;) {
-                    const int edge = (p0 / QB_CHUNKS + 1) * QB_CHUNKS, p1 = edge < a1 ? edge : a1;
-                    const int b = p0 / QB_CHUNKS;
-                    for (int m = 0; m < M; m++) {
-                        const float db = d[(size_t)m * B + b];
-                        int s = 0;
-                        for (int c = p0; c < p1; c++) s += sb[(size_t)m * C + c];
-                        sx[m] += db * (float)s;
-                        const int32_t *l = xl + (size_t)m * C, *h = xh + (size_t)m * C;
-                        /* the whole-block call gets a constant count, so the compiler unrolls it */
-                        if (p1 - p0 == QB_CHUNKS)
-                            piece_q8(qw, N, p0, QB_CHUNKS, l, h, db, facc + (size_t)m * N);
-                        else
-                            piece_q8(qw, N, p0, p1 - p0, l, h, db, facc + (size_t)m * N);
-                    }
-                    p0 = p1;
-                }
-                flush_run(yo, facc, sx, scales + (size_t)g * N, zeros + (size_t)g * N, M, N);
-            }
-            free(facc);
-        }
-    }
-    for (int t = 1; t < used; t++) {
-        const float *p = part + (size_t)(t - 1) * MN;
-        for (size_t i = 0; i < MN; i++) y[i] += p[i];
-    }
+    const acts_t a = {1, NULL, NULL, xl, xh, sb, d, B};
+    const int rc = q4_matmul(&a, M, K, qw, N, scales, zeros, runs, rgroup, R, y, threads);
     free(xl);
-    return failed ? -1 : 0;
+    return rc;
 }
 
 /* ---------------------------------------------------------------------------------------------------------------
