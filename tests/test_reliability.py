@@ -284,11 +284,14 @@ def test_resume_with_other_settings_seed_or_data_is_refused(killed_run, tmp_path
 
 
 def test_resume_with_another_compute_dtype_is_refused(killed_run, tmp_path, capsys, monkeypatch):
-    # A run started on a GPU (bf16 compute) cannot be finished on a CPU without bf16 units (fp32), and back.
+    # A run started on a GPU or a CPU with bf16 units (bf16 compute) cannot be finished on a CPU without them
+    # (fp32), and back: the resumed run gets the other dtype than the one this machine gave the killed run.
     import gptqkit.pipeline as pipeline
 
     out, work = _resume_copy(killed_run, tmp_path)
-    monkeypatch.setattr(pipeline, "default_compute_dtype", lambda device, dtype: torch.bfloat16)
+    here = pipeline.default_compute_dtype(torch.device("cpu"), torch.float32)
+    other = torch.float32 if here == torch.bfloat16 else torch.bfloat16
+    monkeypatch.setattr(pipeline, "default_compute_dtype", lambda device, dtype: other)
     msg = cli_error(capsys, ["-q", "quantize", str(MODEL), str(out), *CLI_ARGS, "--resume"])
     assert msg.startswith(f"cannot resume from {work}: it was made with a different settings;"), msg
 

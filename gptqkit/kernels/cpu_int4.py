@@ -22,7 +22,7 @@ Layouts the op refuses are rewritten once in prepare():
   - 8 bits, or N not a multiple of 16: no int4 layout; every call dequantizes (slow for decode, logged once).
 
 Prefill (M >= PREFILL_M) dequantizes the persistent GPTQ tensors in K-chunks of CHUNK_K rows that stay in cache
-and accumulates a GEMM per chunk (fp32 here; bf16 where the CPU has AMX or AVX512-BF16), so no dense copy of the
+and accumulates a GEMM per chunk (`dense_dtype`: fp32 without native bf16; with AMX or AVX512-BF16, bf16 for half-precision activations), so no dense copy of the
 weight is kept. Autograd through x (LoRA on quantized layers) takes the same differentiable path.
 """
 
@@ -68,8 +68,16 @@ def native_bf16() -> bool:
     return any(bool(c()) for c in checks if c is not None)
 
 
-def dense_dtype() -> torch.dtype:
-    return torch.bfloat16 if native_bf16() else torch.float32
+def dense_dtype(x_dtype: torch.dtype) -> torch.dtype:
+    """Compute dtype of the dequantize + GEMM path for activations of x_dtype. Without native bf16: fp32 (emulated
+    bf16 GEMMs run ~30x slower). With it: bf16 for half-precision activations, and for fp32 ones only where
+    torch.set_float32_matmul_precision("high" or "medium") allows reduced precision, as it does for torch.matmul
+    on GPUs; by default fp32 activations keep fp32 products (gradients for LoRA, the reference-exact tests)."""
+    if not native_bf16():
+        return torch.float32
+    if x_dtype == torch.float32 and torch.get_float32_matmul_precision() == "highest":
+        return torch.float32
+    return torch.bfloat16
 
 
 def prefill_m() -> int:
@@ -250,7 +258,7 @@ def forward(layer, x: torch.Tensor) -> torch.Tensor:
         y = torch.ops.aten._weight_int4pack_mm_for_cpu(xb.contiguous(), layer.cpu_int4_packed, plan.group,
                                                        layer.cpu_int4_sz).to(x.dtype)
     else:
-        dt = dense_dtype()
+        dt = dense_dtype(x.dtype)
         y = dense_matmul(layer, x2.to(dt), dt, plan.regular).to(x.dtype)
     if layer.bias is not None:
         y = y + layer.bias.to(x.dtype)
