@@ -154,15 +154,14 @@ def run_measurement(spec: dict[str, Any], timeout: float | None = None) -> dict[
 def default_dtypes(device: str | torch.device) -> tuple[str, str | None, str]:
     """(dtype, dense_dtype, baseline dtype) bench uses when none is given.
 
-    Without bf16 instructions (AVX2 CPUs) bf16 arithmetic is emulated: the 4-bit kernels take fp32 activations
-    without a cast, and the embedding and lm_head keep 2 bytes per weight in bf16 storage (gptqkit.dense; their
-    decode GEMV widens bf16 in registers), which measured 1.4x faster decode than all-bf16 on the 1.1B shape."""
-    from .kernels.cpu_int4 import native_bf16
-
+    On CPU the checkpoint computes in fp32 with its embedding and lm_head in bf16 storage (gptqkit.dense; their
+    decode GEMV widens bf16 in registers), and the baseline runs in bf16, what a CPU user runs a dense model in.
+    fp32 activations are what the 4-bit kernels take without a cast, and torch's bf16 decode ops are slow on CPU
+    even with bf16 instructions: on the 1.1B shape fp32 decoded 1.4x faster than all-bf16 on an AVX2 EPYC and 1.8x
+    on an AVX512-BF16 one (where SDPA took 1.0 ms per call in bf16 against 0.14 ms in fp32). Prefill keeps bf16
+    speed there: the approximate kernels run their dequantize + GEMM in bf16 (kernels.cpu_int4.dense_dtype)."""
     if torch.device(device).type == "cuda":
         return "float16", None, "float16"
-    if native_bf16():
-        return "bfloat16", None, "bfloat16"
     return "float32", "bfloat16", "bfloat16"
 
 
@@ -174,13 +173,13 @@ def bench(ckpt: str | os.PathLike, baseline: str | os.PathLike | None = None, pr
     """Measure a GPTQ checkpoint and, if given, its dense baseline, each in a fresh subprocess.
 
     dtype (of activations and unquantized tensors) and dense_dtype default to what runs fastest here
-    (default_dtypes): float16 on CUDA; bfloat16 on a CPU with bf16 matrix instructions; on other CPUs the checkpoint
-    computes in float32 with its embedding and lm_head stored in bfloat16. The baseline defaults to dtype when that
+    (default_dtypes): float16 on CUDA; on CPU the checkpoint computes in float32 with its embedding and lm_head
+    stored in bfloat16. The baseline defaults to dtype when that
     is given, else bfloat16 on CPU: what a CPU user would run the dense model in. Returns {"settings", "quantized", "baseline", "ratios"}
     with sizes in bytes and times in seconds; ratios are quantized / baseline (memory, size) and baseline /
     quantized for time (a speed-up above 1 means the checkpoint is faster). dense_dtype: storage of the
     checkpoint's embedding and lm_head when it differs from dtype (see gptqkit.dense), e.g. dtype float32 with
-    dense_dtype bfloat16 on a CPU without native bf16.
+    dense_dtype bfloat16.
 
     >>> r = bench("smollm2-gptq-4bit", baseline="SmolLM2-135M-Instruct", threads=2)  # doctest: +SKIP
     >>> r["ratios"]["decode_speedup"]  # doctest: +SKIP
@@ -261,12 +260,11 @@ def add_bench_args(p) -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--dtype", default=None, help="activations/unquantized tensors (default: float16 on CUDA; "
-                                                 "bfloat16 on CPUs with bf16 instructions; float32 with a bfloat16 "
-                                                 "embedding and lm_head on other CPUs)")
+                                                 "float32 with a bfloat16 embedding and lm_head on CPU)")
     p.add_argument("--baseline-dtype", default=None, help="dtype of the baseline (default: --dtype, else bfloat16 "
                                                           "on CPU)")
     p.add_argument("--dense-dtype", default=None, help="storage dtype of the checkpoint's embedding and lm_head "
-                                                       "(e.g. --dtype float32 --dense-dtype bfloat16 on AVX2 CPUs)")
+                                                       "(e.g. --dtype float32 --dense-dtype bfloat16, the CPU default)")
     p.add_argument("--kernel", default="auto")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
 

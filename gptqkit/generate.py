@@ -276,8 +276,7 @@ def load_for_inference(path: str | os.PathLike, device: str = "cpu", kernel: str
     """(model, tokenizer) for a GPTQ checkpoint (QuantLinear kernels) or a floating-point model folder.
 
     dtype None: the checkpoint loader's default (float32 on CPU, where the embedding and lm_head are then kept in
-    bfloat16 storage on CPUs without bf16 instructions, as `bench` does: see bench.default_dtypes) or float32 for
-    a dense model.
+    bfloat16 storage, as `bench` does: see bench.default_dtypes) or float32 for a dense model.
     """
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer

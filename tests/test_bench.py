@@ -32,10 +32,9 @@ def test_both_models_measured(result, tmp_path_factory):
         assert abs(r["decode_ms_per_token"] * r["decode_tokens_per_s"] - 1000) < 1e-6
         assert r["peak_rss_bytes"] >= r["rss_loaded_bytes"] > 50 * 2**20  # torch + transformers alone exceed this
     assert q["quantized"] and not b["quantized"]
-    # the defaults for this CPU: bf16 throughout with bf16 instructions, else fp32 compute with a bf16 head
-    dtype, dense, base = bench_mod.default_dtypes("cpu")
-    assert (q["dtype"], q["dense_dtype"], b["dtype"]) == (dtype, dense, base)
-    assert base == "bfloat16" and (dtype, dense) in (("bfloat16", None), ("float32", "bfloat16"))
+    # the CPU defaults: fp32 compute with a bf16 embedding and head, against a bf16 baseline
+    assert (q["dtype"], q["dense_dtype"], b["dtype"]) == bench_mod.default_dtypes("cpu")
+    assert bench_mod.default_dtypes("cpu") == ("float32", "bfloat16", "bfloat16")
     # q/k/v/o in 5 blocks (the 172-wide MLP is not packable and stays dense), all on the first CPU kernel that runs
     # here: avx2-q8 when its C file builds, else cpu
     from gptqkit.kernels import cpu_avx2

@@ -80,6 +80,12 @@ def oracle(layer, x):
     return y
 
 
+def dense_tol(dtype, reduced=True):
+    """The dequantize + GEMM path matches float64 to fp32 rounding only where it computes in fp32: bf16 for the
+    approximate kernels (reduced) on CPUs with native bf16, see cpu_int4.dense_dtype."""
+    return FP32_TOL if cpu_int4.dense_dtype(dtype, reduced) == torch.float32 else INT4_TOL
+
+
 def rel_err(y, ref):
     return ((y.double() - ref).norm() / ref.norm()).item()
 
@@ -117,7 +123,7 @@ def test_random_layers_against_oracle(bits, group_size, act_order):
             for path in paths:
                 y = run_path(layer, x, path)
                 assert y.dtype == dtype and y.shape == (M, 96)
-                tol = FP32_TOL if (path == "dense" and dtype == torch.float32) else INT4_TOL
+                tol = dense_tol(dtype) if path == "dense" else INT4_TOL
                 assert rel_err(y, ref) < tol, (path, M, dtype)
             with torch.no_grad():  # the automatic choice
                 assert rel_err(layer(x), ref) < INT4_TOL
@@ -147,7 +153,24 @@ def test_shapes_the_op_refuses(K, N, group_size, act_order, expect_pad):
         x = torch.randn(M, K, generator=torch.Generator().manual_seed(M))
         ref = oracle(layer, x)
         assert rel_err(run_path(layer, x, "int4"), ref) < INT4_TOL
-        assert rel_err(run_path(layer, x, "dense"), ref) < FP32_TOL
+        assert rel_err(run_path(layer, x, "dense"), ref) < dense_tol(torch.float32)
+
+
+def test_dense_dtype_policy(monkeypatch):
+    """fp32 products for fp32 activations unless the kernel is approximate anyway or torch's precision knob says so;
+    bf16 only where the CPU has it natively."""
+    f32, b16 = torch.float32, torch.bfloat16
+    monkeypatch.setattr(cpu_int4, "native_bf16", lambda: False)
+    assert {cpu_int4.dense_dtype(d, r) for d in (f32, b16) for r in (False, True)} == {f32}
+    monkeypatch.setattr(cpu_int4, "native_bf16", lambda: True)
+    assert (cpu_int4.dense_dtype(f32), cpu_int4.dense_dtype(f32, reduced=True), cpu_int4.dense_dtype(b16)) == (
+        f32, b16, b16)
+    before = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("high")
+    try:
+        assert cpu_int4.dense_dtype(f32) == b16
+    finally:
+        torch.set_float32_matmul_precision(before)
 
 
 def test_fallback_shapes_run_and_log_once(caplog):
@@ -165,7 +188,7 @@ def test_fallback_shapes_run_and_log_once(caplog):
         with torch.no_grad():
             y = layer(x)
         assert y.shape == (2, 3, layer.out_features)
-        assert rel_err(y, oracle(layer, x)) < FP32_TOL
+        assert rel_err(y, oracle(layer, x)) < dense_tol(torch.float32)
 
 
 def test_state_dict_is_the_checkpoint():
@@ -242,7 +265,7 @@ def test_real_checkpoint_logits_cpu_vs_torch(stories_ckpt):
     for m in qlayers:  # each real layer against the oracle, both paths
         x = torch.randn(5, m.in_features)
         assert rel_err(run_path(m, x, "int4"), oracle(m, x)) < INT4_TOL
-        assert rel_err(run_path(m, x, "dense"), oracle(m, x)) < FP32_TOL
+        assert rel_err(run_path(m, x, "dense"), oracle(m, x)) < dense_tol(torch.float32)
 
 
 def test_real_checkpoint_in_bf16(stories_ckpt):
@@ -370,9 +393,9 @@ def test_avx2_q8_is_exact_on_rounded_activations(group_size, act_order, sym, fmt
         # fp32 rounding of sum x q and zero * sum x, which cancel: up to ~6e-5 relative over a 264-row group
         assert rel_err(y, oracle(layer, xr)) < 2e-4, M
         assert rel_err(y, oracle(layer, x)) < 3e-2, M  # ~0.6% without the outlier; its block adds up to ~1.5%
-    with torch.no_grad():  # prefill rows take the dense path with unrounded activations, as avx2 does
+    with torch.no_grad():  # prefill rows take the dense path with unrounded activations (bf16 GEMM where native)
         x = torch.randn(40, K, generator=gen)
-        assert rel_err(layer(x), oracle(layer, x)) < FP32_TOL
+        assert rel_err(layer(x), oracle(layer, x)) < dense_tol(torch.float32)
 
 
 @needs_avx2

@@ -190,7 +190,7 @@ def forward(layer, x: torch.Tensor, int8: bool = False) -> torch.Tensor:
         else:
             y = matmul(layer, x2.to(torch.float32).contiguous(), int8).to(x.dtype)
     else:
-        dt = cpu_int4.dense_dtype(x.dtype)
+        dt = cpu_int4.dense_dtype(x.dtype, reduced=int8 and not grad)
         y = cpu_int4.dense_matmul(layer, x2.to(dt), dt, layer._avx2_plan.regular).to(x.dtype)
     if layer.bias is not None:
         y = y + layer.bias.to(x.dtype)

@@ -68,14 +68,15 @@ def native_bf16() -> bool:
     return any(bool(c()) for c in checks if c is not None)
 
 
-def dense_dtype(x_dtype: torch.dtype) -> torch.dtype:
+def dense_dtype(x_dtype: torch.dtype, reduced: bool = False) -> torch.dtype:
     """Compute dtype of the dequantize + GEMM path for activations of x_dtype. Without native bf16: fp32 (emulated
-    bf16 GEMMs run ~30x slower). With it: bf16 for half-precision activations, and for fp32 ones only where
-    torch.set_float32_matmul_precision("high" or "medium") allows reduced precision, as it does for torch.matmul
-    on GPUs; by default fp32 activations keep fp32 products (gradients for LoRA, the reference-exact tests)."""
+    bf16 GEMMs run ~30x slower). With it: bf16 for half-precision activations; for fp32 ones bf16 only where the
+    caller already trades activation precision for speed (`reduced`: the `cpu` and `avx2-q8` kernels outside
+    autograd, whose decode rounds x to bf16 / int8 anyway; 2.4x the fp32 GEMM rate on an AVX512-BF16 EPYC) or where
+    torch.set_float32_matmul_precision("high" or "medium") allows it; otherwise fp32 products, as torch.matmul."""
     if not native_bf16():
         return torch.float32
-    if x_dtype == torch.float32 and torch.get_float32_matmul_precision() == "highest":
+    if x_dtype == torch.float32 and not reduced and torch.get_float32_matmul_precision() == "highest":
         return torch.float32
     return torch.bfloat16
 
@@ -258,7 +259,7 @@ def forward(layer, x: torch.Tensor) -> torch.Tensor:
         y = torch.ops.aten._weight_int4pack_mm_for_cpu(xb.contiguous(), layer.cpu_int4_packed, plan.group,
                                                        layer.cpu_int4_sz).to(x.dtype)
     else:
-        dt = dense_dtype(x.dtype)
+        dt = dense_dtype(x.dtype, reduced=not grad)
         y = dense_matmul(layer, x2.to(dt), dt, plan.regular).to(x.dtype)
     if layer.bias is not None:
         y = y + layer.bias.to(x.dtype)
