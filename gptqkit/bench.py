@@ -60,6 +60,7 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
         raise BenchError(f"{spec['path']} is not a model folder")
     from transformers import AutoModelForCausalLM
 
+    from .cache import GrowingCache
     from .checkpoint import load
 
     if spec.get("threads"):
@@ -84,7 +85,7 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
     def prefill(x: torch.Tensor):
         _sync(device)
         t = time.perf_counter()
-        out = model(x, use_cache=True, logits_to_keep=1)
+        out = model(x, past_key_values=GrowingCache(model.config), use_cache=True, logits_to_keep=1)
         _sync(device)
         return time.perf_counter() - t, out
 

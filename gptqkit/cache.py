@@ -1,0 +1,69 @@
+"""A key/value cache for decoding that appends in place instead of concatenating.
+
+transformers' DynamicCache grows each layer's keys and values with torch.cat, which copies the whole cache for
+every new token: on the 1.1B shape at 512 tokens that is 44 concatenations per token of ~0.5 MB each (~41 us
+apiece, about a tenth of a 4-bit decode step on 2 cores), and the copy grows with the context. GrowingCache keeps
+each layer's keys and values in a buffer [batch, kv_heads, capacity, head_dim] whose capacity doubles when full;
+an update writes only the new tokens, and `keys` / `values` are views of the first `length` positions, which SDPA
+reads through their strides.
+
+It is a DynamicCache (same layers, same crop / reorder / mask behaviour); only full-attention layers change. Any
+operation that replaces a layer's `keys` by a new tensor (beam reordering, batch selection) is noticed on the next
+update, which then starts a new buffer from it.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers.cache_utils import DynamicCache, DynamicLayer
+
+HEADROOM = 256  # positions: a new buffer holds its tokens plus this many; a full one doubles
+
+
+def _append(view: torch.Tensor, buf: torch.Tensor | None, new: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(view of buf holding view's tokens then new's, buf) along dim -2; buf is reused when view lies in it."""
+    T = view.shape[-2] if view.dim() == new.dim() else 0  # before the first update view is an empty 1-D tensor
+    n = new.shape[-2]
+    inside = (buf is not None and T > 0 and view.data_ptr() == buf.data_ptr() and view.stride() == buf.stride()
+              and view.shape[:-2] == new.shape[:-2] and view.dtype == new.dtype)
+    if not inside or T + n > buf.shape[-2]:
+        cap = max(T + n + HEADROOM, 2 * buf.shape[-2] if inside else 0)
+        grown = new.new_empty(*new.shape[:-2], cap, new.shape[-1])
+        if T:
+            grown[..., :T, :].copy_(view)
+        buf = grown
+    buf[..., T:T + n, :].copy_(new)
+    return buf[..., :T + n, :], buf
+
+
+class GrowingLayer(DynamicLayer):
+    """DynamicLayer that appends into a doubling buffer (see the module docstring)."""
+
+    _kbuf: torch.Tensor | None = None
+    _vbuf: torch.Tensor | None = None
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        self.keys, self._kbuf = _append(self.keys, self._kbuf, key_states)
+        self.values, self._vbuf = _append(self.values, self._vbuf, value_states)
+        return self.keys, self.values
+
+    def reset(self) -> None:
+        self._kbuf = self._vbuf = None
+        super().reset()
+
+
+class GrowingCache(DynamicCache):
+    """DynamicCache whose full-attention layers are GrowingLayers. Pass `config` (the model's) so sliding-window
+    layers keep their own type, as DynamicCache does:
+
+    >>> out = model(ids, past_key_values=GrowingCache(model.config), use_cache=True)  # doctest: +SKIP
+    """
+
+    def __init__(self, config=None):
+        super().__init__(config=config)
+        if self.layers:
+            self.layers = [GrowingLayer() if type(layer) is DynamicLayer else layer for layer in self.layers]
+        else:
+            self.layer_class_to_replicate = GrowingLayer

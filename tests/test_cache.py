@@ -1,0 +1,93 @@
+"""GrowingCache: the same tokens as DynamicCache, appended in place, and safe when a layer's tensors are replaced."""
+
+from pathlib import Path
+
+import pytest
+import torch
+from transformers.cache_utils import DynamicCache, DynamicLayer
+
+from gptqkit import cache as C
+from gptqkit.cache import GrowingCache, GrowingLayer
+
+STORIES = Path(__file__).resolve().parents[2] / "shared" / "assets" / "models" / "stories260K"
+
+
+def kv(T, seed, heads=2, dim=4):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(1, heads, T, dim, generator=g), torch.randn(1, heads, T, dim, generator=g)
+
+
+def test_appends_in_place_and_doubles(monkeypatch):
+    monkeypatch.setattr(C, "HEADROOM", 4)
+    layer, ref = GrowingLayer(), DynamicLayer()
+    ptrs, caps = set(), []
+    for step, T in enumerate([3, 1, 1, 1, 1, 1, 5, 1, 1]):
+        k, v = kv(T, step)
+        a, b = layer.update(k, v), ref.update(k, v)
+        assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+        assert a[0].data_ptr() == layer._kbuf.data_ptr()  # a view of the buffer, no copy
+        ptrs.add(layer._kbuf.data_ptr())
+        caps.append(layer._kbuf.shape[-2])
+    # tokens 3, 4, .., 8, 13, 14, 15: the first buffer holds 3 + 4 headroom; the 8th and 15th double it
+    assert caps == [7, 7, 7, 7, 7, 14, 14, 14, 28]
+    assert len(ptrs) == 3
+
+
+def test_crop_then_update_overwrites_the_dropped_tokens():
+    layer, ref = GrowingLayer(), DynamicLayer()
+    for s, T in enumerate([6, 1, 1]):
+        k, v = kv(T, s)
+        layer.update(k, v)
+        ref.update(k, v)
+    layer.crop(-3)
+    ref.crop(-3)
+    buf = layer._kbuf.data_ptr()
+    k, v = kv(2, 9)
+    a, b = layer.update(k, v), ref.update(k, v)
+    assert layer._kbuf.data_ptr() == buf and a[0].shape[-2] == 7
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+
+
+def test_replaced_tensors_start_a_new_buffer():
+    """Beam search reorders a layer with index_select: keys become a new tensor, which the next update must use."""
+    layer, ref = GrowingLayer(), DynamicLayer()
+    k, v = kv(4, 1)
+    k, v = k.expand(2, -1, -1, -1).clone(), v.expand(2, -1, -1, -1).clone()
+    k[1] += 1
+    for lay in (layer, ref):
+        lay.update(k, v)
+        lay.reorder_cache(torch.tensor([1, 1]))
+    old = layer._kbuf.data_ptr()
+    k2, v2 = kv(1, 2)
+    k2, v2 = k2.expand(2, -1, -1, -1).clone(), v2.expand(2, -1, -1, -1).clone()
+    a, b = layer.update(k2, v2), ref.update(k2, v2)
+    assert layer._kbuf.data_ptr() != old
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+
+
+def test_config_keeps_sliding_window_layers():
+    from transformers import MistralConfig
+
+    cfg = MistralConfig(num_hidden_layers=3, hidden_size=32, intermediate_size=64, num_attention_heads=4,
+                        num_key_value_heads=2, vocab_size=64, sliding_window=8,
+                        layer_types=["sliding_attention", "full_attention", "sliding_attention"])
+    ref, ours = DynamicCache(config=cfg), GrowingCache(cfg)
+    assert [type(a).__name__ for a in ref.layers] != [type(b).__name__ for b in ours.layers]
+    for a, b in zip(ref.layers, ours.layers):
+        assert type(b) is (GrowingLayer if type(a) is DynamicLayer else type(a))
+    assert isinstance(GrowingCache(), DynamicCache)
+
+
+@pytest.mark.skipif(not STORIES.exists(), reason="shared assets not found")
+def test_generate_gives_the_same_tokens_as_dynamic_cache():
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(STORIES).eval()
+    ids = torch.tensor([[1, 403, 407, 261, 378, 13]])
+    cache = GrowingCache(model.config)
+    with torch.inference_mode():
+        a = model.generate(ids, max_new_tokens=300, do_sample=False)  # crosses a doubling at 6 + 256 tokens
+        b = model.generate(ids, max_new_tokens=300, do_sample=False, past_key_values=cache)
+    assert torch.equal(a, b)
+    assert all(type(layer) is GrowingLayer for layer in cache.layers)
+    assert cache.layers[0]._kbuf.shape[-2] == 2 * (6 + C.HEADROOM) >= cache.get_seq_length() == 305
