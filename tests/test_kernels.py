@@ -437,3 +437,23 @@ def test_avx2_q8_decodes_a_real_model(stories_ckpt):
     assert (a.argmax(-1) == b.argmax(-1)).double().mean() > 0.95
     ppl = {k: torch.nn.functional.cross_entropy(v[:-1], ids[0, 1:]).exp().item() for k, v in nll.items()}
     assert abs(ppl["fast"] / ppl["ref"] - 1) < 0.01, ppl
+
+
+@needs_avx2
+@pytest.mark.skipif(not cpu_avx2.has_vnni(), reason="this CPU has no AVX512-VNNI")
+@pytest.mark.parametrize("group_size,act_order,K,N", [(128, False, 576, 80), (32, True, 264, 48), (-1, False, 512, 64),
+                                                      (64, False, 1024, 1040)])
+def test_avx2_q8_vnni_build_is_bit_identical(group_size, act_order, K, N):
+    """Both builds sum the same integers exactly and then take the same fp32 steps: equal bit for bit, including
+    column counts that leave an 8-wide tail after the 16-wide VNNI loop (80, 48, 1040)."""
+    vnni = cpu_avx2.library(vnni=True)
+    assert not isinstance(vnni, str), vnni
+    layer = random_layer(K, N, 4, group_size, act_order, sym=False, fmt="gptq", bias=False, seed=K + N)
+    layer.use_kernel(cpu_avx2_q8)
+    assert cpu_avx2.q8_library() is vnni
+    gen = torch.Generator().manual_seed(K)
+    for M in (1, 2, 31):
+        x = torch.randn(M, K, generator=gen)
+        a = cpu_avx2.matmul(layer, x, int8=True, lib=vnni)
+        b = cpu_avx2.matmul(layer, x, int8=True, lib=cpu_avx2.library())
+        assert torch.equal(a, b), M

@@ -41,6 +41,10 @@ name = "avx2"
 
 SOURCE = Path(__file__).with_name("cpu_avx2.c")
 FLAGS = ("-O3", "-shared", "-fPIC", "-fopenmp", "-mavx2", "-mfma", "-mf16c", "-std=c99")
+# The second build, for CPUs with AVX512-VNNI (Ice Lake and later, Zen 4 and later): the int8 matmul's inner
+# product becomes vpdpbusd over 16 columns (see piece_q8 in the C file); everything else is the same code.
+VNNI_FLAGS = FLAGS + ("-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni")
+VNNI_CPU_FLAGS = {"avx512f", "avx512bw", "avx512vl", "avx512_vnni"}
 # Rows from which the call goes to dequantize + GEMM instead. `benchmarks/cpu_decode.py --sweep` on the 2-core
 # AVX2 EPYC: the dense path first won at M = 24 (2048x2048), 32 (5632x2048), 64 (2048x5632) and never below 64
 # on SmolLM2's 576/1536 layers.
@@ -64,9 +68,14 @@ def _cpu_flags() -> set[str]:
     return {"avx2", "fma", "f16c"} if cap in ("AVX2", "AVX512") else set()
 
 
+def has_vnni() -> bool:
+    return VNNI_CPU_FLAGS <= _cpu_flags()
+
+
 @functools.lru_cache(maxsize=None)
-def library() -> ctypes.CDLL | str:
-    """The compiled kernel, or a sentence saying why it cannot be had (built once per machine, then cached)."""
+def library(vnni: bool = False) -> ctypes.CDLL | str:
+    """The compiled kernel, or a sentence saying why it cannot be had (built once per machine, then cached).
+    vnni: the AVX512-VNNI build (callers check has_vnni() first)."""
     import platform
 
     if platform.machine().lower() not in ("x86_64", "amd64"):
@@ -74,17 +83,18 @@ def library() -> ctypes.CDLL | str:
     missing = {"avx2", "fma", "f16c"} - _cpu_flags()
     if missing:
         return f"this CPU lacks {', '.join(sorted(missing))}"
+    flags = VNNI_FLAGS if vnni else FLAGS
     cc = os.environ.get("CC", "cc")
     src = SOURCE.read_bytes()
-    tag = hashlib.sha256(src + " ".join((cc,) + FLAGS).encode() + torch.__version__.encode()).hexdigest()[:16]
-    so = cache_dir() / f"cpu_avx2-{tag}.so"
+    tag = hashlib.sha256(src + " ".join((cc,) + flags).encode() + torch.__version__.encode()).hexdigest()[:16]
+    so = cache_dir() / f"cpu_avx2{'-vnni' if vnni else ''}-{tag}.so"
     if not so.exists():
         if shutil.which(cc) is None:
             return f"no C compiler ({cc}) to build it; install gcc or set CC"
         so.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=so.parent, suffix=".so")  # several processes may build at once
         os.close(fd)
-        p = subprocess.run([cc, *FLAGS, str(SOURCE), "-o", tmp], capture_output=True, text=True)
+        p = subprocess.run([cc, *flags, str(SOURCE), "-o", tmp], capture_output=True, text=True)
         if p.returncode != 0:
             os.unlink(tmp)
             first = (p.stderr.strip().splitlines() or ["no output"])[0]
@@ -162,9 +172,21 @@ def prepare(layer) -> None:
                             ptrs=tuple(t.data_ptr() for t in tensors))
 
 
-def matmul(layer, x: torch.Tensor, int8: bool = False) -> torch.Tensor:
+@functools.lru_cache(maxsize=None)
+def q8_library() -> ctypes.CDLL:
+    """The library whose int8 matmul runs here: the AVX512-VNNI build where the CPU has it and it compiles."""
+    if has_vnni():
+        lib = library(vnni=True)
+        if not isinstance(lib, str):
+            log.info("avx2-q8 kernel: AVX512-VNNI build (vpdpbusd inner products)")
+            return lib
+        log.info("avx2-q8 kernel: the AVX512-VNNI build failed (%s); AVX2 instructions instead", lib)
+    return library()
+
+
+def matmul(layer, x: torch.Tensor, int8: bool = False, lib: ctypes.CDLL | None = None) -> torch.Tensor:
     """x [M, K] float32 contiguous -> [M, N] float32 through the C kernel (no bias); `int8` rounds x to int8 per
-    block of 32 inputs inside it (the avx2-q8 kernel)."""
+    block of 32 inputs inside it (the avx2-q8 kernel). lib: a library() build to use instead of the default."""
     plan: Plan = layer._avx2_plan
     M, K = x.shape
     N = layer.out_features
@@ -172,7 +194,9 @@ def matmul(layer, x: torch.Tensor, int8: bool = False) -> torch.Tensor:
         x = x.index_select(1, layer.avx2_src)
     y = torch.empty(M, N, dtype=torch.float32)
     qw, sc, z, runs, rgroup = plan.ptrs
-    fn = library().gptq_q4_matmul_q8 if int8 else library().gptq_q4_matmul
+    if lib is None:
+        lib = q8_library() if int8 else library()
+    fn = lib.gptq_q4_matmul_q8 if int8 else lib.gptq_q4_matmul
     rc = fn(x.data_ptr(), M, K, qw, N, sc, z, runs, rgroup, plan.runs, y.data_ptr(), torch.get_num_threads())
     if rc != 0:
         raise MemoryError(f"avx2 kernel: no scratch memory for a {M}x{K} @ {K}x{N} matmul")
