@@ -310,6 +310,38 @@ def test_avx2_against_oracle(group_size, act_order, sym, fmt):
 
 
 @needs_avx2
+@pytest.mark.parametrize("group_size,act_order,sym,fmt", AVX2_CASES)
+def test_avx2_dequantize_is_the_reference(group_size, act_order, sym, fmt):
+    """The prefill path's C dequantization gives the reference kernel's fp32 values bit for bit (same formula, one
+    rounding), in the kernel's row order, and bf16 as torch rounds them; any 8-row chunk range gives its rows."""
+    i = AVX2_CASES.index((group_size, act_order, sym, fmt))
+    K, N = (576, 80) if group_size in (64, 128) else (256, 48)
+    layer = random_layer(K, N, 4, group_size, act_order, sym, fmt, seed=50 + i)
+    layer.use_kernel(cpu_avx2)
+    ref = reference.dequantize(layer)
+    if layer._avx2_plan.permuted:
+        ref = ref[layer.avx2_src]
+    assert torch.equal(cpu_avx2.dequantize(layer, 0, K // 8, torch.float32), ref)
+    assert torch.equal(cpu_avx2.dequantize(layer, 0, K // 8, torch.bfloat16), ref.to(torch.bfloat16))
+    assert torch.equal(cpu_avx2.dequantize(layer, 3, 17, torch.float32), ref[24:136])
+    with pytest.raises(ValueError, match="float32 or bfloat16"):
+        cpu_avx2.dequantize(layer, 0, 1, torch.float16)
+
+
+@needs_avx2
+def test_avx2_prefill_in_row_blocks(monkeypatch):
+    """A layer larger than DENSE_BYTES is multiplied in several row blocks, with the same result as one block."""
+    layer = random_layer(512, 64, 4, 64, act_order=True, seed=12)
+    layer.use_kernel(cpu_avx2)
+    x = torch.randn(40, 512)
+    with torch.no_grad():
+        whole = cpu_avx2.dense_matmul(layer, x)
+        monkeypatch.setattr(cpu_avx2, "DENSE_BYTES", 8 * 64 * 4 * 5)  # 5 chunks of 8 rows per block: 13 blocks
+        blocks = cpu_avx2.dense_matmul(layer, x)
+    assert rel_err(blocks, whole.double()) < 1e-6 and rel_err(whole, oracle(layer, x)) < FP32_TOL
+
+
+@needs_avx2
 def test_avx2_exact_integer_sums():
     """Integer activations and scale 1: every partial sum is an integer below 2^24, so the C kernel is exact."""
     layer = random_layer(1024, 64, 4, 128, sym=False, seed=11)

@@ -1,7 +1,8 @@
 /* 4-bit GPTQ matmul for few rows (decode) on x86-64 with AVX2, FMA and F16C.
 
    Entry points: gptq_q4_matmul (fp32 activations, the `avx2` kernel), gptq_q4_matmul_q8 (activations rounded to
-   int8, `avx2-q8`) and bf16_matmul (a dense bf16 GEMV for an lm_head kept in bf16, gptqkit.dense).
+   int8, `avx2-q8`), gptq_q4_dequant (W for the prefill GEMM of both) and bf16_matmul (a dense bf16 GEMV for an
+   lm_head kept in bf16, gptqkit.dense).
 
    Reads the checkpoint tensors as they are: no int4 copy of the weight is made, so a loaded model holds its
    4-bit codes once. Built by cpu_avx2.py with the C compiler at hand and called through ctypes; OpenMP resolves to
@@ -353,6 +354,65 @@ int gptq_q4_matmul_q8(const float *x, int M, int K, const int32_t *qw, int N, co
     const int rc = q4_matmul(&a, M, K, qw, N, scales, zeros, runs, rgroup, R, y, threads);
     free(xl);
     return rc;
+}
+
+/* ---------------------------------------------------------------------------------------------------------------
+   Dequantization for prefill: many rows make the product compute-bound, so the dense GEMM (oneDNN, bf16 where the
+   CPU has it) wins, and what is left to do fast is W itself. This writes rows of W with one pass over qw, in place
+   of the eight torch ops per chunk the `cpu` kernel's generic path needs.
+
+   out [8 * (c1 - c0), N] row-major, W for the 8-row chunks c0 .. c1-1 of qw (in qw's row order: the caller gathers
+   x the same way for act-order), W[k, n] = scale[g, n] * (q[k, n] - zero[g, n]) in fp32, which is the reference
+   kernel's formula and rounding. bf16 != 0 stores it rounded to bf16 (nearest even), else as fp32. Threads take
+   contiguous blocks of chunks. */
+
+static inline void store_row(void *out, size_t at, __m256 v, int bf16) {
+    if (!bf16) {
+        _mm256_storeu_ps((float *)out + at, v);
+        return;
+    }
+    /* round to nearest even on the bits: u + 0x7FFF + (bit 16 of u), then the top 16 bits (finite values) */
+    __m256i u = _mm256_castps_si256(v);
+    u = _mm256_add_epi32(u, _mm256_add_epi32(_mm256_set1_epi32(0x7FFF), _mm256_and_si256(_mm256_srli_epi32(u, 16),
+                                                                                          _mm256_set1_epi32(1))));
+    u = _mm256_srli_epi32(u, 16);
+    /* packus works per 128-bit lane: [a0..a3 a0..a3 | a4..a7 a4..a7]; 0xD8 brings a0..a7 into the low half */
+    const __m256i p = _mm256_permute4x64_epi64(_mm256_packus_epi32(u, u), 0xD8);
+    _mm_storeu_si128((__m128i *)((uint16_t *)out + at), _mm256_castsi256_si128(p));
+}
+
+int gptq_q4_dequant(const int32_t *qw, int N, const uint16_t *scales, const uint8_t *zeros, const int32_t *runs,
+                    const int32_t *rgroup, int R, int c0, int c1, void *out, int bf16, int threads) {
+    if (threads < 1) threads = 1;
+#pragma omp parallel num_threads(threads)
+    {
+        int t = 0, T = 1;
+#ifdef _OPENMP
+        t = omp_get_thread_num();
+        T = omp_get_num_threads();
+#endif
+        const int t0 = c0 + (int)((long)(c1 - c0) * t / T), t1 = c0 + (int)((long)(c1 - c0) * (t + 1) / T);
+        int r = 0;
+        while (r < R && runs[r + 1] <= t0) r++;
+        for (int c = t0; c < t1; c++) {
+            while (runs[r + 1] <= c) r++;
+            const uint16_t *sg = scales + (size_t)rgroup[r] * N;
+            const uint8_t *zg = zeros + (size_t)rgroup[r] * N;
+            const int32_t *w = qw + (size_t)c * N;
+            const size_t row0 = (size_t)8 * (c - c0) * N;
+            for (int n = 0; n < N; n += 8) {
+                const __m256 sc = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(sg + n)));
+                const __m256 z = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(zg + n))));
+                const __m256i v = _mm256_loadu_si256((const __m256i *)(w + n));
+                for (int j = 0; j < 8; j++) {
+                    const __m256 q = _mm256_cvtepi32_ps(
+                        _mm256_and_si256(_mm256_srli_epi32(v, 4 * j), _mm256_set1_epi32(15)));
+                    store_row(out, row0 + (size_t)j * N + n, _mm256_mul_ps(_mm256_sub_ps(q, z), sc), bf16);
+                }
+            }
+        }
+    }
+    return 0;
 }
 
 /* ---------------------------------------------------------------------------------------------------------------
