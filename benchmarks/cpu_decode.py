@@ -67,9 +67,9 @@ def decode(out, n):
     return sec
 with torch.inference_mode():
     decode(prefill(ids[:, :32])[1], 4)
-    pre = []
+    pre, out = [], None
     for _ in range(spec["prefill_runs"]):
-        s, out = prefill(ids); pre.append(s)
+        out = None; s, out = prefill(ids); pre.append(s)
     dec = [decode(out, spec["new_tokens"]) for _ in range(spec["runs"])]
 kinds = sorted({type(x).__name__ for x in model.modules() if hasattr(x, "qweight")})
 hwm_kib = int([ln for ln in open("/proc/self/status") if ln.startswith("VmHWM")][0].split()[1])

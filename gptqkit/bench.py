@@ -106,8 +106,9 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
     with torch.inference_mode():
         for _ in range(spec.get("warmup", 1)):  # a short prompt warms every kernel without a full prefill
             decode(prefill(ids[:, :min(32, ids.shape[1])])[1], min(4, spec["new_tokens"]))
-        pre = []
+        pre, out = [], None
         for _ in range(spec.get("prefill_runs") or spec["runs"]):
+            out = None  # one prompt's cache at a time, as a user holds it: the last run's is freed first
             seconds, out = prefill(ids)
             pre.append(seconds)
         dec = [decode(out, spec["new_tokens"]) for _ in range(spec["runs"])]
