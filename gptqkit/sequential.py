@@ -32,6 +32,7 @@ from torch import nn
 
 from .config import QuantConfig
 from .gptq import accumulate, gptq
+from .kernels.cpu_int4 import native_bf16
 from .packing import packable
 from .qlinear import QuantLinear
 from .quant import QuantResult, rtn
@@ -111,15 +112,8 @@ def default_compute_dtype(device: torch.device, model_dtype: torch.dtype) -> tor
     """bf16 where matrix units make it fast (CUDA; CPUs with AMX or AVX512-BF16), else the model's dtype."""
     if model_dtype in (torch.float16, torch.bfloat16):
         return model_dtype
-    if device.type == "cuda":
+    if device.type == "cuda" or (device.type == "cpu" and native_bf16()):
         return torch.bfloat16
-    if device.type == "cpu":
-        try:
-            flags = Path("/proc/cpuinfo").read_text()
-        except OSError:
-            flags = ""
-        if "amx_bf16" in flags or "avx512_bf16" in flags:
-            return torch.bfloat16
     return model_dtype
 
 
