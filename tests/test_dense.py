@@ -76,3 +76,21 @@ def test_decode_rows_of_a_bf16_head_use_the_fp32_gemv():
     x = torch.randn(1, 2001, requires_grad=True)
     lin(x).sum().backward()
     assert x.grad is not None and x.grad.shape == x.shape
+
+
+def test_bf16_gemv_builds_agree():
+    """The AVX2 and the AVX-512 (VNNI build) bf16 GEMVs both match float64 to fp32 rounding; only their summation
+    order differs."""
+    import pytest
+
+    from gptqkit.kernels import cpu_avx2
+
+    if not cpu_avx2.has_vnni() or isinstance(cpu_avx2.library(vnni=True), str):
+        pytest.skip("this CPU has no AVX512-VNNI build")
+    gen = torch.Generator().manual_seed(1)
+    for K, N, M in ((2048, 257, 1), (2001, 64, 3), (40, 9, 2)):  # 2001, 40: 512-bit body, 256-bit and scalar tails
+        w, x = torch.randn(N, K, generator=gen).bfloat16(), torch.randn(M, K, generator=gen)
+        ref = x.double() @ w.double().T
+        for lib in (cpu_avx2.library(), cpu_avx2.library(vnni=True)):
+            y = cpu_avx2.bf16_matmul(x, w, lib)
+            assert ((y - ref).norm() / ref.norm()) < 1e-6, (K, lib)

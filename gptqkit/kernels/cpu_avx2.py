@@ -178,14 +178,15 @@ def prepare(layer) -> None:
 
 
 @functools.lru_cache(maxsize=None)
-def q8_library() -> ctypes.CDLL:
-    """The library whose int8 matmul runs here: the AVX512-VNNI build where the CPU has it and it compiles."""
+def fast_library() -> ctypes.CDLL | str:
+    """The build whose int8 matmul and bf16 GEMV run here: the AVX512-VNNI one (vpdpbusd inner products, 512-bit
+    GEMV) where the CPU has it and it compiles, else the AVX2 one (or why there is none)."""
     if has_vnni():
         lib = library(vnni=True)
         if not isinstance(lib, str):
-            log.info("avx2-q8 kernel: AVX512-VNNI build (vpdpbusd inner products)")
+            log.info("avx2 kernels: AVX512-VNNI build (vpdpbusd inner products, 512-bit bf16 GEMV)")
             return lib
-        log.info("avx2-q8 kernel: the AVX512-VNNI build failed (%s); AVX2 instructions instead", lib)
+        log.info("avx2 kernels: the AVX512-VNNI build failed (%s); AVX2 instructions instead", lib)
     return library()
 
 
@@ -200,7 +201,7 @@ def matmul(layer, x: torch.Tensor, int8: bool = False, lib: ctypes.CDLL | None =
     y = torch.empty(M, N, dtype=torch.float32)
     qw, sc, z, runs, rgroup = plan.ptrs
     if lib is None:
-        lib = q8_library() if int8 else library()
+        lib = fast_library() if int8 else library()
     fn = lib.gptq_q4_matmul_q8 if int8 else lib.gptq_q4_matmul
     rc = fn(x.data_ptr(), M, K, qw, N, sc, z, runs, rgroup, plan.runs, y.data_ptr(), torch.get_num_threads())
     if rc != 0:
@@ -256,10 +257,11 @@ def dense_matmul(layer, x: torch.Tensor) -> torch.Tensor:
     return y
 
 
-def bf16_matmul(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor | None:
+def bf16_matmul(x: torch.Tensor, w: torch.Tensor, lib: ctypes.CDLL | None = None) -> torch.Tensor | None:
     """x [M, K] float32 @ w.T for a bf16 w [N, K] (a dense lm_head in bf16 storage) -> [M, N] float32, through the C
-    GEMV that widens bf16 in registers; None where the C library cannot be had (the caller falls back to torch)."""
-    lib = library()
+    GEMV that widens bf16 in registers; None where the C library cannot be had (the caller falls back to torch).
+    lib: a library() build to use instead of fast_library()."""
+    lib = lib if lib is not None else fast_library()
     if isinstance(lib, str):
         return None
     x, w = x.contiguous(), w.contiguous()
