@@ -39,8 +39,9 @@ PEERS_SRC = Path(__file__).resolve().parent / "peers"
 ASSETS = ROOT.parent / "shared" / "assets"
 CORPORA = ASSETS / "corpora"
 PEERS = ("gptqmodel", "autogptq")  # the venvs setup.sh makes
-# Loaders that run inside another peer's venv: transformers' GPTQ integration (with optimum) in GPTQModel's.
-VENV = {"transformers": "gptqmodel"}
+# Loaders that run inside another peer's venv: transformers' GPTQ integration (with optimum) in GPTQModel's, as it
+# chooses its layer (on CPU torch's int4 op, bf16 arithmetic) and asked for GPTQModel's float32 torch layer.
+VENV = {"transformers": "gptqmodel", "transformers-fp32": "gptqmodel"}
 log = logging.getLogger("interop")
 
 
@@ -354,7 +355,7 @@ def evaluate_checkpoint(s: Setup, v: Variant, ckpt: Path, job_path: Path, d: Pat
                 # transformers runs GPTQModel's layers (whose dequantization the gptqmodel row already checks) and
                 # leaves some of their int buffers in another dtype, which dequantize_weight() cannot shift: for it,
                 # logits and perplexity only.
-                full = full and lib != "transformers"
+                full = full and not lib.startswith("transformers")
                 results[name] = peer_side(lib, folder, pjob, d / f"{v.tag}.{key}.pt", deq if full else None,
                                           d / f"{v.tag}.{key}.log")
             except RuntimeError as e:  # a peer that refuses the checkpoint is a result, not a crash
@@ -405,7 +406,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--models", default="tiny,smollm2", help="comma list of tiny, smollm2")
     ap.add_argument("--makers", default="gptqmodel,gptqkit", help="comma list of gptqmodel, gptqkit")
     ap.add_argument("--variants", default="", help="comma list of variant tags to run (default: all)")
-    ap.add_argument("--peers", default="gptqmodel,autogptq,transformers", help="loaders besides gptqkit")
+    ap.add_argument("--peers", default="gptqmodel,autogptq,transformers,transformers-fp32", help="loaders besides gptqkit")
     ap.add_argument("--work", default=str(Path.home() / ".cache" / "gptqkit" / "interop"))
     ap.add_argument("--nsamples", type=int, default=None, help="calibration samples (tiny 16, smollm2 32)")
     ap.add_argument("--seqlen", type=int, default=None, help="calibration tokens per sample (tiny 128, smollm2 256)")

@@ -61,8 +61,11 @@ def _check(rows: list[dict], loaders: set[str]) -> None:
         r = got[name]
         # transformers picks GPTQModel's TorchAtenLinear, torch's int4 op, which computes with bf16 activations and
         # scales: kernel rounding of a few 1e-3. The others run float32 torch kernels and agree to float32 rounding.
+        # transformers-fp32 asks for GPTQModel's float32 torch layer: float32 throughout, measured 3e-4 from the
+        # others on the tiny model's logits (not bit-identical like GPTQModel.load of the same layers).
         bf16 = name == "transformers"
-        assert r["max_dlogit"] <= (2e-2 if bf16 else 1e-5), r
+        bound = 2e-2 if bf16 else 2e-3 if name == "transformers-fp32" else 1e-5
+        assert r["max_dlogit"] <= bound, r
         assert r["top1"] >= (0.95 if bf16 else 1.0), r  # random tiny model: near ties flip under bf16
         assert abs(r["ppl"] - r["ppl_maker"]) <= (5e-3 if bf16 else 1e-4) * r["ppl_maker"], r
         if name in ("gptqmodel", "autogptq"):  # transformers: logits and perplexity only (see interop.py)
@@ -78,7 +81,7 @@ def test_gptqmodel_checkpoint_loads_in_gptqkit(bench, tiny):
 
 # transformers' own from_pretrained (GPTQ integration via optimum) runs in the gptqmodel venv, which setup.sh
 # gives optimum; an older venv without it skips that loader.
-_TRANSFORMERS = ["transformers"] if list((_dir / "gptqmodel").glob("lib/python*/site-packages/optimum")) else []
+_TRANSFORMERS = ["transformers", "transformers-fp32"] if list((_dir / "gptqmodel").glob("lib/python*/site-packages/optimum")) else []
 
 
 @pytest.mark.parametrize("fmt,sym,peers", [("gptq", True, ["gptqmodel", "autogptq", *_TRANSFORMERS]),

@@ -4,6 +4,7 @@ Run with the matching venv's python:
     python peer_eval.py gptqmodel CKPT JOB.pt OUT.pt [DEQUANT.safetensors]
     python peer_eval.py autogptq  CKPT JOB.pt OUT.pt [DEQUANT.safetensors]
     python peer_eval.py transformers CKPT JOB.pt OUT.pt [DEQUANT.safetensors]   (with the gptqmodel venv)
+    python peer_eval.py transformers-fp32 ...   (the same, asking for GPTQModel's torch layer: float32 arithmetic)
 
 JOB.pt (torch.save of a dict):
     probe_ids   LongTensor [B, T]   inputs whose logits are compared
@@ -50,20 +51,29 @@ def load_gptqmodel(ckpt: str, dtype: torch.dtype):
     return model.model, versions
 
 
-def load_transformers(ckpt: str, dtype: torch.dtype):
+def load_transformers(ckpt: str, dtype: torch.dtype, backend: str | None = None):
     """transformers' own GPTQ integration (AutoModelForCausalLM.from_pretrained reads quantization_config; it needs
-    optimum and runs GPTQModel's layers underneath). Run with the gptqmodel venv, which has optimum for this."""
+    optimum and runs GPTQModel's layers underneath). Run with the gptqmodel venv, which has optimum for this.
+    backend: GPTQModel's layer to ask for through GPTQConfig (a loading attribute: transformers merges it into the
+    checkpoint's own config and ignores the other fields); None lets it choose (on CPU, torch's int4 op in bf16)."""
     from importlib.metadata import version
 
     import transformers
     from gptqmodel.nn_modules.qlinear.torch import TorchLinear
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, GPTQConfig
 
     if dtype not in TorchLinear.SUPPORTS_DTYPES:
         TorchLinear.SUPPORTS_DTYPES = [*TorchLinear.SUPPORTS_DTYPES, dtype]
-    model = AutoModelForCausalLM.from_pretrained(ckpt, dtype=dtype, device_map="cpu")
+    kw = {"quantization_config": GPTQConfig(bits=4, backend=backend)} if backend else {}
+    model = AutoModelForCausalLM.from_pretrained(ckpt, dtype=dtype, device_map="cpu", **kw)
     versions = {"transformers": str(transformers.__version__), "optimum": version("optimum")}
     return model, versions
+
+
+def load_transformers_fp32(ckpt: str, dtype: torch.dtype):
+    """transformers' from_pretrained with GPTQModel's float32-capable torch layer (backend "gptq_torch"), so that
+    its logits can be compared with the others to float32 rounding."""
+    return load_transformers(ckpt, dtype, backend="gptq_torch")
 
 
 def load_autogptq(ckpt: str, dtype: torch.dtype):
@@ -83,7 +93,7 @@ def peer_dequantize(peer: str, m: torch.nn.Module, dtype: torch.dtype) -> torch.
     scales = m.scales
     m.scales = scales.to(dtype)
     try:
-        if peer in ("gptqmodel", "transformers"):  # transformers runs GPTQModel's layers
+        if peer.startswith(("gptqmodel", "transformers")):  # transformers runs GPTQModel's layers
             if hasattr(m, "clear_weight_cache"):
                 m.clear_weight_cache()
             if hasattr(m, "_stream_reset_cache"):
@@ -113,7 +123,8 @@ def main() -> None:
     dtype = getattr(torch, job["dtype"])
 
     t0 = time.perf_counter()
-    loader = {"gptqmodel": load_gptqmodel, "transformers": load_transformers, "autogptq": load_autogptq}[peer]
+    loader = {"gptqmodel": load_gptqmodel, "transformers": load_transformers,
+              "transformers-fp32": load_transformers_fp32, "autogptq": load_autogptq}[peer]
     model, versions = loader(ckpt, dtype)
     model.eval()
     load_s = time.perf_counter() - t0
