@@ -40,7 +40,8 @@ ASSETS = ROOT.parent / "shared" / "assets"
 CORPORA = ASSETS / "corpora"
 PEERS = ("gptqmodel", "autogptq")  # the venvs setup.sh makes
 # Loaders that run inside another peer's venv: transformers' GPTQ integration (with optimum) in GPTQModel's, as it
-# chooses its layer (on CPU torch's int4 op, bf16 arithmetic) and asked for GPTQModel's float32 torch layer.
+# chooses its layer (on CPU torch's int4 op, bf16 arithmetic) and asked for GPTQModel's torch layer in float32
+# (which under from_pretrained still rounds about as fp16 does: see peers/peer_eval.py).
 VENV = {"transformers": "gptqmodel", "transformers-fp32": "gptqmodel"}
 log = logging.getLogger("interop")
 

@@ -61,8 +61,9 @@ def _check(rows: list[dict], loaders: set[str]) -> None:
         r = got[name]
         # transformers picks GPTQModel's TorchAtenLinear, torch's int4 op, which computes with bf16 activations and
         # scales: kernel rounding of a few 1e-3. The others run float32 torch kernels and agree to float32 rounding.
-        # transformers-fp32 asks for GPTQModel's float32 torch layer: float32 throughout, measured 3e-4 from the
-        # others on the tiny model's logits (not bit-identical like GPTQModel.load of the same layers).
+        # transformers-fp32 asks for GPTQModel's torch layer in float32; under from_pretrained that layer still
+        # deviates by ~2e-4 relative per Linear (fp16-sized; measured on SmolLM2 with identical inputs and tensors,
+        # where GPTQModel.load of the same layer is exact): 3e-4 on the tiny model's logits.
         bf16 = name == "transformers"
         bound = 2e-2 if bf16 else 2e-3 if name == "transformers-fp32" else 1e-5
         assert r["max_dlogit"] <= bound, r
