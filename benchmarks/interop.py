@@ -454,7 +454,9 @@ def main(argv: list[str] | None = None) -> int:
         setup = next(x for x in setups.values() if x.name == s)
         print(f"{s}: calibration {setup.nsamples} x {setup.seqlen} tokens of c4_sample.txt (seed 0); perplexity on "
               f"the first {setup.ppl_windows} windows of {setup.ppl_seqlen} WikiText-2 test tokens (BOS once, at the "
-              "start); logits on 2 x 64 following tokens; all loaders in float32 with their torch kernels")
+              "start); logits on 2 x 64 following tokens; all loaders in float32 with their torch kernels, except "
+              "transformers (the layer it picks on CPU: torch's int4 op, bf16 arithmetic) and transformers-fp32 "
+              "(GPTQModel's torch layer, fp16-sized rounding under from_pretrained)")
     print(table(rows))
     if a.json:
         Path(a.json).write_text(json.dumps(rows, indent=1))
