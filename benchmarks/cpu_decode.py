@@ -299,7 +299,8 @@ def run_model(name: str, dense: Path, ckpts: dict[int, Path], bw: float, a) -> t
 
 
 def sweep(threads: int, ms: list[int]) -> str:
-    """Per-layer ms per call by rows M: the avx2 C kernel, the int4 op (cpu kernel) and dequantize + GEMM."""
+    """Per-layer ms per call by rows M: the avx2 C kernel (fp32 and int8 activations), the int4 op (cpu kernel) and
+    the avx2 kernels' dequantize + GEMM (what they run from M_MAX rows on)."""
     import dataclasses
 
     from gptqkit.kernels import cpu_avx2, cpu_int4
@@ -307,10 +308,11 @@ def sweep(threads: int, ms: list[int]) -> str:
     from gptqkit.quant import QuantResult
 
     torch.set_num_threads(threads)
-    lines = [f"kernel sweep, {threads} threads, ms per call (best of 5), avx2 C kernel vs int4 op vs "
-             f"dequantize+GEMM ({cpu_int4.dense_dtype()}); avx2 M_MAX = {cpu_avx2.M_MAX}, "
-             f"int4 op PREFILL_M = {cpu_int4.prefill_m()}",
-             f"{'K x N':>12s} {'M':>5s} {'avx2':>9s} {'int4 op':>9s} {'dense':>9s} {'avx2 GB/s':>10s}"]
+    dt = cpu_int4.dense_dtype(torch.float32, reduced=True)
+    lines = [f"kernel sweep, {threads} threads, ms per call (best of 5): avx2 C kernel (fp32 / int8 activations) vs "
+             f"int4 op vs dequantize + GEMM ({dt}); avx2 M_MAX = {cpu_avx2.M_MAX}, int4 op PREFILL_M = "
+             f"{cpu_int4.prefill_m()}",
+             f"{'K x N':>12s} {'M':>5s} {'avx2':>9s} {'avx2-q8':>9s} {'int4 op':>9s} {'dense':>9s} {'q8 GB/s':>10s}"]
     for K, N in ((576, 1536), (1536, 576), (2048, 2048), (2048, 5632), (5632, 2048)):
         g = 128 if K % 128 == 0 else 64
         gen = torch.Generator().manual_seed(0)
@@ -327,19 +329,19 @@ def sweep(threads: int, ms: list[int]) -> str:
             xb = x.to(torch.bfloat16)
             t = {}
             for path, f in (("avx2", lambda: cpu_avx2.matmul(a, x)),
+                            ("q8", lambda: cpu_avx2.matmul(a, x, int8=True)),
                             ("int4", lambda: cpu_int4.forward(b, xb)),
-                            ("dense", lambda: cpu_int4.dense_matmul(b, x.to(cpu_int4.dense_dtype()),
-                                                                    cpu_int4.dense_dtype(), True))):
+                            ("dense", lambda: cpu_avx2.dense_matmul(a, x.to(dt)).float())):
                 b._cpu_plan = dataclasses.replace(plan, prefill_m=1 << 30)
                 with torch.inference_mode():
                     f()
                     t[path] = min(_timed(f) for _ in range(5)) * 1e3
             b._cpu_plan = plan
-            if cross is None and t["dense"] < t["avx2"]:
+            if cross is None and t["dense"] < t["q8"]:
                 cross = M
-            lines.append(f"{f'{K}x{N}':>12s} {M:5d} {t['avx2']:9.3f} {t['int4']:9.3f} {t['dense']:9.3f} "
-                         f"{K * N / 2 / t['avx2'] / 1e6:10.1f}")
-        lines.append(f"{f'{K}x{N}':>12s} dense path first faster than avx2 at M = {cross}")
+            lines.append(f"{f'{K}x{N}':>12s} {M:5d} {t['avx2']:9.3f} {t['q8']:9.3f} {t['int4']:9.3f} "
+                         f"{t['dense']:9.3f} {K * N / 2 / t['q8'] / 1e6:10.1f}")
+        lines.append(f"{f'{K}x{N}':>12s} dense path first faster than avx2-q8 at M = {cross}")
     return "\n".join(lines)
 
 
