@@ -407,7 +407,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--models", default="tiny,smollm2", help="comma list of tiny, smollm2")
     ap.add_argument("--makers", default="gptqmodel,gptqkit", help="comma list of gptqmodel, gptqkit")
     ap.add_argument("--variants", default="", help="comma list of variant tags to run (default: all)")
-    ap.add_argument("--peers", default="gptqmodel,autogptq,transformers,transformers-fp32", help="loaders besides gptqkit")
+    ap.add_argument("--peers", default="gptqmodel,autogptq,transformers,transformers-fp32",
+                    help="loaders besides gptqkit")
     ap.add_argument("--work", default=str(Path.home() / ".cache" / "gptqkit" / "interop"))
     ap.add_argument("--nsamples", type=int, default=None, help="calibration samples (tiny 16, smollm2 32)")
     ap.add_argument("--seqlen", type=int, default=None, help="calibration tokens per sample (tiny 128, smollm2 256)")

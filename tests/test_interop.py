@@ -82,7 +82,8 @@ def test_gptqmodel_checkpoint_loads_in_gptqkit(bench, tiny):
 
 # transformers' own from_pretrained (GPTQ integration via optimum) runs in the gptqmodel venv, which setup.sh
 # gives optimum; an older venv without it skips that loader.
-_TRANSFORMERS = ["transformers", "transformers-fp32"] if list((_dir / "gptqmodel").glob("lib/python*/site-packages/optimum")) else []
+_HAS_OPTIMUM = bool(list((_dir / "gptqmodel").glob("lib/python*/site-packages/optimum")))
+_TRANSFORMERS = ["transformers", "transformers-fp32"] if _HAS_OPTIMUM else []
 
 
 @pytest.mark.parametrize("fmt,sym,peers", [("gptq", True, ["gptqmodel", "autogptq", *_TRANSFORMERS]),

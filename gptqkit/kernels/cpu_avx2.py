@@ -48,7 +48,8 @@ VNNI_FLAGS = FLAGS + ("-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni")
 VNNI_CPU_FLAGS = {"avx512f", "avx512bw", "avx512vl", "avx512_vnni"}
 # Rows from which the call goes to dequantize + GEMM instead. `benchmarks/cpu_decode.py --sweep` on the 2-core
 # AVX2 EPYC: the dense path first won at M = 24 (2048x2048), 32 (5632x2048), 64 (2048x5632) and never below 64
-# on SmolLM2's 576/1536 layers.
+# on SmolLM2's 576/1536 layers. On the AVX-512 EPYC the bf16 dense path first beat avx2-q8 at M = 32 (576x1536,
+# 2048x2048) or 64 (2048x5632, 5632x2048).
 M_MAX = 32
 # Prefill dequantizes W into one buffer of at most this many bytes and multiplies once per buffer: a GEMM over all
 # of K ran 1.1-1.5x faster than the same GEMM cut into 256- or 512-row K-chunks (bf16, M = 512, the 1.1B shape's
