@@ -116,17 +116,20 @@ static inline void flush_run(float *y, const float *acc, const float *sx, const 
     }
 }
 
+#define QB_CHUNKS 4 /* the avx2-q8 kernel's activation block: 4 chunks of 8 inputs (see the int8 section) */
+
 /* Activations prepared once per call and read by every thread: the fp32 path uses x and xs; the int8 path
    (q8 != 0) uses xl, xh, sb and d (see the int8 section below). */
 typedef struct {
     int q8;
-    const float *x, *xs;         /* [M, K]: x, and x[m, k] * 16^-(k % 8) */
-    const int32_t *xl, *xh, *sb; /* [M, C]: activation bytes of each chunk's even / odd rows; sum of its x8 */
-    const float *d;              /* [M, B]: int8 block scales */
+    const float *x, *xs;   /* [M, K]: x, and x[m, k] * 16^-(k % 8) */
+    int32_t *xl, *xh, *sb; /* [M, C]: activation bytes of each chunk's even / odd rows; sum of its x8 */
+    float *d;              /* [M, B]: int8 block scales */
     int B;
 } acts_t;
 
 static void run_q8(const acts_t *a, int M, int C, const int32_t *qw, int N, int a0, int a1, float *acc, float *sx);
+static void q8_prepare(const acts_t *a, int M, int K, int b0, int b1);
 
 /* y [M, N] fp32 (overwritten) from the prepared activations. Returns 0, or -1 when scratch memory cannot be had.
 
@@ -138,8 +141,10 @@ static void run_q8(const acts_t *a, int M, int C, const int32_t *qw, int N, int 
 static int q4_matmul(const acts_t *a, int M, int K, const int32_t *qw, int N, const uint16_t *scales,
                      const uint8_t *zeros, const int32_t *runs, const int32_t *rgroup, int R, float *y, int threads) {
     const int C = K / 8;
+    /* q8: threads split whole activation blocks (QB_CHUNKS chunks), so each rounds exactly the blocks it reads */
+    const int unit = a->q8 ? QB_CHUNKS : 1, U = (C + unit - 1) / unit;
     if (threads < 1) threads = 1;
-    if (threads > C) threads = C > 0 ? C : 1;
+    if (threads > U) threads = U > 0 ? U : 1;
     const size_t MN = (size_t)M * N;
     /* part [threads - 1, M, N]: the other threads' partial outputs */
     float *part = threads > 1 ? (float *)malloc(sizeof(float) * (size_t)(threads - 1) * MN) : NULL;
@@ -154,7 +159,9 @@ static int q4_matmul(const acts_t *a, int M, int K, const int32_t *qw, int N, co
         T = omp_get_num_threads();
 #endif
         if (t == 0) used = T;
-        const int c0 = (int)((long)C * t / T), c1 = (int)((long)C * (t + 1) / T);
+        const int u0 = (int)((long)U * t / T), u1 = (int)((long)U * (t + 1) / T);
+        const int c0 = u0 * unit, c1 = u1 * unit < C ? u1 * unit : C;
+        if (a->q8) q8_prepare(a, M, K, u0, u1);
         float *yo = t == 0 ? y : part + (size_t)(t - 1) * MN;
         float *acc = (float *)malloc(sizeof(float) * (MN + (size_t)M));
         if (!acc) {
@@ -224,7 +231,6 @@ int gptq_q4_matmul(const float *x, int M, int K, const int32_t *qw, int N, const
    at most 2 * 15 * 127 = 3810, and 4 chunks * 2 halves of pairs sum to at most 30480, inside int16: a piece of up to
    4 chunks is summed in int16, widened to int32 once, and scaled by d[b] in fp32. */
 
-#define QB_CHUNKS 4
 
 /* Piece of nc <= 4 chunks from c0 for one row: facc[n] += d * sum_k x8[k] q[k, n]. xl/xh: per chunk the
    activation bytes of its even / odd rows as one int32. N is a multiple of 8 (4-bit qzeros pack 8 columns). */
@@ -311,7 +317,76 @@ static void run_q8(const acts_t *a, int M, int C, const int32_t *qw, int N, int 
     }
 }
 
-/* Arguments as gptq_q4_matmul. Returns 0, or -1 when scratch memory cannot be had. */
+/* Rows 0 .. M-1, activation blocks b0 .. b1-1: d[b] = max|x| / 127 and x8 = round(x / d[b]) half away from zero,
+   stored as the packed bytes xl, xh and the sums sb of each chunk. A whole block of 32 inputs is rounded with
+   AVX2 in the same fp32 steps as the scalar loop that takes a last, shorter block, so both give the same bytes. */
+static void q8_prepare(const acts_t *a, int M, int K, int b0, int b1) {
+    const int C = K / 8, B = a->B;
+    const __m256 sign = _mm256_set1_ps(-0.0f), half = _mm256_set1_ps(0.5f);
+    /* within each 128-bit lane: the even bytes, then the odd ones */
+    const __m256i evens_odds = _mm256_setr_epi8(0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15,
+                                                0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15);
+    for (int m = 0; m < M; m++) {
+        const float *xm = a->x + (size_t)m * K;
+        int32_t *xl = a->xl + (size_t)m * C, *xh = a->xh + (size_t)m * C, *sb = a->sb + (size_t)m * C;
+        for (int b = b0; b < b1; b++) {
+            const int k0 = b * 8 * QB_CHUNKS, k1 = k0 + 8 * QB_CHUNKS < K ? k0 + 8 * QB_CHUNKS : K;
+            const int c = k0 / 8;
+            if (k1 - k0 == 8 * QB_CHUNKS) {
+                const __m256 v0 = _mm256_loadu_ps(xm + k0), v1 = _mm256_loadu_ps(xm + k0 + 8),
+                             v2 = _mm256_loadu_ps(xm + k0 + 16), v3 = _mm256_loadu_ps(xm + k0 + 24);
+                const __m256 m8 = _mm256_max_ps(_mm256_max_ps(_mm256_andnot_ps(sign, v0), _mm256_andnot_ps(sign, v1)),
+                                                _mm256_max_ps(_mm256_andnot_ps(sign, v2), _mm256_andnot_ps(sign, v3)));
+                __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(m8), _mm256_extractf128_ps(m8, 1));
+                m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+                m4 = _mm_max_ss(m4, _mm_movehdup_ps(m4));
+                const float amax = _mm_cvtss_f32(m4);
+                a->d[(size_t)m * B + b] = amax / 127.0f;
+                const __m256 inv = _mm256_set1_ps(amax > 0.0f ? 127.0f / amax : 0.0f);
+#define Q8_ROUND(v) _mm256_cvttps_epi32(_mm256_add_ps(_mm256_mul_ps(v, inv), \
+                        _mm256_or_ps(_mm256_and_ps(_mm256_mul_ps(v, inv), sign), half)))
+                const __m256i r0 = Q8_ROUND(v0), r1 = Q8_ROUND(v1), r2 = Q8_ROUND(v2), r3 = Q8_ROUND(v3);
+#undef Q8_ROUND
+                /* int8 per lane: chunks 0-3's inputs 0-3 (low lane) and inputs 4-7 (high lane) */
+                const __m256i q = _mm256_shuffle_epi8(
+                    _mm256_packs_epi16(_mm256_packs_epi32(r0, r1), _mm256_packs_epi32(r2, r3)), evens_odds);
+                const __m128i lo = _mm256_castsi256_si128(q), hi = _mm256_extracti128_si256(q, 1);
+                _mm_storeu_si128((__m128i *)(xl + c), _mm_unpacklo_epi16(lo, hi)); /* q0 q2 q4 q6 per chunk */
+                _mm_storeu_si128((__m128i *)(xh + c), _mm_unpackhi_epi16(lo, hi)); /* q1 q3 q5 q7 */
+                const __m256i h = _mm256_hadd_epi32(_mm256_hadd_epi32(r0, r1), _mm256_hadd_epi32(r2, r3));
+                _mm_storeu_si128((__m128i *)(sb + c),
+                                 _mm_add_epi32(_mm256_castsi256_si128(h), _mm256_extracti128_si256(h, 1)));
+                continue;
+            }
+            float amax = 0.0f;
+            for (int k = k0; k < k1; k++) {
+                const float v = xm[k] < 0.0f ? -xm[k] : xm[k];
+                amax = v > amax ? v : amax;
+            }
+            const float inv = amax > 0.0f ? 127.0f / amax : 0.0f;
+            a->d[(size_t)m * B + b] = amax / 127.0f;
+            for (int cc = k0 / 8; cc < k1 / 8; cc++) {
+                int8_t q[8];
+                int sum = 0;
+                for (int j = 0; j < 8; j++) {
+                    const float v = xm[8 * cc + j] * inv; /* |v| <= 127; rounded half away from zero */
+                    q[j] = (int8_t)(int)(v + (v < 0.0f ? -0.5f : 0.5f));
+                    sum += q[j];
+                }
+                const uint32_t l = (uint8_t)q[0] | (uint32_t)(uint8_t)q[2] << 8 | (uint32_t)(uint8_t)q[4] << 16 |
+                                   (uint32_t)(uint8_t)q[6] << 24;
+                const uint32_t h = (uint8_t)q[1] | (uint32_t)(uint8_t)q[3] << 8 | (uint32_t)(uint8_t)q[5] << 16 |
+                                   (uint32_t)(uint8_t)q[7] << 24;
+                xl[cc] = (int32_t)l;
+                xh[cc] = (int32_t)h;
+                sb[cc] = sum;
+            }
+        }
+    }
+}
+
+/* Arguments as gptq_q4_matmul. Returns 0, or -1 when scratch memory cannot be had. The activations are rounded by
+   the threads that read them (q8_prepare, called from q4_matmul's parallel region). */
 int gptq_q4_matmul_q8(const float *x, int M, int K, const int32_t *qw, int N, const uint16_t *scales,
                       const uint8_t *zeros, const int32_t *runs, const int32_t *rgroup, int R, float *y,
                       int threads) {
@@ -320,37 +395,7 @@ int gptq_q4_matmul_q8(const float *x, int M, int K, const int32_t *qw, int N, co
     int32_t *xl = (int32_t *)malloc(sizeof(int32_t) * ((size_t)M * 3 * C + 1) + sizeof(float) * (size_t)M * B);
     if (!xl) return -1;
     int32_t *xh = xl + (size_t)M * C, *sb = xh + (size_t)M * C;
-    float *d = (float *)(sb + (size_t)M * C);
-    for (int m = 0; m < M; m++) {
-        const float *xm = x + (size_t)m * K;
-        for (int b = 0; b < B; b++) {
-            const int k0 = b * 8 * QB_CHUNKS, k1 = k0 + 8 * QB_CHUNKS < K ? k0 + 8 * QB_CHUNKS : K;
-            float amax = 0.0f;
-            for (int k = k0; k < k1; k++) {
-                const float a = xm[k] < 0.0f ? -xm[k] : xm[k];
-                amax = a > amax ? a : amax;
-            }
-            const float db = amax / 127.0f, inv = amax > 0.0f ? 127.0f / amax : 0.0f;
-            d[(size_t)m * B + b] = db;
-            for (int c = k0 / 8; c < k1 / 8; c++) {
-                int8_t q[8];
-                int s = 0;
-                for (int j = 0; j < 8; j++) {
-                    const float v = xm[8 * c + j] * inv; /* |v| <= 127; rounded half away from zero */
-                    q[j] = (int8_t)(int)(v + (v < 0.0f ? -0.5f : 0.5f));
-                    s += q[j];
-                }
-                const uint32_t l = (uint8_t)q[0] | (uint32_t)(uint8_t)q[2] << 8 | (uint32_t)(uint8_t)q[4] << 16 |
-                                   (uint32_t)(uint8_t)q[6] << 24;
-                const uint32_t h = (uint8_t)q[1] | (uint32_t)(uint8_t)q[3] << 8 | (uint32_t)(uint8_t)q[5] << 16 |
-                                   (uint32_t)(uint8_t)q[7] << 24;
-                xl[(size_t)m * C + c] = (int32_t)l;
-                xh[(size_t)m * C + c] = (int32_t)h;
-                sb[(size_t)m * C + c] = s;
-            }
-        }
-    }
-    const acts_t a = {1, NULL, NULL, xl, xh, sb, d, B};
+    const acts_t a = {1, x, NULL, xl, xh, sb, (float *)(sb + (size_t)M * C), B};
     const int rc = q4_matmul(&a, M, K, qw, N, scales, zeros, runs, rgroup, R, y, threads);
     free(xl);
     return rc;
