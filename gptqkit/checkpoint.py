@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import kernels
+from . import attention, kernels
 from .config import ConfigError, QuantConfig
 from .qlinear import QuantLinear
 from .sequential import is_linear
@@ -363,7 +363,9 @@ def load(path: str | os.PathLike, device: str | torch.device = "cpu", dtype: tor
     QuantLinear and take the checkpoint tensors as they are. dtype: of the unquantized tensors and activations
     (default float32 on CPU, float16 on CUDA). dense_dtype: storage dtype of the input embedding and lm_head when
     it should differ from dtype (gptqkit.dense): e.g. dtype float32 with dense_dtype bfloat16 on a CPU without
-    native bf16 computes in fp32 and keeps those two matrices at 2 bytes per weight.
+    native bf16 computes in fp32 and keeps those two matrices at 2 bytes per weight. On CPU a model that runs SDPA
+    decodes one token's attention in C (gptqkit.attention; every other call stays SDPA);
+    `model.set_attn_implementation("sdpa")` undoes it.
 
     >>> model = load("smollm2-gptq-4bit")  # doctest: +SKIP
     >>> model(torch.tensor([[1, 2, 3]])).logits.shape  # doctest: +SKIP
@@ -449,6 +451,8 @@ def load(path: str | os.PathLike, device: str | torch.device = "cpu", dtype: tor
     if dense_dtype is not None:
         store_dense(model, dense_dtype, compute=dtype)
     use_kernels(model, device, kernel)
+    if device.type == "cpu":
+        attention.use(model)
     return model
 
 

@@ -7,8 +7,9 @@ one byte per group zero, unpacks nibbles in registers and accumulates over each 
 Prefill (M >= M_MAX) and autograd dequantize W with the C file's `gptq_q4_dequant` (fp32, or bf16 where
 cpu_int4.dense_dtype picks it) and run one dense GEMM over it.
 
-The same C file holds the `avx2-q8` kernel's int8-activation matmul (cpu_avx2_q8.py) and the bf16 GEMV that
-gptqkit.dense uses for a bf16 lm_head (bf16_matmul below).
+The same C file holds the `avx2-q8` kernel's int8-activation matmul (cpu_avx2_q8.py), the bf16 GEMV that
+gptqkit.dense uses for a bf16 lm_head (bf16_matmul below) and the one-token attention of gptqkit.attention
+(decode_attention below).
 
 The C file is compiled once per machine with the C compiler at hand (`$CC`, else `cc`), with -mavx2 -mfma -mf16c
 -fopenmp, into `$GPTQKIT_CACHE/kernels` (default ~/.cache/gptqkit/kernels), named by a hash of the source and the
@@ -117,6 +118,9 @@ def library(vnni: bool = False) -> ctypes.CDLL | str:
     lib.bf16_matmul.argtypes = [P, I, I, P, I, P, I]
     lib.gptq_q4_dequant.restype = ctypes.c_int
     lib.gptq_q4_dequant.argtypes = [P, I, P, P, P, P, I, I, I, P, I, I]
+    L = ctypes.c_long
+    lib.decode_attention.restype = ctypes.c_int
+    lib.decode_attention.argtypes = [P, I, I, P, P, I, I, L, L, L, L, ctypes.c_float, P, I]
     return lib
 
 
@@ -271,3 +275,25 @@ def bf16_matmul(x: torch.Tensor, w: torch.Tensor, lib: ctypes.CDLL | None = None
     if lib.bf16_matmul(x.data_ptr(), M, K, w.data_ptr(), N, y.data_ptr(), torch.get_num_threads()) != 0:
         raise MemoryError(f"avx2 kernel: no scratch memory for a {M}x{K} @ {K}x{N} bf16 matmul")
     return y
+
+
+def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor | None:
+    """softmax(scale * q k^T) v for one new token: q [1, H, 1, D], k and v [1, Hkv, L, D] float32 CPU tensors (the
+    KV cache's views: any strides with unit stride along D), H a multiple of Hkv (grouped-query attention), D a
+    multiple of 8 -> [1, 1, H, D] (transformers' attention output layout). None where these do not hold or the C
+    library cannot be had, so the caller takes SDPA."""
+    (B, H, T, D), (Bk, Hkv, L, Dk) = q.shape, k.shape
+    if not (B == Bk == 1 and T == 1 and Dk == D and v.shape == k.shape and D % 8 == 0 and H % Hkv == 0 and L > 0
+            and q.dtype == k.dtype == v.dtype == torch.float32 and q.device.type == "cpu"
+            and k.stride(-1) == 1 and v.stride(-1) == 1):
+        return None
+    lib = library()
+    if isinstance(lib, str):
+        return None
+    q = q.reshape(H, D).contiguous()
+    out = torch.empty(1, 1, H, D)
+    rc = lib.decode_attention(q.data_ptr(), H, D, k.data_ptr(), v.data_ptr(), Hkv, L, k.stride(1), k.stride(2),
+                              v.stride(1), v.stride(2), scale, out.data_ptr(), torch.get_num_threads())
+    if rc != 0:
+        raise MemoryError(f"avx2 kernel: no scratch memory for attention over {L} positions")
+    return out

@@ -1,0 +1,98 @@
+"""The C attention for one decoded token (gptqkit.attention, cpu_avx2.decode_attention) against torch's SDPA:
+the product itself on many shapes, and a loaded model decoding with it against the same model on SDPA."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from gptqkit import attention
+from gptqkit.kernels import cpu_avx2
+from conftest import stories_checkpoint
+
+needs_avx2 = pytest.mark.skipif(isinstance(cpu_avx2.library(), str),
+                                reason=f"avx2 kernel unavailable: {cpu_avx2.library()}")
+
+
+def sdpa64(q, k, v, scale):
+    """float64 SDPA with the key/value heads repeated for their query heads, in the output layout [1, 1, H, D]."""
+    r = q.shape[1] // k.shape[1]
+    q, k, v = q.double(), k.double().repeat_interleave(r, 1), v.double().repeat_interleave(r, 1)
+    return F.scaled_dot_product_attention(q, k, v, scale=scale).transpose(1, 2)
+
+
+@needs_avx2
+@pytest.mark.parametrize("H,Hkv,D,L", [(32, 4, 64, 520), (9, 3, 64, 1), (9, 3, 64, 13), (8, 8, 128, 77),
+                                       (4, 1, 80, 300), (6, 2, 8, 9), (2, 2, 192, 40)])
+def test_decode_attention_matches_sdpa(H, Hkv, D, L):
+    """GQA ratios 1-8, head sizes 8-192 (a last pass of fewer than 64 dimensions), lengths with and without a
+    last partial block of 8 positions, keys and values read through a cache buffer's strides; one very large
+    score (a position that takes almost all the weight) so the softmax's max subtraction matters."""
+    gen = torch.Generator().manual_seed(H * L + D)
+    kb, vb = torch.randn(1, Hkv, L + 29, D, generator=gen), torch.randn(1, Hkv, L + 29, D, generator=gen)
+    k, v = kb[:, :, :L], vb[:, :, :L]  # as GrowingCache passes them: views into a larger buffer
+    q = torch.randn(1, 1, H, D, generator=gen).transpose(1, 2)  # [1, H, 1, D] as the attention layers make it
+    k[0, 0, L // 2] = q[0, 0, 0] * 30
+    out = cpu_avx2.decode_attention(q, k, v, D ** -0.5)
+    assert out.shape == (1, 1, H, D)
+    ref = sdpa64(q, k, v, D ** -0.5)
+    assert (out.double() - ref).abs().max() < 2e-6 * ref.abs().max()
+
+
+@needs_avx2
+def test_decode_attention_declines_other_shapes():
+    """None (the caller runs SDPA) for what it does not take: several queries, batches, other dtypes, D % 8."""
+    q, k = torch.randn(1, 4, 1, 64), torch.randn(1, 2, 10, 64)
+    assert cpu_avx2.decode_attention(q, k, k, 0.125) is not None
+    assert cpu_avx2.decode_attention(torch.randn(1, 4, 3, 64), k, k, 0.125) is None
+    assert cpu_avx2.decode_attention(torch.randn(2, 4, 1, 64), torch.randn(2, 2, 10, 64), torch.randn(2, 2, 10, 64),
+                                     0.125) is None
+    assert cpu_avx2.decode_attention(q.bfloat16(), k.bfloat16(), k.bfloat16(), 0.125) is None
+    assert cpu_avx2.decode_attention(torch.randn(1, 4, 1, 12), torch.randn(1, 2, 10, 12),
+                                     torch.randn(1, 2, 10, 12), 0.125) is None
+
+
+@pytest.fixture(scope="module")
+def stories_ckpt(tmp_path_factory):
+    return stories_checkpoint(tmp_path_factory)
+
+
+@needs_avx2
+def test_loaded_model_decodes_like_sdpa(stories_ckpt, monkeypatch):
+    """load() switches a CPU model to the C decode attention; teacher-forced decoding gives SDPA's logits to fp32
+    rounding, while prefill and a padded batch (which it hands to SDPA) give them exactly."""
+    from gptqkit.cache import GrowingCache
+    from gptqkit.checkpoint import load
+
+    model = load(stories_ckpt, kernel="avx2")  # fp32 activations: no int8 rounding to amplify differences
+    assert model.config._attn_implementation == attention.NAME
+    ids = torch.randint(3, model.config.vocab_size, (1, 96), generator=torch.Generator().manual_seed(0))
+
+    def decode():
+        with torch.no_grad():
+            out = model(ids[:, :32], past_key_values=GrowingCache(model.config), use_cache=True)
+            steps = [model(ids[:, t:t + 1], past_key_values=out.past_key_values, use_cache=True).logits[0, -1]
+                     for t in range(32, 96)]
+            batch = torch.stack([ids[0, :40], ids[0, 40:80]])
+            mask = torch.ones_like(batch)
+            mask[1, :7] = 0  # left padding: a mask reaches the attention, so SDPA runs
+            padded = model(batch, attention_mask=mask).logits
+        return out.logits, torch.stack(steps), padded
+
+    calls = []
+    c_attention = cpu_avx2.decode_attention
+    monkeypatch.setattr(cpu_avx2, "decode_attention", lambda *a: calls.append(a[0].shape) or c_attention(*a))
+    fast = decode()
+    assert len(calls) == 64 * model.config.num_hidden_layers  # every decode step of every layer, nothing else
+    model.set_attn_implementation("sdpa")
+    ref = decode()
+    assert torch.equal(fast[0], ref[0]) and torch.equal(fast[2], ref[2])
+    assert (fast[1] - ref[1]).abs().max() < 1e-4 * ref[1].abs().max()
+    assert (fast[1].argmax(-1) == ref[1].argmax(-1)).all()
+
+
+def test_use_leaves_other_implementations(stories_dir):
+    """Only SDPA models switch: an eager model keeps eager."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(stories_dir, attn_implementation="eager")
+    assert not attention.use(model) and model.config._attn_implementation == "eager"
