@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from . import attention, kernels
+from .kernels import cpu_avx2, cpu_avx2_q8
 from .config import ConfigError, QuantConfig
 from .qlinear import QuantLinear
 from .sequential import is_linear
@@ -469,4 +470,36 @@ def use_kernels(model: nn.Module, device: str | torch.device, kernel: str = "aut
     log.info("kernels: %s", ", ".join(f"{k} for {n} layers" for k, n in chosen.items()))
     for r, n in reasons.items():
         log.info("kernel fallback on %d layers: %s", n, r)
+    if chosen.keys() & {cpu_avx2.name, cpu_avx2_q8.name}:
+        shared, why = 0, Counter()
+        for group in shared_input_groups(model, device):
+            reason = cpu_avx2.share_input(group)
+            shared += reason is None
+            why.update([reason] if reason else [])
+        log.info("decode: %d groups of layers that read the same input share one kernel call", shared)
+        for r, n in why.items():
+            log.info("%d groups of layers with one input run separately: %s", n, r)
     return chosen
+
+
+@torch.no_grad()
+def shared_input_groups(model: nn.Module, device: str | torch.device) -> list[list[QuantLinear]]:
+    """QuantLinears grouped by the input tensor they read in a one-token forward (a block's q/k/v, its gate/up),
+    groups of two or more in call order; none if that forward fails (the layers then run one by one)."""
+    groups: dict[int, list[QuantLinear]] = {}
+    inputs: list[torch.Tensor] = []  # kept alive so their ids stay unique during the probe
+
+    def hook(module, args):
+        inputs.append(args[0])
+        groups.setdefault(id(args[0]), []).append(module)
+
+    handles = [m.register_forward_pre_hook(hook) for m in model.modules() if isinstance(m, QuantLinear)]
+    try:
+        model(torch.zeros(1, 1, dtype=torch.long, device=device), use_cache=False)
+    except Exception as e:  # a model whose forward needs more than input ids: sharing is only an optimisation
+        log.info("no shared-input groups: a one-token forward failed (%s: %s)", type(e).__name__, e)
+        return []
+    finally:
+        for h in handles:
+            h.remove()
+    return [g for g in groups.values() if len(g) > 1]

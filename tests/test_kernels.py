@@ -489,3 +489,44 @@ def test_avx2_q8_vnni_build_is_bit_identical(group_size, act_order, K, N):
         a = cpu_avx2.matmul(layer, x, int8=True, lib=vnni)
         b = cpu_avx2.matmul(layer, x, int8=True, lib=cpu_avx2.library())
         assert torch.equal(a, b), M
+
+
+@needs_avx2
+def test_avx2_shared_input_calls(stories_ckpt):
+    """load() finds the layers that read one input (q/k/v here; stories260K's 172-wide MLP stays unquantized) with
+    a one-token forward and lets them share a C call in decode: outputs bit-identical to separate calls, whether the
+    siblings are called in the model's order, alone, twice, or with another input in between."""
+    from gptqkit.checkpoint import load
+
+    model = load(stories_ckpt)
+    a = model.model.layers[0].self_attn
+    assert a.q_proj._avx2_shared is a.k_proj._avx2_shared is a.v_proj._avx2_shared is not None
+    assert a.o_proj._avx2_shared is None
+    qkv = (a.q_proj, a.k_proj, a.v_proj)
+    gen = torch.Generator().manual_seed(0)
+    x, x2 = torch.randn(1, 1, a.q_proj.in_features, generator=gen), torch.randn(1, 1, a.q_proj.in_features,
+                                                                              generator=gen)
+
+    def separate(layer, inp):
+        return cpu_avx2.matmul(layer, inp.reshape(1, -1), int8=True).view(1, 1, -1)
+
+    with torch.no_grad():
+        assert all(torch.equal(m(x), separate(m, x)) for m in qkv)  # the model's order
+        assert torch.equal(a.v_proj(x2), separate(a.v_proj, x2))  # one alone, a new input
+        assert torch.equal(a.q_proj(x), separate(a.q_proj, x))  # another input in between
+        assert torch.equal(a.q_proj(x), separate(a.q_proj, x))  # twice
+        assert torch.equal(a.k_proj(x2), separate(a.k_proj, x2))  # what waits belongs to x: x2 computes afresh
+    # teacher-forced decoding of the whole model: shared calls change nothing
+    ids = torch.randint(3, model.config.vocab_size, (1, 24), generator=gen)
+
+    def decode():
+        with torch.no_grad():
+            out = model(ids[:, :8], use_cache=True)
+            return torch.stack([model(ids[:, t:t + 1], past_key_values=out.past_key_values,
+                                      use_cache=True).logits[0, -1] for t in range(8, 24)])
+
+    shared = decode()
+    for m in model.modules():
+        if isinstance(m, QuantLinear):
+            m._avx2_shared = None
+    assert torch.equal(shared, decode())

@@ -131,25 +131,34 @@ typedef struct {
 static void run_q8(const acts_t *a, int M, int C, const int32_t *qw, int N, int a0, int a1, float *acc, float *sx);
 static void q8_prepare(const acts_t *a, int M, int K, int b0, int b1);
 
-/* y [M, N] fp32 (overwritten) from the prepared activations. Returns 0, or -1 when scratch memory cannot be had.
+/* Layers 0 .. nl-1 that read the same x (q/k/v, gate/up: decode makes one call for them all): layer l has
+   qws[l], Ns[l] columns, scales scs[l] and zeros zs[l], and the same rows' groups (runs, rgroup); its output
+   [M, Ns[l]] is written at y + M * (Ns[0] + ... + Ns[l-1]), overwriting. Returns 0, or -1 when scratch memory
+   cannot be had.
 
    Threads split the rows (K), not the columns: each thread streams one contiguous block of qweight rows, which the
    hardware prefetcher follows at full DRAM speed (a split by columns gives each thread short row segments and a
    jump per row: measured about half the bandwidth on a 1.1B model). A run of one group cut by a thread boundary is
    fine: the flush y += scale * (acc - zero * sum x) is linear, so each thread flushes its part with the sum of x
    over its own rows, into its own partial y; the partials are added at the end. */
-static int q4_matmul(const acts_t *a, int M, int K, const int32_t *qw, int N, const uint16_t *scales,
-                     const uint8_t *zeros, const int32_t *runs, const int32_t *rgroup, int R, float *y, int threads) {
+static int q4_matmul(const acts_t *a, int M, int K, int nl, const int32_t *const *qws, const int *Ns,
+                     const uint16_t *const *scs, const uint8_t *const *zs, const int32_t *runs,
+                     const int32_t *rgroup, int R, float *y, int threads) {
     const int C = K / 8;
     /* q8: threads split whole activation blocks (QB_CHUNKS chunks), so each rounds exactly the blocks it reads */
     const int unit = a->q8 ? QB_CHUNKS : 1, U = (C + unit - 1) / unit;
     if (threads < 1) threads = 1;
     if (threads > U) threads = U > 0 ? U : 1;
-    const size_t MN = (size_t)M * N;
-    /* part [threads - 1, M, N]: the other threads' partial outputs */
-    float *part = threads > 1 ? (float *)malloc(sizeof(float) * (size_t)(threads - 1) * MN) : NULL;
+    size_t MS = 0; /* all layers' outputs */
+    int Nmax = 0;
+    for (int l = 0; l < nl; l++) {
+        MS += (size_t)M * Ns[l];
+        Nmax = Ns[l] > Nmax ? Ns[l] : Nmax;
+    }
+    /* part [threads - 1, MS]: the other threads' partial outputs */
+    float *part = threads > 1 ? (float *)malloc(sizeof(float) * (size_t)(threads - 1) * MS) : NULL;
     if (threads > 1 && !part) return -1;
-    memset(y, 0, sizeof(float) * MN);
+    memset(y, 0, sizeof(float) * MS);
     int failed = 0, used = 1; /* OpenMP may give fewer threads than asked: only those partials exist */
 #pragma omp parallel num_threads(threads) reduction(| : failed)
     {
@@ -162,54 +171,61 @@ static int q4_matmul(const acts_t *a, int M, int K, const int32_t *qw, int N, co
         const int u0 = (int)((long)U * t / T), u1 = (int)((long)U * (t + 1) / T);
         const int c0 = u0 * unit, c1 = u1 * unit < C ? u1 * unit : C;
         if (a->q8) q8_prepare(a, M, K, u0, u1);
-        float *yo = t == 0 ? y : part + (size_t)(t - 1) * MN;
-        float *acc = (float *)malloc(sizeof(float) * (MN + (size_t)M));
+        const size_t MNmax = (size_t)M * Nmax;
+        float *acc = (float *)malloc(sizeof(float) * (MNmax + (size_t)M));
         if (!acc) {
             failed = 1;
         } else {
-            float *sx = acc + MN;
-            if (t > 0) memset(yo, 0, sizeof(float) * MN);
-            int r = 0;
-            while (r < R && runs[r + 1] <= c0) r++;
-            for (; r < R && runs[r] < c1; r++) {
-                const int a0 = runs[r] > c0 ? runs[r] : c0, a1 = runs[r + 1] < c1 ? runs[r + 1] : c1;
-                const int g = rgroup[r];
-                memset(acc, 0, sizeof(float) * (MN + (size_t)M));
-                if (a->q8) {
-                    run_q8(a, M, C, qw, N, a0, a1, acc, sx);
-                } else {
-                    for (int m = 0; m < M; m++) {
-                        float s = 0.0f;
-                        for (int k = 8 * a0; k < 8 * a1; k++) s += a->x[(size_t)m * K + k];
-                        sx[m] = s;
+            float *sx = acc + MNmax;
+            float *yl = t == 0 ? y : part + (size_t)(t - 1) * MS;
+            if (t > 0) memset(yl, 0, sizeof(float) * MS);
+            for (int l = 0; l < nl; yl += (size_t)M * Ns[l], l++) {
+                const int32_t *qw = qws[l];
+                const int N = Ns[l];
+                const size_t MN = (size_t)M * N;
+                int r = 0;
+                while (r < R && runs[r + 1] <= c0) r++;
+                for (; r < R && runs[r] < c1; r++) {
+                    const int a0 = runs[r] > c0 ? runs[r] : c0, a1 = runs[r + 1] < c1 ? runs[r + 1] : c1;
+                    const int g = rgroup[r];
+                    memset(acc, 0, sizeof(float) * MN);
+                    memset(sx, 0, sizeof(float) * (size_t)M);
+                    if (a->q8) {
+                        run_q8(a, M, C, qw, N, a0, a1, acc, sx);
+                    } else {
+                        for (int m = 0; m < M; m++) {
+                            float s = 0.0f;
+                            for (int k = 8 * a0; k < 8 * a1; k++) s += a->x[(size_t)m * K + k];
+                            sx[m] = s;
+                        }
+                        if (M == 1)
+                            run_accumulate_1(a->xs, qw, N, a0, a1, acc);
+                        else
+                            run_accumulate(a->xs, M, K, qw, N, a0, a1, acc);
                     }
-                    if (M == 1)
-                        run_accumulate_1(a->xs, qw, N, a0, a1, acc);
-                    else
-                        run_accumulate(a->xs, M, K, qw, N, a0, a1, acc);
+                    flush_run(yl, acc, sx, scs[l] + (size_t)g * N, zs[l] + (size_t)g * N, M, N);
                 }
-                flush_run(yo, acc, sx, scales + (size_t)g * N, zeros + (size_t)g * N, M, N);
             }
             free(acc);
         }
     }
     for (int t = 1; t < used; t++) {
-        const float *p = part + (size_t)(t - 1) * MN;
-        for (size_t i = 0; i < MN; i++) y[i] += p[i];
+        const float *p = part + (size_t)(t - 1) * MS;
+        for (size_t i = 0; i < MS; i++) y[i] += p[i];
     }
     free(part);
     return failed ? -1 : 0;
 }
 
-/* x [M, K] fp32, y [M, N] fp32 (overwritten). Returns 0, or -1 when scratch memory cannot be had. */
-int gptq_q4_matmul(const float *x, int M, int K, const int32_t *qw, int N, const uint16_t *scales,
-                   const uint8_t *zeros, const int32_t *runs, const int32_t *rgroup, int R, float *y,
-                   int threads) {
+/* x [M, K] fp32; layers and y as q4_matmul. Returns 0, or -1 when scratch memory cannot be had. */
+int gptq_q4_matmul(const float *x, int M, int K, int nl, const int32_t *const *qws, const int *Ns,
+                   const uint16_t *const *scs, const uint8_t *const *zs, const int32_t *runs, const int32_t *rgroup,
+                   int R, float *y, int threads) {
     float *xs = (float *)malloc(sizeof(float) * ((size_t)M * K + 1));
     if (!xs) return -1;
     for (size_t i = 0; i < (size_t)M * K; i++) xs[i] = x[i] * INV16[(i % (size_t)K) & 7];
     const acts_t a = {0, x, xs, NULL, NULL, NULL, NULL, 0};
-    const int rc = q4_matmul(&a, M, K, qw, N, scales, zeros, runs, rgroup, R, y, threads);
+    const int rc = q4_matmul(&a, M, K, nl, qws, Ns, scs, zs, runs, rgroup, R, y, threads);
     free(xs);
     return rc;
 }
@@ -387,16 +403,16 @@ static void q8_prepare(const acts_t *a, int M, int K, int b0, int b1) {
 
 /* Arguments as gptq_q4_matmul. Returns 0, or -1 when scratch memory cannot be had. The activations are rounded by
    the threads that read them (q8_prepare, called from q4_matmul's parallel region). */
-int gptq_q4_matmul_q8(const float *x, int M, int K, const int32_t *qw, int N, const uint16_t *scales,
-                      const uint8_t *zeros, const int32_t *runs, const int32_t *rgroup, int R, float *y,
-                      int threads) {
+int gptq_q4_matmul_q8(const float *x, int M, int K, int nl, const int32_t *const *qws, const int *Ns,
+                      const uint16_t *const *scs, const uint8_t *const *zs, const int32_t *runs,
+                      const int32_t *rgroup, int R, float *y, int threads) {
     const int C = K / 8, B = (C + QB_CHUNKS - 1) / QB_CHUNKS;
     /* per row m: xl, xh [C] packed activation bytes; sb [C] sum of x8 over each chunk; d [B] block scales */
     int32_t *xl = (int32_t *)malloc(sizeof(int32_t) * ((size_t)M * 3 * C + 1) + sizeof(float) * (size_t)M * B);
     if (!xl) return -1;
     int32_t *xh = xl + (size_t)M * C, *sb = xh + (size_t)M * C;
     const acts_t a = {1, x, NULL, xl, xh, sb, (float *)(sb + (size_t)M * C), B};
-    const int rc = q4_matmul(&a, M, K, qw, N, scales, zeros, runs, rgroup, R, y, threads);
+    const int rc = q4_matmul(&a, M, K, nl, qws, Ns, scs, zs, runs, rgroup, R, y, threads);
     free(xl);
     return rc;
 }
