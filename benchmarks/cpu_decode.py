@@ -11,9 +11,10 @@ own virtual environment when benchmarks/peers/setup.sh has made it ($GPTQKIT_PEE
 ~/.cache/gptqkit/peers). The quantized checkpoints use
 round-to-nearest (gptqkit quantize --method rtn): speed does not depend on how the codes were chosen.
 
-Roofline: DRAM read bandwidth (a sum over a 1 GiB fp32 tensor, best of 5, same threads) divided by the weight
-bytes one decode token must read (every Linear and lm_head, in the layout the kernel reads: int4 codes plus bf16
-scale/zero pairs for gptqkit; bf16 or fp32 for dense), ignoring the KV cache and activations.
+Roofline: DRAM read bandwidth (a sum over a 1 GiB fp32 tensor, best of 5, same threads; read before and after each
+model's columns, the higher taken) divided by the weight bytes one decode token must read (every Linear and
+lm_head, in the layout the kernel reads: int4 codes plus bf16 scale/zero pairs for gptqkit; bf16 or fp32 for
+dense), ignoring the KV cache and activations.
 """
 
 from __future__ import annotations
@@ -266,7 +267,11 @@ def table(title: str, cols: dict[str, dict], bw: float, base: str = "dense bf16"
     return "\n".join(lines + errors)
 
 
-def run_model(name: str, dense: Path, ckpts: dict[int, Path], bw: float, a) -> tuple[str, dict]:
+def run_model(name: str, dense: Path, ckpts: dict[int, Path], a) -> tuple[str, dict]:
+    # The roofline takes the higher of two bandwidth readings, before and after this model's columns: on this shared
+    # VM one reading at the start of a run once came out at 60.7 GB/s against 33-36 GB/s on either side of it.
+    bw_before = read_bandwidth()
+    log(f"DRAM read bandwidth: {bw_before / 1e9:.2f} GB/s; load average {os.getloadavg()}")
     cols: dict[str, dict] = {}
     cols["dense bf16"] = measure(dense, False, "bfloat16", a)
     cols["dense bf16"]["bytes_per_token"] = weight_bytes_per_token(dense, 2)
@@ -287,9 +292,15 @@ def run_model(name: str, dense: Path, ckpts: dict[int, Path], bw: float, a) -> t
             r = cols[f"GPTQModel g{g}"] = measure_peer(ck, a)
             r["size_bytes"] = B.size_on_disk(ck)
             r["bytes_per_token"] = weight_bytes_per_token(ck, 2, "cpu")  # it runs the same int4 op
+    bw_after = read_bandwidth()
+    bw = max(bw_before, bw_after)
     title = (f"{name}: {a.threads} threads, prompt {a.prompt_len} tokens, {a.new_tokens} new tokens, median of "
-             f"{a.runs} decodes / {a.prefill_runs} prefills; DRAM read {bw / 1e9:.1f} GB/s")
-    text = table(title, cols, bw)
+             f"{a.runs} decodes / {a.prefill_runs} prefills; DRAM read {bw / 1e9:.1f} GB/s (the higher of "
+             f"{bw_before / 1e9:.1f} before and {bw_after / 1e9:.1f} after these columns)")
+    cols["bandwidth_bytes_per_s"] = {"before": bw_before, "after": bw_after}
+    text = table(title, {k: v for k, v in cols.items() if k != "bandwidth_bytes_per_s"}, bw)
+    if min(bw_before, bw_after) < 0.8 * bw:
+        text += "\n  the two bandwidth readings differ by more than 20%: the roofline fractions are not reliable"
     if not peer_ok:
         text += f"\nGPTQModel: not installed at {PEER_PY.parent.parent}"
     return text, cols
@@ -373,13 +384,11 @@ def main() -> int:
     work = Path(a.work)
     work.mkdir(parents=True, exist_ok=True)
     groups = [int(g) for g in a.groups.split(",")]
-    bw = read_bandwidth()
-    log(f"DRAM read bandwidth: {bw / 1e9:.2f} GB/s; load average {os.getloadavg()}")
-    out, raw = [], {"bandwidth_bytes_per_s": bw, "load_average": os.getloadavg()}
+    out, raw = [], {"load_average": os.getloadavg()}
     for name in a.models.split(","):
         dense, ckpts = (smollm2 if name == "smollm2" else tinyllama)(work, groups)
         text, cols = run_model({"smollm2": "SmolLM2-135M-Instruct", "tinyllama": "TinyLlama-1.1B-shaped (random)"}
-                               [name], dense, ckpts, bw, a)
+                               [name], dense, ckpts, a)
         print(text + "\n", flush=True)
         out.append(text)
         raw[name] = cols
