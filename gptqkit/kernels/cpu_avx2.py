@@ -241,8 +241,9 @@ class SharedInput:
     called runs one C call for all (the activations rounded once, one OpenMP fork, no Python between the layers);
     the others get their outputs from it when called with that same tensor object.
 
-    On the 1.1B shape this took decode from 28.3-28.9 to 27.2 ms/token (4-bit, 2 threads): the 2048 x 256 k and v
-    projections each ran at about 13 GB/s alone, their fixed costs larger than their 0.26 MB of codes.
+    On the 1.1B shape (4-bit, 2 threads) the 2048 x 256 k and v projections each ran at about 13 GB/s alone, their
+    fixed costs larger than their 0.26 MB of codes; shared calls took decode from 28.0-28.6 to 27.7-28.1 ms/token
+    (three interleaved pairs in one process).
 
     The outputs wait, keyed by layer, with a reference to the input; a call with any other input (or a second call
     for the same layer) computes afresh. So results equal separate calls, unless the caller changes the input in
