@@ -530,3 +530,24 @@ def test_avx2_shared_input_calls(stories_ckpt):
         if isinstance(m, QuantLinear):
             m._avx2_shared = None
     assert torch.equal(shared, decode())
+
+
+def test_shared_input_probe_failure_is_only_logged(stories_ckpt, caplog):
+    """A model whose one-token forward fails gets no shared groups (its layers run one by one), and the probe's
+    hooks are removed either way."""
+    from gptqkit.checkpoint import load, shared_input_groups
+
+    model = load(stories_ckpt, kernel="torch")
+    qls = [m for m in model.modules() if isinstance(m, QuantLinear)]
+    groups = shared_input_groups(model, "cpu")
+    assert [len(g) for g in groups] == [3] * model.config.num_hidden_layers  # q/k/v of each block
+    assert not any(m._forward_pre_hooks for m in qls)
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("needs pixel_values")
+
+    model.model.forward = broken
+    with caplog.at_level(logging.INFO, logger="gptqkit.checkpoint"):
+        assert shared_input_groups(model, "cpu") == []
+    assert "a one-token forward failed (RuntimeError: needs pixel_values)" in caplog.text
+    assert not any(m._forward_pre_hooks for m in qls)
