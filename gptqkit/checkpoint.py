@@ -26,7 +26,7 @@ from . import attention, kernels
 from .kernels import cpu_avx2, cpu_avx2_q8
 from .config import ConfigError, QuantConfig
 from .qlinear import QuantLinear
-from .sequential import is_linear
+from .sequential import input_groups, is_linear
 
 log = logging.getLogger(__name__)
 
@@ -486,20 +486,10 @@ def use_kernels(model: nn.Module, device: str | torch.device, kernel: str = "aut
 def shared_input_groups(model: nn.Module, device: str | torch.device) -> list[list[QuantLinear]]:
     """QuantLinears grouped by the input tensor they read in a one-token forward (a block's q/k/v, its gate/up),
     groups of two or more in call order; none if that forward fails (the layers then run one by one)."""
-    groups: dict[int, list[QuantLinear]] = {}
-    inputs: list[torch.Tensor] = []  # kept alive so their ids stay unique during the probe
-
-    def hook(module, args):
-        inputs.append(args[0])
-        groups.setdefault(id(args[0]), []).append(module)
-
-    handles = [m.register_forward_pre_hook(hook) for m in model.modules() if isinstance(m, QuantLinear)]
+    qls = {n: m for n, m in model.named_modules() if isinstance(m, QuantLinear)}
     try:
-        model(torch.zeros(1, 1, dtype=torch.long, device=device), use_cache=False)
+        groups = input_groups(qls, lambda: model(torch.zeros(1, 1, dtype=torch.long, device=device), use_cache=False))
     except Exception as e:  # a model whose forward needs more than input ids: sharing is only an optimisation
         log.info("no shared-input groups: a one-token forward failed (%s: %s)", type(e).__name__, e)
         return []
-    finally:
-        for h in handles:
-            h.remove()
-    return [g for g in groups.values() if len(g) > 1]
+    return [[qls[n] for n in g] for g in groups if len(g) > 1]

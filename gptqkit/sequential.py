@@ -177,9 +177,10 @@ def _run_block(block: nn.Module, hidden: torch.Tensor, kwargs: dict) -> torch.Te
 
 
 @torch.no_grad()
-def sequential_groups(block: nn.Module, names: list[str], hidden, kwargs) -> list[list[str]]:
-    """Linears grouped by the input tensor they read, in execution order (q/k/v together, gate/up together)."""
-    modules = dict(block.named_modules())
+def input_groups(modules: dict[str, nn.Module], run: Callable[[], object]) -> list[list[str]]:
+    """Names of `modules` grouped by the input tensor each reads while `run()` executes, groups in call order (a
+    module called twice counts once; modules that do not run are left out). The hooks are removed even if run()
+    raises, and its exception propagates."""
     order: list[str] = []
     keys: dict[str, int] = {}
     seen: list[torch.Tensor] = []  # keep inputs alive so their ids stay unique during the probe
@@ -192,9 +193,9 @@ def sequential_groups(block: nn.Module, names: list[str], hidden, kwargs) -> lis
             keys[name] = id(x)
         return hook
 
-    handles = [modules[n].register_forward_pre_hook(make(n)) for n in names]
+    handles = [m.register_forward_pre_hook(make(n)) for n, m in modules.items()]
     try:
-        _run_block(block, hidden[:1], _slice_kwargs(kwargs, 1))
+        run()
     finally:
         for h in handles:
             h.remove()
@@ -207,7 +208,16 @@ def sequential_groups(block: nn.Module, names: list[str], hidden, kwargs) -> lis
             by_key[keys[n]] = []
             groups.append(by_key[keys[n]])
         by_key[keys[n]].append(n)
-    missing = [n for n in names if n not in order]
+    return groups
+
+
+def sequential_groups(block: nn.Module, names: list[str], hidden, kwargs) -> list[list[str]]:
+    """Linears grouped by the input tensor they read, in execution order (q/k/v together, gate/up together)."""
+    modules = dict(block.named_modules())
+    groups = input_groups({n: modules[n] for n in names},
+                          lambda: _run_block(block, hidden[:1], _slice_kwargs(kwargs, 1)))
+    ran = {n for g in groups for n in g}
+    missing = [n for n in names if n not in ran]
     if missing:
         groups.append(missing)
     return groups

@@ -32,6 +32,23 @@
 #include <omp.h>
 #endif
 
+/* Inside a parallel region: the calling thread t of a team of T, and its share [lo, hi) of n items split evenly
+   (OpenMP may give fewer threads than asked, so shares follow the team actually running). */
+typedef struct {
+    int t, T, lo, hi;
+} share_t;
+
+static inline share_t share_of(int n) {
+    share_t s = {0, 1, 0, n};
+#ifdef _OPENMP
+    s.t = omp_get_thread_num();
+    s.T = omp_get_num_threads();
+#endif
+    s.lo = (int)((long)n * s.t / s.T);
+    s.hi = (int)((long)n * (s.t + 1) / s.T);
+    return s;
+}
+
 static const float INV16[8] = {1.0f, 1.0f / 16, 1.0f / 256, 1.0f / 4096, 1.0f / 65536, 1.0f / 1048576,
                                1.0f / 16777216, 1.0f};
 
@@ -162,13 +179,9 @@ static int q4_matmul(const acts_t *a, int M, int K, int nl, const int32_t *const
     int failed = 0, used = 1; /* OpenMP may give fewer threads than asked: only those partials exist */
 #pragma omp parallel num_threads(threads) reduction(| : failed)
     {
-        int t = 0, T = 1;
-#ifdef _OPENMP
-        t = omp_get_thread_num();
-        T = omp_get_num_threads();
-#endif
-        if (t == 0) used = T;
-        const int u0 = (int)((long)U * t / T), u1 = (int)((long)U * (t + 1) / T);
+        const share_t sh = share_of(U);
+        const int t = sh.t, u0 = sh.lo, u1 = sh.hi;
+        if (t == 0) used = sh.T;
         const int c0 = u0 * unit, c1 = u1 * unit < C ? u1 * unit : C;
         if (a->q8) q8_prepare(a, M, K, u0, u1);
         const size_t MNmax = (size_t)M * Nmax;
@@ -447,12 +460,8 @@ int gptq_q4_dequant(const int32_t *qw, int N, const uint16_t *scales, const uint
     if (threads < 1) threads = 1;
 #pragma omp parallel num_threads(threads)
     {
-        int t = 0, T = 1;
-#ifdef _OPENMP
-        t = omp_get_thread_num();
-        T = omp_get_num_threads();
-#endif
-        const int t0 = c0 + (int)((long)(c1 - c0) * t / T), t1 = c0 + (int)((long)(c1 - c0) * (t + 1) / T);
+        const share_t sh = share_of(c1 - c0);
+        const int t0 = c0 + sh.lo, t1 = c0 + sh.hi;
         int r = 0;
         while (r < R && runs[r + 1] <= t0) r++;
         for (int c = t0; c < t1; c++) {
@@ -620,14 +629,10 @@ int decode_attention(const float *q, int H, int D, const float *k, const float *
     int failed = 0;
 #pragma omp parallel num_threads(threads) reduction(| : failed)
     {
-        int t = 0, T = 1;
-#ifdef _OPENMP
-        t = omp_get_thread_num();
-        T = omp_get_num_threads();
-#endif
+        const share_t sh = share_of(H);
         float *s = (float *)malloc(sizeof(float) * (size_t)L);
         if (!s) failed = 1;
-        for (int h = (int)((long)H * t / T); s && h < (int)((long)H * (t + 1) / T); h++) {
+        for (int h = sh.lo; s && h < sh.hi; h++) {
             const float *qh = q + (size_t)h * D, *kg = k + (size_t)(h / Q) * ksh, *vg = v + (size_t)(h / Q) * vsh;
             /* scores, 8 positions at a time: eight dot products reduced together */
             int l = 0;
