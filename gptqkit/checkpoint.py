@@ -471,25 +471,29 @@ def use_kernels(model: nn.Module, device: str | torch.device, kernel: str = "aut
     for r, n in reasons.items():
         log.info("kernel fallback on %d layers: %s", n, r)
     if chosen.keys() & {cpu_avx2.name, cpu_avx2_q8.name}:
+        groups = decode_call_groups(model, device)
         shared, why = 0, Counter()
-        for group in shared_input_groups(model, device):
+        for group in (g for g in groups if len(g) > 1):
             reason = cpu_avx2.share_input(group)
             shared += reason is None
             why.update([reason] if reason else [])
         log.info("decode: %d groups of layers that read the same input share one kernel call", shared)
         for r, n in why.items():
             log.info("%d groups of layers with one input run separately: %s", n, r)
+        calls = cpu_avx2.read_ahead([m for g in groups for m in g])
+        log.info("decode: %d kernel calls each read the next two calls' codes ahead", calls)
     return chosen
 
 
 @torch.no_grad()
-def shared_input_groups(model: nn.Module, device: str | torch.device) -> list[list[QuantLinear]]:
-    """QuantLinears grouped by the input tensor they read in a one-token forward (a block's q/k/v, its gate/up),
-    groups of two or more in call order; none if that forward fails (the layers then run one by one)."""
+def decode_call_groups(model: nn.Module, device: str | torch.device) -> list[list[QuantLinear]]:
+    """QuantLinears grouped by the input tensor they read in a one-token forward (a block's q/k/v, its gate/up; the
+    others alone), groups in call order; none if that forward fails (the layers then run one by one, without
+    read-ahead)."""
     qls = {n: m for n, m in model.named_modules() if isinstance(m, QuantLinear)}
     try:
         groups = input_groups(qls, lambda: model(torch.zeros(1, 1, dtype=torch.long, device=device), use_cache=False))
     except Exception as e:  # a model whose forward needs more than input ids: sharing is only an optimisation
         log.info("no shared-input groups: a one-token forward failed (%s: %s)", type(e).__name__, e)
         return []
-    return [[qls[n] for n in g] for g in groups if len(g) > 1]
+    return [[qls[n] for n in g] for g in groups]

@@ -533,14 +533,14 @@ def test_avx2_shared_input_calls(stories_ckpt):
 
 
 def test_shared_input_probe_failure_is_only_logged(stories_ckpt, caplog):
-    """A model whose one-token forward fails gets no shared groups (its layers run one by one), and the probe's
-    hooks are removed either way."""
-    from gptqkit.checkpoint import load, shared_input_groups
+    """A model whose one-token forward fails gets no call groups (its layers run one by one), and the probe's hooks
+    are removed either way."""
+    from gptqkit.checkpoint import load, decode_call_groups
 
     model = load(stories_ckpt, kernel="torch")
     qls = [m for m in model.modules() if isinstance(m, QuantLinear)]
-    groups = shared_input_groups(model, "cpu")
-    assert [len(g) for g in groups] == [3] * model.config.num_hidden_layers  # q/k/v of each block
+    groups = decode_call_groups(model, "cpu")
+    assert [len(g) for g in groups] == [3, 1] * model.config.num_hidden_layers  # q/k/v, then o, of each block
     assert not any(m._forward_pre_hooks for m in qls)
 
     def broken(*args, **kwargs):
@@ -548,6 +548,104 @@ def test_shared_input_probe_failure_is_only_logged(stories_ckpt, caplog):
 
     model.model.forward = broken
     with caplog.at_level(logging.INFO, logger="gptqkit.checkpoint"):
-        assert shared_input_groups(model, "cpu") == []
+        assert decode_call_groups(model, "cpu") == []
     assert "a one-token forward failed (RuntimeError: needs pixel_values)" in caplog.text
     assert not any(m._forward_pre_hooks for m in qls)
+
+
+@pytest.fixture
+def two_threads():
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(before)
+
+
+def _q8_layers(n, K=1024, N=264):
+    layers = [random_layer(K, N, 4, 128, sym=False, fmt="gptq", seed=s) for s in range(n)]
+    for layer in layers:
+        layer.use_kernel(cpu_avx2_q8)
+    return layers
+
+
+@needs_avx2
+def test_avx2_decode_pool_is_deterministic_and_takes_concurrent_callers(two_threads):
+    """Decode matmuls run on the C file's own thread pool, with threads taking row segments in whatever order they
+    come: the result is the same bits on every call, and a second Python thread calling while the pool is busy runs
+    alone on its caller and gets the same bits too."""
+    import threading
+
+    layers = _q8_layers(3)
+    gen = torch.Generator().manual_seed(1)
+    xs = [torch.randn(M, 1024, generator=gen) for M in (1, 3)]
+    want = {(i, j): cpu_avx2.matmul(layer, x, int8=True) for i, layer in enumerate(layers) for j, x in enumerate(xs)}
+    ref = reference.forward(layers[0], xs[1])  # right, not just repeatable (int8 activations: ~1e-3 of the scale)
+    assert (want[0, 1] - ref).abs().max() < 1e-2 * ref.abs().max()
+    for _ in range(20):
+        assert all(torch.equal(cpu_avx2.matmul(layers[i], xs[j], int8=True), y) for (i, j), y in want.items())
+    bad = []
+
+    def hammer(i):
+        for _ in range(50):
+            for j, x in enumerate(xs):
+                if not torch.equal(cpu_avx2.matmul(layers[i], x, int8=True), want[i, j]):
+                    bad.append((i, j))
+
+    threads = [threading.Thread(target=hammer, args=(i,)) for i in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert not any(t.is_alive() for t in threads) and not bad
+
+
+@needs_avx2
+def test_avx2_decode_pool_survives_fork(two_threads):
+    """A process forked after the pool has started (a DataLoader worker, multiprocessing) has no workers: its first
+    decode call starts its own instead of waiting for threads that do not exist."""
+    import multiprocessing
+
+    layer = _q8_layers(1)[0]
+    x = torch.randn(1, 1024, generator=torch.Generator().manual_seed(2))
+    want = cpu_avx2.matmul(layer, x, int8=True)  # the parent's pool is running now
+
+    ctx = multiprocessing.get_context("fork")
+    q = ctx.Queue()
+    p = ctx.Process(target=_child_matmul, args=(layer, x, q))
+    p.start()
+    p.join(timeout=60)
+    if p.is_alive():
+        p.kill()
+        pytest.fail("the forked child hung in its first decode call")
+    assert p.exitcode == 0 and torch.equal(torch.tensor(q.get(timeout=10)), want)
+
+
+def _child_matmul(layer, x, q):
+    torch.set_num_threads(2)
+    q.put(cpu_avx2.matmul(layer, x, int8=True).tolist())  # as a list: a tensor would be shared through an fd
+
+
+@needs_avx2
+def test_avx2_read_ahead_follows_decode_order(stories_ckpt, two_threads):
+    """load() tells each decode call which two calls come next (q/k/v's shared call, then o, then the next block's
+    q/k/v; the last wraps to the first), and reading them ahead changes no output bit."""
+    from gptqkit.checkpoint import load
+
+    model = load(stories_ckpt)
+    attn = [layer.self_attn for layer in model.model.layers]
+    order = [p for a in attn for p in (a.q_proj._avx2_shared.plan, a.o_proj._avx2_plan)]
+    for i, plan in enumerate(order):
+        assert plan.follow[1] == 2
+        assert plan.follow[2][0] is order[(i + 1) % len(order)] and plan.follow[2][1] is order[(i + 2) % len(order)]
+    ids = torch.randint(3, model.config.vocab_size, (1, 20), generator=torch.Generator().manual_seed(3))
+
+    def decode():
+        with torch.no_grad():
+            out = model(ids[:, :8], use_cache=True)
+            return torch.stack([model(ids[:, t:t + 1], past_key_values=out.past_key_values,
+                                      use_cache=True).logits[0, -1] for t in range(8, 20)])
+
+    ahead = decode()
+    for plan in order:
+        plan.follow.clear()
+    assert torch.equal(ahead, decode())

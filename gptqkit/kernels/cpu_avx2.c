@@ -1,3 +1,4 @@
+#define _POSIX_C_SOURCE 200809L /* clock_gettime, pthread_atfork under -std=c99 */
 /* 4-bit GPTQ matmul for few rows (decode) on x86-64 with AVX2, FMA and F16C.
 
    Entry points: gptq_q4_matmul (fp32 activations, the `avx2` kernel), gptq_q4_matmul_q8 (activations rounded to
@@ -5,8 +6,12 @@
    lm_head kept in bf16, gptqkit.dense).
 
    Reads the checkpoint tensors as they are: no int4 copy of the weight is made, so a loaded model holds its
-   4-bit codes once. Built by cpu_avx2.py with the C compiler at hand and called through ctypes; OpenMP resolves to
-   the libgomp.so.1 that torch has already loaded, so this kernel and torch share one thread pool.
+   4-bit codes once. Built by cpu_avx2.py with the C compiler at hand and called through ctypes.
+
+   Threads: the decode entry points (the two matmuls, the bf16 GEMV, the attention) run on this file's own pool (see
+   "The pool" below), which lets a worker read the next layers' codes while the caller is back in Python; the
+   prefill dequantization runs on OpenMP, which resolves to the libgomp.so.1 that torch has already loaded, so it
+   shares torch's threads like the GEMM it feeds.
 
        y[M, N] = x[M, K] @ W,   W[k, n] = scale[g, n] * (q[k, n] - zero[g, n]),   g the group of row k
 
@@ -27,26 +32,177 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
+
+#include <pthread.h>
 
 #ifdef _OPENMP
 #include <omp.h>
 #endif
 
-/* Inside a parallel region: the calling thread t of a team of T, and its share [lo, hi) of n items split evenly
-   (OpenMP may give fewer threads than asked, so shares follow the team actually running). */
+/* Thread t of a team of T and its share [lo, hi) of n items split evenly. */
 typedef struct {
     int t, T, lo, hi;
 } share_t;
 
-static inline share_t share_of(int n) {
-    share_t s = {0, 1, 0, n};
-#ifdef _OPENMP
-    s.t = omp_get_thread_num();
-    s.T = omp_get_num_threads();
-#endif
-    s.lo = (int)((long)n * s.t / s.T);
-    s.hi = (int)((long)n * (s.t + 1) / s.T);
+static inline share_t share_in(int n, int t, int T) {
+    const share_t s = {t, T, (int)((long)n * t / T), (int)((long)n * (t + 1) / T)};
     return s;
+}
+
+/* The same inside an OpenMP parallel region (OpenMP may give fewer threads than asked, so shares follow the team
+   actually running). */
+static inline share_t share_of(int n) {
+#ifdef _OPENMP
+    return share_in(n, omp_get_thread_num(), omp_get_num_threads());
+#else
+    return share_in(n, 0, 1);
+#endif
+}
+
+/* ---------------------------------------------------------------------------------------------------------------
+   The pool: T - 1 worker threads, the caller being thread 0. pool_run(fn, arg, T, pf) runs fn(arg, t, T) on every
+   thread and returns when all are done, like an OpenMP parallel region; then worker 1 goes on to read the regions
+   in pf (the next calls' codes, see q4_matmul) into the cache while the caller is back in Python, one 16 KB step at
+   a time, looking for the next job between steps. OpenMP cannot do that: a parallel region ends when all its
+   threads do.
+
+   On the 1.1B shape (2 threads, avx2-q8 g128) decode spends about 6 ms per token in Python and small torch ops
+   between the 88 matmul calls, in gaps of 30-150 us with the memory bus idle. Reading the next calls' codes in those
+   gaps took the 88 calls from 22.5 to 19.4 ms per token in a loop with the gaps simulated (median of 24 interleaved
+   rounds, /work/runs/s14 raw.py) and a real decode from 39.0 to 34.1 ms per token (median of 16, same process, on a
+   day this VM read 26-44 GB/s).
+
+   A worker spins for SPIN_NS after its last job or read, then sleeps on a condition variable: decode's gaps keep it
+   awake, while prefill (torch's GEMMs on OpenMP threads) finds it asleep after its first dequantization. A call
+   made while another thread holds the pool (a second Python thread) runs alone on its caller. A forked child
+   starts without workers and makes its own. */
+
+#define MAX_THREADS 64
+#define SPIN_NS 2000000L
+#define PF_MAX 48      /* regions in one read-ahead list */
+#define PF_STEP 16384  /* bytes read between looks for a job */
+
+typedef void (*task_fn)(void *arg, int t, int T);
+
+typedef struct {
+    int count;
+    const char *p[PF_MAX];
+    size_t n[PF_MAX];
+} prefetch_t;
+
+static struct {
+    pthread_mutex_t mu;
+    pthread_cond_t cv;
+    int started;           /* workers running: threads 1 .. started */
+    unsigned long seq;     /* job number (atomic) */
+    unsigned long start_seq[MAX_THREADS];
+    task_fn fn;
+    void *arg;
+    int T;
+    prefetch_t pf;         /* worker 1's reading after this job (count 0: it keeps its current list) */
+    int pending;           /* workers yet to finish the job (atomic) */
+    int sleeping;          /* workers waiting on cv (atomic) */
+    int busy;              /* a caller holds the pool (atomic) */
+    int atfork;            /* the fork handler is registered */
+} pool = {PTHREAD_MUTEX_INITIALIZER, PTHREAD_COND_INITIALIZER};
+
+static long now_ns(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (long)ts.tv_sec * 1000000000L + ts.tv_nsec;
+}
+
+static void *worker_main(void *arg) {
+    const int me = (int)(long)arg;
+    unsigned long last = pool.start_seq[me]; /* the job being posted when it was started is its first */
+    prefetch_t pf = {0};
+    int pi = 0;
+    size_t po = 0;
+    for (;;) {
+        unsigned long s;
+        long idle_since = now_ns();
+        int spins = 0;
+        while ((s = __atomic_load_n(&pool.seq, __ATOMIC_ACQUIRE)) == last) {
+            if (pi < pf.count) {
+                /* read one step: loads (not prefetch hints) so the hardware prefetcher streams ahead of them */
+                const char *b = pf.p[pi] + po;
+                const size_t len = pf.n[pi] - po < PF_STEP ? pf.n[pi] - po : PF_STEP;
+                __m256i acc = _mm256_setzero_si256();
+                for (size_t i = 0; i < len; i += 64) acc = _mm256_or_si256(acc, _mm256_loadu_si256((const __m256i *)(b + i)));
+                __asm__ volatile("" : : "x"(acc)); /* keep the loads */
+                po += len;
+                if (po >= pf.n[pi]) pi++, po = 0;
+                idle_since = now_ns();
+                continue;
+            }
+            _mm_pause();
+            if (++spins % 256 == 0 && now_ns() - idle_since > SPIN_NS) {
+                pthread_mutex_lock(&pool.mu);
+                __atomic_add_fetch(&pool.sleeping, 1, __ATOMIC_SEQ_CST);
+                while (__atomic_load_n(&pool.seq, __ATOMIC_SEQ_CST) == last) pthread_cond_wait(&pool.cv, &pool.mu);
+                __atomic_sub_fetch(&pool.sleeping, 1, __ATOMIC_SEQ_CST);
+                pthread_mutex_unlock(&pool.mu);
+                idle_since = now_ns();
+            }
+        }
+        last = s;
+        if (me < pool.T) pool.fn(pool.arg, me, pool.T);
+        if (me == 1 && pool.pf.count) {
+            pf = pool.pf;
+            pi = 0;
+            po = 0;
+        }
+        __atomic_sub_fetch(&pool.pending, 1, __ATOMIC_ACQ_REL);
+    }
+    return NULL;
+}
+
+static void pool_after_fork(void) { /* in the child: the workers are gone, the locks may be held */
+    pthread_mutex_init(&pool.mu, NULL);
+    pthread_cond_init(&pool.cv, NULL);
+    pool.started = 0;
+    pool.pending = 0;
+    pool.sleeping = 0;
+    pool.busy = 0;
+}
+
+/* Returns the number of threads that ran fn. */
+static int pool_run(task_fn fn, void *arg, int T, const prefetch_t *pf) {
+    if (T > MAX_THREADS) T = MAX_THREADS;
+    if (T <= 1 || __atomic_exchange_n(&pool.busy, 1, __ATOMIC_ACQUIRE)) {
+        fn(arg, 0, 1);
+        return 1;
+    }
+    if (!pool.atfork) pool.atfork = pthread_atfork(NULL, NULL, pool_after_fork) == 0;
+    while (pool.started < T - 1) {
+        pthread_t th;
+        pthread_attr_t at;
+        pthread_attr_init(&at);
+        pthread_attr_setdetachstate(&at, PTHREAD_CREATE_DETACHED);
+        pool.start_seq[pool.started + 1] = pool.seq;
+        const int rc = pthread_create(&th, &at, worker_main, (void *)(long)(pool.started + 1));
+        pthread_attr_destroy(&at);
+        if (rc != 0) break;
+        pool.started++;
+    }
+    if (T > pool.started + 1) T = pool.started + 1;
+    pool.fn = fn;
+    pool.arg = arg;
+    pool.T = T;
+    pool.pf.count = 0;
+    if (pf) pool.pf = *pf;
+    __atomic_store_n(&pool.pending, pool.started, __ATOMIC_RELAXED);
+    __atomic_add_fetch(&pool.seq, 1, __ATOMIC_SEQ_CST);
+    if (__atomic_load_n(&pool.sleeping, __ATOMIC_SEQ_CST) > 0) {
+        pthread_mutex_lock(&pool.mu);
+        pthread_cond_broadcast(&pool.cv);
+        pthread_mutex_unlock(&pool.mu);
+    }
+    fn(arg, 0, T);
+    while (__atomic_load_n(&pool.pending, __ATOMIC_ACQUIRE) > 0) _mm_pause();
+    __atomic_store_n(&pool.busy, 0, __ATOMIC_RELEASE);
+    return T;
 }
 
 static const float INV16[8] = {1.0f, 1.0f / 16, 1.0f / 256, 1.0f / 4096, 1.0f / 65536, 1.0f / 1048576,
@@ -148,97 +304,174 @@ typedef struct {
 static void run_q8(const acts_t *a, int M, int C, const int32_t *qw, int N, int a0, int a1, float *acc, float *sx);
 static void q8_prepare(const acts_t *a, int M, int K, int b0, int b1);
 
-/* Layers 0 .. nl-1 that read the same x (q/k/v, gate/up: decode makes one call for them all): layer l has
-   qws[l], Ns[l] columns, scales scs[l] and zeros zs[l], and the same rows' groups (runs, rgroup); its output
-   [M, Ns[l]] is written at y + M * (Ns[0] + ... + Ns[l-1]), overwriting. Returns 0, or -1 when scratch memory
-   cannot be had.
+/* Decode's matmuls split the rows (K) into SEGMENTS segments of whole units (one 8-row chunk, or for the int8 path
+   one activation block of QB_CHUNKS chunks, which its thread rounds): thread 0 takes segments from the front, the
+   other threads from the back, one at a time, so a worker that read the back segments ahead in the caller's Python
+   gap (see the pool) finishes those fast and takes more. Each segment flushes into its own partial output and the
+   partials are summed in segment order at the end, so the result does not depend on which thread took which
+   segment (the same bits from run to run). A run of one group cut by a segment edge is fine: the flush
+   y += scale * (acc - zero * sum x) is linear, so each piece flushes with the sum of x over its own rows.
 
-   Threads split the rows (K), not the columns: each thread streams one contiguous block of qweight rows, which the
-   hardware prefetcher follows at full DRAM speed (a split by columns gives each thread short row segments and a
-   jump per row: measured about half the bandwidth on a 1.1B model). A run of one group cut by a thread boundary is
-   fine: the flush y += scale * (acc - zero * sum x) is linear, so each thread flushes its part with the sum of x
-   over its own rows, into its own partial y; the partials are added at the end. */
-static int q4_matmul(const acts_t *a, int M, int K, int nl, const int32_t *const *qws, const int *Ns,
-                     const uint16_t *const *scs, const uint8_t *const *zs, const int32_t *runs,
-                     const int32_t *rgroup, int R, float *y, int threads) {
-    const int C = K / 8;
-    /* q8: threads split whole activation blocks (QB_CHUNKS chunks), so each rounds exactly the blocks it reads */
-    const int unit = a->q8 ? QB_CHUNKS : 1, U = (C + unit - 1) / unit;
-    if (threads < 1) threads = 1;
-    if (threads > U) threads = U > 0 ? U : 1;
-    size_t MS = 0; /* all layers' outputs */
-    int Nmax = 0;
-    for (int l = 0; l < nl; l++) {
-        MS += (size_t)M * Ns[l];
-        Nmax = Ns[l] > Nmax ? Ns[l] : Nmax;
-    }
-    /* part [threads - 1, MS]: the other threads' partial outputs */
-    float *part = threads > 1 ? (float *)malloc(sizeof(float) * (size_t)(threads - 1) * MS) : NULL;
-    if (threads > 1 && !part) return -1;
-    memset(y, 0, sizeof(float) * MS);
-    int failed = 0, used = 1; /* OpenMP may give fewer threads than asked: only those partials exist */
-#pragma omp parallel num_threads(threads) reduction(| : failed)
-    {
-        const share_t sh = share_of(U);
-        const int t = sh.t, u0 = sh.lo, u1 = sh.hi;
-        if (t == 0) used = sh.T;
-        const int c0 = u0 * unit, c1 = u1 * unit < C ? u1 * unit : C;
-        if (a->q8) q8_prepare(a, M, K, u0, u1);
-        const size_t MNmax = (size_t)M * Nmax;
-        float *acc = (float *)malloc(sizeof(float) * (MNmax + (size_t)M));
-        if (!acc) {
-            failed = 1;
-        } else {
-            float *sx = acc + MNmax;
-            float *yl = t == 0 ? y : part + (size_t)(t - 1) * MS;
-            if (t > 0) memset(yl, 0, sizeof(float) * MS);
-            for (int l = 0; l < nl; yl += (size_t)M * Ns[l], l++) {
-                const int32_t *qw = qws[l];
-                const int N = Ns[l];
-                const size_t MN = (size_t)M * N;
-                int r = 0;
-                while (r < R && runs[r + 1] <= c0) r++;
-                for (; r < R && runs[r] < c1; r++) {
-                    const int a0 = runs[r] > c0 ? runs[r] : c0, a1 = runs[r + 1] < c1 ? runs[r + 1] : c1;
-                    const int g = rgroup[r];
-                    memset(acc, 0, sizeof(float) * MN);
-                    memset(sx, 0, sizeof(float) * (size_t)M);
-                    if (a->q8) {
-                        run_q8(a, M, C, qw, N, a0, a1, acc, sx);
-                    } else {
-                        for (int m = 0; m < M; m++) {
-                            float s = 0.0f;
-                            for (int k = 8 * a0; k < 8 * a1; k++) s += a->x[(size_t)m * K + k];
-                            sx[m] = s;
-                        }
-                        if (M == 1)
-                            run_accumulate_1(a->xs, qw, N, a0, a1, acc);
-                        else
-                            run_accumulate(a->xs, M, K, qw, N, a0, a1, acc);
-                    }
-                    flush_run(yl, acc, sx, scs[l] + (size_t)g * N, zs[l] + (size_t)g * N, M, N);
-                }
-            }
-            free(acc);
+   Rows, not columns: each segment is one contiguous block of qweight rows per layer, which the hardware prefetcher
+   follows at full DRAM speed (a split by columns gives short row segments and a jump per row: measured about half
+   the bandwidth on a 1.1B model). Eight segments: on the 1.1B shape 8, 12 and 16 gave the same speed within noise;
+   fewer leave a thread idle longer at the end, more add partials to sum. */
+#define SEGMENTS 8
+#define READ_AHEAD_BYTES (8L << 20) /* 8 and 16 MB measured alike; the L3 is 32 MB */
+
+static void segments(int U, int threads, int *S, int *seg) {
+    const int want = threads > 1 ? (U < SEGMENTS ? U : SEGMENTS) : 1;
+    *seg = want > 0 ? (U + want - 1) / want : 1;
+    *S = U > 0 ? (U + *seg - 1) / *seg : 0;
+}
+
+/* A call that comes next in decode (gptqkit's chain of a model's calls, cpu_avx2.py): its layers, K, and which path
+   (int8 or fp32, which sets its unit), so the read-ahead can take the segments the workers will take first. */
+typedef struct {
+    int nl, K, q8;
+    const int32_t *const *qws;
+    const int *Ns;
+} next_t;
+
+/* Append to pf the back segments of call g (those workers take first), segment by segment, each with its layers'
+   rows in call order, up to 60% of the call and `budget` bytes; returns the bytes added. */
+static long plan_read_ahead(const next_t *g, int threads, prefetch_t *pf, long budget) {
+    const int C = g->K / 8, unit = g->q8 ? QB_CHUNKS : 1, U = (C + unit - 1) / unit;
+    int S, seg;
+    segments(U, threads, &S, &seg);
+    long used = 0;
+    for (int sg = S - 1; sg >= S * 4 / 10 && used < budget; sg--) {
+        const int c0 = sg * seg * unit, c1 = (sg + 1) * seg * unit < C ? (sg + 1) * seg * unit : C;
+        for (int l = 0; l < g->nl && used < budget && pf->count < PF_MAX; l++) {
+            pf->p[pf->count] = (const char *)(g->qws[l] + (size_t)c0 * g->Ns[l]);
+            pf->n[pf->count] = (size_t)(c1 - c0) * g->Ns[l] * sizeof(int32_t);
+            used += (long)pf->n[pf->count++];
         }
     }
-    for (int t = 1; t < used; t++) {
-        const float *p = part + (size_t)(t - 1) * MS;
-        for (size_t i = 0; i < MS; i++) y[i] += p[i];
+    return used;
+}
+
+typedef struct {
+    const acts_t *a;
+    int M, K, C, nl, R, unit, U, S, seg;
+    const int32_t *const *qws;
+    const int *Ns;
+    const uint16_t *const *scs;
+    const uint8_t *const *zs;
+    const int32_t *runs, *rgroup;
+    float *part;        /* [S, MS]: each segment's partial output (y itself when S == 1) */
+    size_t MS;          /* M * (Ns[0] + ... + Ns[nl-1]) */
+    int Nmax;
+    unsigned long ends; /* atomic: segments not yet taken, [front, back) as front | back << 32 */
+    int failed;         /* atomic */
+} mm_job;
+
+static int mm_take(mm_job *j, int back) {
+    unsigned long e = __atomic_load_n(&j->ends, __ATOMIC_RELAXED);
+    for (;;) {
+        const unsigned f = (unsigned)(e & 0xffffffffu), b = (unsigned)(e >> 32);
+        if (f >= b) return -1;
+        const unsigned nf = back ? f : f + 1, nb = back ? b - 1 : b;
+        if (__atomic_compare_exchange_n(&j->ends, &e, (unsigned long)nf | (unsigned long)nb << 32, 1,
+                                        __ATOMIC_RELAXED, __ATOMIC_RELAXED))
+            return (int)(back ? nb : f);
     }
-    free(part);
-    return failed ? -1 : 0;
+}
+
+static void mm_task(void *arg, int t, int T) {
+    (void)T;
+    mm_job *j = (mm_job *)arg;
+    const acts_t *a = j->a;
+    const int M = j->M, K = j->K, C = j->C;
+    const size_t MNmax = (size_t)M * j->Nmax;
+    float *acc = (float *)malloc(sizeof(float) * (MNmax + (size_t)M));
+    if (!acc) {
+        __atomic_store_n(&j->failed, 1, __ATOMIC_RELAXED);
+        return;
+    }
+    float *sx = acc + MNmax;
+    int sg;
+    while ((sg = mm_take(j, t > 0)) >= 0) {
+        const int u0 = sg * j->seg, u1 = (sg + 1) * j->seg < j->U ? (sg + 1) * j->seg : j->U;
+        const int c0 = u0 * j->unit, c1 = u1 * j->unit < C ? u1 * j->unit : C;
+        if (a->q8) q8_prepare(a, M, K, u0, u1);
+        float *yl = j->part + (size_t)sg * j->MS;
+        memset(yl, 0, sizeof(float) * j->MS);
+        for (int l = 0; l < j->nl; yl += (size_t)M * j->Ns[l], l++) {
+            const int32_t *qw = j->qws[l];
+            const int N = j->Ns[l];
+            const size_t MN = (size_t)M * N;
+            int r = 0;
+            while (r < j->R && j->runs[r + 1] <= c0) r++;
+            for (; r < j->R && j->runs[r] < c1; r++) {
+                const int a0 = j->runs[r] > c0 ? j->runs[r] : c0, a1 = j->runs[r + 1] < c1 ? j->runs[r + 1] : c1;
+                const int g = j->rgroup[r];
+                memset(acc, 0, sizeof(float) * MN);
+                memset(sx, 0, sizeof(float) * (size_t)M);
+                if (a->q8) {
+                    run_q8(a, M, C, qw, N, a0, a1, acc, sx);
+                } else {
+                    for (int m = 0; m < M; m++) {
+                        float s = 0.0f;
+                        for (int k = 8 * a0; k < 8 * a1; k++) s += a->x[(size_t)m * K + k];
+                        sx[m] = s;
+                    }
+                    if (M == 1)
+                        run_accumulate_1(a->xs, qw, N, a0, a1, acc);
+                    else
+                        run_accumulate(a->xs, M, K, qw, N, a0, a1, acc);
+                }
+                flush_run(yl, acc, sx, j->scs[l] + (size_t)g * N, j->zs[l] + (size_t)g * N, M, N);
+            }
+        }
+    }
+    free(acc);
+}
+
+/* Layers 0 .. nl-1 that read the same x (q/k/v, gate/up: decode makes one call for them all): layer l has
+   qws[l], Ns[l] columns, scales scs[l] and zeros zs[l], and the same rows' groups (runs, rgroup); its output
+   [M, Ns[l]] is written at y + M * (Ns[0] + ... + Ns[l-1]), overwriting. next[0 .. nnext-1]: the calls that come
+   after this one (may be none), read ahead by a worker after this call. Returns 0, or -1 when scratch memory cannot
+   be had. */
+static int q4_matmul(const acts_t *a, int M, int K, int nl, const int32_t *const *qws, const int *Ns,
+                     const uint16_t *const *scs, const uint8_t *const *zs, const int32_t *runs,
+                     const int32_t *rgroup, int R, float *y, int threads, const next_t *next, int nnext) {
+    const int C = K / 8, unit = a->q8 ? QB_CHUNKS : 1, U = (C + unit - 1) / unit;
+    if (threads < 1) threads = 1;
+    mm_job j = {a, M, K, C, nl, R, unit, U, 0, 0, qws, Ns, scs, zs, runs, rgroup, NULL, 0, 0, 0, 0};
+    segments(U, threads, &j.S, &j.seg);
+    j.ends = (unsigned long)j.S << 32;
+    for (int l = 0; l < nl; l++) {
+        j.MS += (size_t)M * Ns[l];
+        j.Nmax = Ns[l] > j.Nmax ? Ns[l] : j.Nmax;
+    }
+    j.part = j.S > 1 ? (float *)malloc(sizeof(float) * (size_t)j.S * j.MS) : y;
+    if (!j.part) return -1;
+    if (j.S == 0) memset(y, 0, sizeof(float) * j.MS);
+    prefetch_t pf = {0};
+    long budget = READ_AHEAD_BYTES;
+    for (int i = 0; i < nnext && budget > 0; i++) budget -= plan_read_ahead(&next[i], threads, &pf, budget);
+    pool_run(mm_task, &j, threads, &pf);
+    if (j.S > 1) {
+        memcpy(y, j.part, sizeof(float) * j.MS);
+        for (int sg = 1; sg < j.S; sg++) {
+            const float *p = j.part + (size_t)sg * j.MS;
+            for (size_t i = 0; i < j.MS; i++) y[i] += p[i];
+        }
+        free(j.part);
+    }
+    return j.failed ? -1 : 0;
 }
 
 /* x [M, K] fp32; layers and y as q4_matmul. Returns 0, or -1 when scratch memory cannot be had. */
 int gptq_q4_matmul(const float *x, int M, int K, int nl, const int32_t *const *qws, const int *Ns,
                    const uint16_t *const *scs, const uint8_t *const *zs, const int32_t *runs, const int32_t *rgroup,
-                   int R, float *y, int threads) {
+                   int R, float *y, int threads, const next_t *next, int nnext) {
     float *xs = (float *)malloc(sizeof(float) * ((size_t)M * K + 1));
     if (!xs) return -1;
     for (size_t i = 0; i < (size_t)M * K; i++) xs[i] = x[i] * INV16[(i % (size_t)K) & 7];
     const acts_t a = {0, x, xs, NULL, NULL, NULL, NULL, 0};
-    const int rc = q4_matmul(&a, M, K, nl, qws, Ns, scs, zs, runs, rgroup, R, y, threads);
+    const int rc = q4_matmul(&a, M, K, nl, qws, Ns, scs, zs, runs, rgroup, R, y, threads, next, nnext);
     free(xs);
     return rc;
 }
@@ -418,14 +651,14 @@ static void q8_prepare(const acts_t *a, int M, int K, int b0, int b1) {
    the threads that read them (q8_prepare, called from q4_matmul's parallel region). */
 int gptq_q4_matmul_q8(const float *x, int M, int K, int nl, const int32_t *const *qws, const int *Ns,
                       const uint16_t *const *scs, const uint8_t *const *zs, const int32_t *runs,
-                      const int32_t *rgroup, int R, float *y, int threads) {
+                      const int32_t *rgroup, int R, float *y, int threads, const next_t *next, int nnext) {
     const int C = K / 8, B = (C + QB_CHUNKS - 1) / QB_CHUNKS;
     /* per row m: xl, xh [C] packed activation bytes; sb [C] sum of x8 over each chunk; d [B] block scales */
     int32_t *xl = (int32_t *)malloc(sizeof(int32_t) * ((size_t)M * 3 * C + 1) + sizeof(float) * (size_t)M * B);
     if (!xl) return -1;
     int32_t *xh = xl + (size_t)M * C, *sb = xh + (size_t)M * C;
     const acts_t a = {1, x, NULL, xl, xh, sb, (float *)(sb + (size_t)M * C), B};
-    const int rc = q4_matmul(&a, M, K, nl, qws, Ns, scs, zs, runs, rgroup, R, y, threads);
+    const int rc = q4_matmul(&a, M, K, nl, qws, Ns, scs, zs, runs, rgroup, R, y, threads, next, nnext);
     free(xl);
     return rc;
 }
@@ -499,10 +732,17 @@ static inline float hsum(__m256 v) {
     return _mm_cvtss_f32(_mm_add_ss(t, _mm_shuffle_ps(t, t, 1)));
 }
 
+typedef struct {
+    const float *x, *xe, *xo; /* xe, xo [M, K16 / 2]: per 16 inputs, the 8 even and the 8 odd ones */
+    int M, K, K16, N;
+    const uint16_t *w;
+    float *y;
+} bf_job;
+
+static void bf_task(void *arg, int t, int T);
+
 int bf16_matmul(const float *x, int M, int K, const uint16_t *w, int N, float *y, int threads) {
     const int K16 = K / 16 * 16;
-    if (threads < 1) threads = 1;
-    /* xe, xo [M, K16 / 2]: per 16 inputs, the 8 even and the 8 odd ones */
     float *xe = (float *)malloc(sizeof(float) * (size_t)M * K16 + 4);
     if (!xe) return -1;
     float *xo = xe + (size_t)M * K16 / 2;
@@ -511,9 +751,22 @@ int bf16_matmul(const float *x, int M, int K, const uint16_t *w, int N, float *y
             xe[(size_t)m * K16 / 2 + k / 2] = x[(size_t)m * K + k];
             xo[(size_t)m * K16 / 2 + k / 2] = x[(size_t)m * K + k + 1];
         }
+    bf_job j = {x, xe, xo, M, K, K16, N, w, y};
+    pool_run(bf_task, &j, threads, NULL);
+    free(xe);
+    return 0;
+}
+
+/* Thread t's contiguous block of rows of w. */
+static void bf_task(void *arg, int t, int T) {
+    const bf_job *j = (const bf_job *)arg;
+    const float *x = j->x, *xe = j->xe, *xo = j->xo;
+    const int M = j->M, K = j->K, K16 = j->K16, N = j->N;
+    const uint16_t *w = j->w;
+    float *y = j->y;
+    const share_t sh = share_in(N, t, T);
     const __m256i hi = _mm256_set1_epi32((int)0xFFFF0000u);
-#pragma omp parallel for num_threads(threads) schedule(static)
-    for (int n = 0; n < N; n++) {
+    for (int n = sh.lo; n < sh.hi; n++) {
         const uint16_t *wr = w + (size_t)n * K;
         for (int m = 0; m < M; m++) {
             const float *e = xe + (size_t)m * K16 / 2, *o = xo + (size_t)m * K16 / 2;
@@ -563,8 +816,6 @@ int bf16_matmul(const float *x, int M, int K, const uint16_t *w, int N, float *y
             y[(size_t)m * N + n] = s;
         }
     }
-    free(xe);
-    return 0;
 }
 
 /* ---------------------------------------------------------------------------------------------------------------
@@ -619,19 +870,38 @@ static inline void weigh_values(const float *p, int L, const float *vg, long vsl
     for (int c = 0; c < nc; c++) _mm256_storeu_ps(o + d0 + 8 * c, _mm256_mul_ps(acc[c], _mm256_set1_ps(inv)));
 }
 
+typedef struct {
+    const float *q, *k, *v;
+    int H, D, Q, L;
+    long ksh, ksl, vsh, vsl;
+    float scale;
+    float *out;
+    int failed; /* atomic */
+} at_job;
+
+static void at_task(void *arg, int t, int T);
+
 /* Returns 0, -1 when scratch memory cannot be had, -2 for shapes it does not take (the caller checks first). */
 int decode_attention(const float *q, int H, int D, const float *k, const float *v, int Hkv, int L, long ksh,
                      long ksl, long vsh, long vsl, float scale, float *out, int threads) {
     if (D % 8 != 0 || Hkv < 1 || H % Hkv != 0 || L < 1) return -2;
-    const int Q = H / Hkv;
-    if (threads < 1) threads = 1;
-    if (threads > H) threads = H;
-    int failed = 0;
-#pragma omp parallel num_threads(threads) reduction(| : failed)
+    at_job j = {q, k, v, H, D, H / Hkv, L, ksh, ksl, vsh, vsl, scale, out, 0};
+    pool_run(at_task, &j, threads > H ? H : threads, NULL);
+    return j.failed ? -1 : 0;
+}
+
+/* Thread t's contiguous range of query heads. */
+static void at_task(void *arg, int t, int T) {
+    at_job *j = (at_job *)arg;
+    const float *q = j->q, *k = j->k, *v = j->v;
+    const int H = j->H, D = j->D, Q = j->Q, L = j->L;
+    const long ksh = j->ksh, ksl = j->ksl, vsh = j->vsh, vsl = j->vsl;
+    const float scale = j->scale;
+    float *out = j->out;
     {
-        const share_t sh = share_of(H);
+        const share_t sh = share_in(H, t, T);
         float *s = (float *)malloc(sizeof(float) * (size_t)L);
-        if (!s) failed = 1;
+        if (!s) __atomic_store_n(&j->failed, 1, __ATOMIC_RELAXED);
         for (int h = sh.lo; s && h < sh.hi; h++) {
             const float *qh = q + (size_t)h * D, *kg = k + (size_t)(h / Q) * ksh, *vg = v + (size_t)(h / Q) * vsh;
             /* scores, 8 positions at a time: eight dot products reduced together */
@@ -675,5 +945,4 @@ int decode_attention(const float *q, int H, int D, const float *k, const float *
         }
         free(s);
     }
-    return failed ? -1 : 0;
 }

@@ -29,7 +29,7 @@ import os
 import shutil
 import subprocess
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -42,7 +42,7 @@ log = logging.getLogger(__name__)
 name = "avx2"
 
 SOURCE = Path(__file__).with_name("cpu_avx2.c")
-FLAGS = ("-O3", "-shared", "-fPIC", "-fopenmp", "-mavx2", "-mfma", "-mf16c", "-std=c99")
+FLAGS = ("-O3", "-shared", "-fPIC", "-pthread", "-fopenmp", "-mavx2", "-mfma", "-mf16c", "-std=c99")
 # The second build, for CPUs with AVX512-VNNI (Ice Lake and later, Zen 4 and later): the int8 matmul's inner
 # product becomes vpdpbusd over 16 columns (see piece_q8 in the C file); everything else is the same code.
 VNNI_FLAGS = FLAGS + ("-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni")
@@ -113,7 +113,7 @@ def library(vnni: bool = False) -> ctypes.CDLL | str:
     P, I = ctypes.c_void_p, ctypes.c_int
     for fn in (lib.gptq_q4_matmul, lib.gptq_q4_matmul_q8):
         fn.restype = ctypes.c_int
-        fn.argtypes = [P, I, I, I, P, P, P, P, P, P, I, P, I]
+        fn.argtypes = [P, I, I, I, P, P, P, P, P, P, I, P, I, P, I]
     lib.bf16_matmul.restype = ctypes.c_int
     lib.bf16_matmul.argtypes = [P, I, I, P, I, P, I]
     lib.gptq_q4_dequant.restype = ctypes.c_int
@@ -122,6 +122,13 @@ def library(vnni: bool = False) -> ctypes.CDLL | str:
     lib.decode_attention.restype = ctypes.c_int
     lib.decode_attention.argtypes = [P, I, I, P, P, I, I, L, L, L, L, ctypes.c_float, P, I]
     return lib
+
+
+class _Next(ctypes.Structure):
+    """next_t in cpu_avx2.c: a call that comes next in decode, for the read-ahead."""
+
+    _fields_ = [("nl", ctypes.c_int), ("K", ctypes.c_int), ("q8", ctypes.c_int), ("qws", ctypes.c_void_p),
+                ("Ns", ctypes.c_void_p)]
 
 
 @dataclass(frozen=True)
@@ -139,6 +146,9 @@ class Plan:
     tensors: tuple
     arrays: tuple
     ptrs: tuple
+    # The calls that follow this one in decode, set by read_ahead(): [a ctypes array of _Next, its length, the plans
+    # it points into (held so their arrays stay valid)]; empty until then.
+    follow: list = field(default_factory=list)
 
 
 def _plan(layers: list, runs: torch.Tensor, rgroup: torch.Tensor, permuted: bool) -> Plan:
@@ -200,8 +210,10 @@ def prepare(layer) -> None:
 
 @functools.lru_cache(maxsize=None)
 def fast_library() -> ctypes.CDLL | str:
-    """The build whose int8 matmul and bf16 GEMV run here: the AVX512-VNNI one (vpdpbusd inner products, 512-bit
-    GEMV) where the CPU has it and it compiles, else the AVX2 one (or why there is none)."""
+    """The build that decode runs: the AVX512-VNNI one (vpdpbusd inner products, 512-bit GEMV) where the CPU has it
+    and it compiles, else the AVX2 one (or why there is none). Every decode entry point (both matmuls, the bf16
+    GEMV, the attention) goes through this one build, because each loaded build has its own thread pool and two
+    pools' spinning workers would take turns on the same cores."""
     if has_vnni():
         lib = library(vnni=True)
         if not isinstance(lib, str):
@@ -218,10 +230,11 @@ def _matmul(plan: Plan, x: torch.Tensor, int8: bool, lib: ctypes.CDLL | None) ->
     y = torch.empty(M * sum(plan.sizes), dtype=torch.float32)
     qws, ns, scs, zs, runs, rgroup = plan.ptrs
     if lib is None:
-        lib = fast_library() if int8 else library()
+        lib = fast_library()
     fn = lib.gptq_q4_matmul_q8 if int8 else lib.gptq_q4_matmul
+    nexts, n = (ctypes.addressof(plan.follow[0]), plan.follow[1]) if plan.follow else (None, 0)
     rc = fn(x.data_ptr(), M, K, len(plan.sizes), qws, ns, scs, zs, runs, rgroup, plan.runs, y.data_ptr(),
-            torch.get_num_threads())
+            torch.get_num_threads(), nexts, n)
     if rc != 0:
         raise MemoryError(f"avx2 kernel: no scratch memory for a {M}x{K} @ {K}x{sum(plan.sizes)} matmul")
     return y
@@ -286,6 +299,30 @@ def share_input(layers: list) -> str | None:
     for layer in layers:
         layer._avx2_shared = shared
     return None
+
+
+def read_ahead(layers: list, depth: int = 2) -> int:
+    """Tell each decode call which `depth` calls come after it, so that a worker thread reads their codes into the
+    cache while the caller runs the Python in between (see "The pool" in cpu_avx2.c). layers: QuantLinears in the
+    order a one-token forward calls them; layers that share a call (SharedInput) count once, layers on other kernels
+    are skipped, and the last call is followed by the first (the next token). Returns the number of calls chained."""
+    plans, int8 = [], []
+    for layer in layers:
+        if getattr(layer, "_avx2_plan", None) is None or layer.kernel.name not in ("avx2", "avx2-q8"):
+            continue
+        plan = layer._avx2_plan if layer._avx2_shared is None else layer._avx2_shared.plan
+        if plans and any(p is plan for p in plans):
+            continue
+        plans.append(plan)
+        int8.append(layer.kernel.name == "avx2-q8")
+    n = len(plans)
+    for i, plan in enumerate(plans):
+        nxt = [(plans[(i + d) % n], int8[(i + d) % n]) for d in range(1, min(depth, n - 1) + 1)]
+        # K = 8 * the rows of qweight [K/8, N] (the plan's first tensor)
+        arr = (_Next * max(1, len(nxt)))(*[_Next(len(p.sizes), 8 * p.tensors[0].shape[0], q8, p.ptrs[0], p.ptrs[1])
+                                          for p, q8 in nxt])
+        plan.follow[:] = [arr, len(nxt), [p for p, _ in nxt]]
+    return n
 
 
 def forward(layer, x: torch.Tensor, int8: bool = False) -> torch.Tensor:
@@ -363,7 +400,7 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: f
             and q.dtype == k.dtype == v.dtype == torch.float32 and q.device.type == "cpu"
             and k.stride(-1) == 1 and v.stride(-1) == 1):
         return None
-    lib = library()
+    lib = fast_library()
     if isinstance(lib, str):
         return None
     q = q.reshape(H, D).contiguous()
