@@ -11,8 +11,12 @@ The same C file holds the `avx2-q8` kernel's int8-activation matmul (cpu_avx2_q8
 gptqkit.dense uses for a bf16 lm_head (bf16_matmul below) and the one-token attention of gptqkit.attention
 (decode_attention below).
 
+Decode calls run on the C file's own thread pool (pthreads): after its part of a call a worker reads the codes of
+the calls that come next (read_ahead() tells each plan which) while the caller is back in Python. Prefill's
+dequantization runs on OpenMP threads (torch's libgomp), like the GEMM it feeds.
+
 The C file is compiled once per machine with the C compiler at hand (`$CC`, else `cc`), with -mavx2 -mfma -mf16c
--fopenmp, into `$GPTQKIT_CACHE/kernels` (default ~/.cache/gptqkit/kernels), named by a hash of the source and the
+-pthread -fopenmp, into `$GPTQKIT_CACHE/kernels` (default ~/.cache/gptqkit/kernels), named by a hash of the source and the
 flags; it is loaded with ctypes. Without a compiler or on another CPU, supports() says so and `cpu` runs instead.
 
 Act-order (g_idx not sorted) rows are sorted by group once in prepare(), which makes a reordered copy of the codes
@@ -251,7 +255,8 @@ def matmul(layer, x: torch.Tensor, int8: bool = False, lib: ctypes.CDLL | None =
 
 class SharedInput:
     """Layers that read the same input tensor (a block's q/k/v, its gate/up): in decode the first of them to be
-    called runs one C call for all (the activations rounded once, one OpenMP fork, no Python between the layers);
+    called runs one C call for all (the activations rounded once, one fork-join of the threads, no Python between
+    the layers);
     the others get their outputs from it when called with that same tensor object.
 
     On the 1.1B shape (4-bit, 2 threads) the 2048 x 256 k and v projections each ran at about 13 GB/s alone, their
