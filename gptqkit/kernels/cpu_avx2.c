@@ -307,9 +307,11 @@ static void q8_prepare(const acts_t *a, int M, int K, int b0, int b1);
 /* Decode's matmuls split the rows (K) into SEGMENTS segments of whole units (one 8-row chunk, or for the int8 path
    one activation block of QB_CHUNKS chunks, which its thread rounds): thread 0 takes segments from the front, the
    other threads from the back, one at a time, so a worker that read the back segments ahead in the caller's Python
-   gap (see the pool) finishes those fast and takes more. Each segment flushes into its own partial output and the
-   partials are summed in segment order at the end, so the result does not depend on which thread took which
-   segment (the same bits from run to run). A run of one group cut by a segment edge is fine: the flush
+   gap (see the pool) finishes those fast and takes more. Each segment flushes into its own partial output, and the
+   partials are added up a fixed binary tree over the segments (pairs, then pairs of pairs): whichever thread
+   finishes the second child of a node adds the two, so the adds are spread over the threads and mostly read their
+   own cache, and the result does not depend on which thread took which segment (the same bits from run to run).
+   A run of one group cut by a segment edge is fine: the flush
    y += scale * (acc - zero * sum x) is linear, so each piece flushes with the sum of x over its own rows.
 
    Rows, not columns: each segment is one contiguous block of qweight rows per layer, which the hardware prefetcher
@@ -359,12 +361,30 @@ typedef struct {
     const uint16_t *const *scs;
     const uint8_t *const *zs;
     const int32_t *runs, *rgroup;
-    float *part;        /* [S, MS]: each segment's partial output (y itself when S == 1) */
+    float *y, *part;    /* segment 0's partial is y, segment s > 0's is part + (s - 1) * MS */
     size_t MS;          /* M * (Ns[0] + ... + Ns[nl-1]) */
-    int Nmax;
+    int Nmax, width;    /* width: the tree's leaves, S rounded up to a power of two */
     unsigned long ends; /* atomic: segments not yet taken, [front, back) as front | back << 32 */
+    int arrived[SEGMENTS * 2]; /* atomic: children done, per tree node (heap numbering, the root is 1) */
     int failed;         /* atomic */
 } mm_job;
+
+static inline float *partial(const mm_job *j, int sg) { return sg == 0 ? j->y : j->part + (size_t)(sg - 1) * j->MS; }
+
+/* Segment sg is done: go up the tree from its leaf. Node [a, a + 2w) adds its right child's partial (segments
+   a + w ..) into its left child's (a ..) once both are done; the thread that completes the second child does it. A
+   node whose right child lies past S is its left child unchanged. The root's sum ends in segment 0's partial, y. */
+static void mm_combine(mm_job *j, int sg) {
+    for (int a = sg, w = 1; w < j->width; w *= 2) {
+        const int pa = a & ~(2 * w - 1), right = pa + w;
+        a = pa;
+        if (right >= j->S) continue;
+        if (__atomic_add_fetch(&j->arrived[j->width / (2 * w) + pa / (2 * w)], 1, __ATOMIC_ACQ_REL) == 1) return;
+        float *l = partial(j, pa);
+        const float *r = partial(j, right);
+        for (size_t i = 0; i < j->MS; i++) l[i] += r[i];
+    }
+}
 
 static int mm_take(mm_job *j, int back) {
     unsigned long e = __atomic_load_n(&j->ends, __ATOMIC_RELAXED);
@@ -395,7 +415,7 @@ static void mm_task(void *arg, int t, int T) {
         const int u0 = sg * j->seg, u1 = (sg + 1) * j->seg < j->U ? (sg + 1) * j->seg : j->U;
         const int c0 = u0 * j->unit, c1 = u1 * j->unit < C ? u1 * j->unit : C;
         if (a->q8) q8_prepare(a, M, K, u0, u1);
-        float *yl = j->part + (size_t)sg * j->MS;
+        float *yl = partial(j, sg);
         memset(yl, 0, sizeof(float) * j->MS);
         for (int l = 0; l < j->nl; yl += (size_t)M * j->Ns[l], l++) {
             const int32_t *qw = j->qws[l];
@@ -424,6 +444,7 @@ static void mm_task(void *arg, int t, int T) {
                 flush_run(yl, acc, sx, j->scs[l] + (size_t)g * N, j->zs[l] + (size_t)g * N, M, N);
             }
         }
+        mm_combine(j, sg);
     }
     free(acc);
 }
@@ -438,28 +459,25 @@ static int q4_matmul(const acts_t *a, int M, int K, int nl, const int32_t *const
                      const int32_t *rgroup, int R, float *y, int threads, const next_t *next, int nnext) {
     const int C = K / 8, unit = a->q8 ? QB_CHUNKS : 1, U = (C + unit - 1) / unit;
     if (threads < 1) threads = 1;
-    mm_job j = {a, M, K, C, nl, R, unit, U, 0, 0, qws, Ns, scs, zs, runs, rgroup, NULL, 0, 0, 0, 0};
+    mm_job j;
+    memset(&j, 0, sizeof j);
+    j.a = a, j.M = M, j.K = K, j.C = C, j.nl = nl, j.R = R, j.unit = unit, j.U = U;
+    j.qws = qws, j.Ns = Ns, j.scs = scs, j.zs = zs, j.runs = runs, j.rgroup = rgroup, j.y = y;
     segments(U, threads, &j.S, &j.seg);
     j.ends = (unsigned long)j.S << 32;
+    for (j.width = 1; j.width < j.S; j.width *= 2) {
+    }
     for (int l = 0; l < nl; l++) {
         j.MS += (size_t)M * Ns[l];
         j.Nmax = Ns[l] > j.Nmax ? Ns[l] : j.Nmax;
     }
-    j.part = j.S > 1 ? (float *)malloc(sizeof(float) * (size_t)j.S * j.MS) : y;
-    if (!j.part) return -1;
+    if (j.S > 1 && !(j.part = (float *)malloc(sizeof(float) * (size_t)(j.S - 1) * j.MS))) return -1;
     if (j.S == 0) memset(y, 0, sizeof(float) * j.MS);
     prefetch_t pf = {0};
     long budget = READ_AHEAD_BYTES;
     for (int i = 0; i < nnext && budget > 0; i++) budget -= plan_read_ahead(&next[i], threads, &pf, budget);
     pool_run(mm_task, &j, threads, &pf);
-    if (j.S > 1) {
-        memcpy(y, j.part, sizeof(float) * j.MS);
-        for (int sg = 1; sg < j.S; sg++) {
-            const float *p = j.part + (size_t)sg * j.MS;
-            for (size_t i = 0; i < j.MS; i++) y[i] += p[i];
-        }
-        free(j.part);
-    }
+    free(j.part);
     return j.failed ? -1 : 0;
 }
 
