@@ -69,9 +69,10 @@ static inline share_t share_of(int n) {
 
    On the 1.1B shape (2 threads, avx2-q8 g128) decode spends about 6 ms per token in Python and small torch ops
    between the 88 matmul calls, in gaps of 30-150 us with the memory bus idle. Reading the next calls' codes in those
-   gaps took the 88 calls from 22.5 to 19.4 ms per token in a loop with the gaps simulated (median of 24 interleaved
-   rounds, /work/runs/s14 raw.py) and a real decode from 39.0 to 34.1 ms per token (median of 16, same process, on a
-   day this VM read 26-44 GB/s).
+   gaps took the 88 calls from 20.8 to 17.4 ms per token in a loop with the gaps simulated (medians of 24 interleaved
+   rounds), and in real decoding (one process, interleaved with the OpenMP build, medians of 16 rounds of 8 tokens)
+   the matmuls from 19.7 to 16.3 ms and the whole token from 36.3 to 34.7 ms: the Python in between runs slower
+   while a worker streams (see READ_AHEAD_BYTES). This VM read 26-55 GB/s that day.
 
    A worker spins for SPIN_NS after its last job or read, then sleeps on a condition variable: decode's gaps keep it
    awake, while prefill (torch's GEMMs on OpenMP threads) finds it asleep after its first dequantization. A call
@@ -319,7 +320,11 @@ static void q8_prepare(const acts_t *a, int M, int K, int b0, int b1);
    the bandwidth on a 1.1B model). Eight segments: on the 1.1B shape 8, 12 and 16 gave the same speed within noise;
    fewer leave a thread idle longer at the end, more add partials to sum. */
 #define SEGMENTS 8
-#define READ_AHEAD_BYTES (8L << 20) /* 8 and 16 MB measured alike; the L3 is 32 MB */
+/* Bytes read ahead after each call. The reads evict what the caller's Python keeps in the shared L3 (a pointer chase
+   over 4 MB went from 20 to 150 ns per hop with the other core streaming), so more is not better: in one process,
+   interleaved, 2-3 MB took the matmuls from 19.7 to 16.9 ms per token and left the rest of the token as it was
+   (11.0 -> 10.7-11.1 ms), 8 MB took them to 16.2 ms but the rest to 12.3 ms. */
+#define READ_AHEAD_BYTES (3L << 20)
 
 static void segments(int U, int threads, int *S, int *seg) {
     const int want = threads > 1 ? (U < SEGMENTS ? U : SEGMENTS) : 1;
