@@ -67,15 +67,15 @@ static inline share_t share_of(int n) {
    a time, looking for the next job between steps. OpenMP cannot do that: a parallel region ends when all its
    threads do.
 
-   On the 1.1B shape (2 threads, avx2-q8 g128) decode spends about 6 ms per token in Python and small torch ops
-   between the 88 matmul calls, in gaps of 30-150 us with the memory bus idle. Reading the next calls' codes in those
-   gaps took the 88 calls from 20.8 to 17.4 ms per token in a loop with the gaps simulated (medians of 24 interleaved
-   rounds), and in real decoding (one process, interleaved with the OpenMP build, medians of 16 rounds of 8 tokens)
-   the matmuls from 19.7 to 16.3 ms and the whole token from 36.3 to 34.7 ms: the Python in between runs slower
-   while a worker streams (see READ_AHEAD_BYTES). This VM read 26-55 GB/s that day.
+   On the 1.1B shape (2 threads, avx2-q8 g128) decode spends 8-10 ms per token outside its 88 matmul calls
+   (Python, small torch ops, attention, lm_head), in gaps of 30-150 us. Measured in fresh processes, 4 alternating
+   rounds of 32 tokens: with read-ahead the matmuls took 15.5-17.3 ms per token, without it 18.6-22.0 ms on this
+   pool and 15.6-17.7 ms on OpenMP's static halves; whole tokens 31.0-39.5, 34.3-42.0 and 33.5-42.8 ms. The reads
+   slow the Python in between by about 2 ms per token (see READ_AHEAD_BYTES), and this VM's speed varied by 30%
+   between processes, so the benchmark's end-to-end numbers did not separate the two designs.
 
    A worker spins for SPIN_NS after its last job or read, then sleeps on a condition variable: decode's gaps keep it
-   awake, while prefill (torch's GEMMs on OpenMP threads) finds it asleep after its first dequantization. A call
+   awake, while prefill (the dequantization and torch's GEMMs, all on OpenMP threads) finds it asleep. A call
    made while another thread holds the pool (a second Python thread) runs alone on its caller. A forked child
    starts without workers and makes its own. */
 
@@ -322,8 +322,8 @@ static void q8_prepare(const acts_t *a, int M, int K, int b0, int b1);
 #define SEGMENTS 8
 /* Bytes read ahead after each call. The reads evict what the caller's Python keeps in the shared L3 (a pointer chase
    over 4 MB went from 20 to 150 ns per hop with the other core streaming), so more is not better: in one process,
-   interleaved, 2-3 MB took the matmuls from 19.7 to 16.9 ms per token and left the rest of the token as it was
-   (11.0 -> 10.7-11.1 ms), 8 MB took them to 16.2 ms but the rest to 12.3 ms. */
+   interleaved against 8 MB, 2-3 MB gave the matmuls 16.9 ms per token against 16.2 and the rest of the token 10.7-11.1
+   ms against 12.3. */
 #define READ_AHEAD_BYTES (3L << 20)
 
 static void segments(int U, int threads, int *S, int *seg) {
