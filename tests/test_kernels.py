@@ -5,6 +5,7 @@ activations and scales on the int4 path (relative error a few 1e-3), fp32 accumu
 """
 
 import dataclasses
+import gc
 import logging
 from pathlib import Path
 
@@ -647,5 +648,14 @@ def test_avx2_read_ahead_follows_decode_order(stories_ckpt, two_threads):
 
     ahead = decode()
     for plan in order:
+        plan.follow[3].detach()
         plan.follow.clear()
     assert torch.equal(ahead, decode())
+    # a dropped model's plans stop the pool reading their codes before their tensors go (pool_forget)
+    cpu_avx2.read_ahead([m for a in attn for m in (a.q_proj, a.o_proj)])
+    forget = [plan.follow[3] for plan in order]
+    assert all(f.alive for f in forget)
+    decode()
+    del model, attn, order, plan
+    gc.collect()
+    assert not any(f.alive for f in forget)

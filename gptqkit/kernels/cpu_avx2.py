@@ -16,8 +16,8 @@ the calls that come next (read_ahead() tells each plan which) while the caller i
 dequantization runs on OpenMP threads (torch's libgomp), like the GEMM it feeds.
 
 The C file is compiled once per machine with the C compiler at hand (`$CC`, else `cc`), with -mavx2 -mfma -mf16c
--pthread -fopenmp, into `$GPTQKIT_CACHE/kernels` (default ~/.cache/gptqkit/kernels), named by a hash of the source and the
-flags; it is loaded with ctypes. Without a compiler or on another CPU, supports() says so and `cpu` runs instead.
+-pthread -fopenmp, into `$GPTQKIT_CACHE/kernels` (default ~/.cache/gptqkit/kernels), named by a hash of the source
+and the flags; it is loaded with ctypes. Without a compiler or on another CPU, supports() says so and `cpu` runs instead.
 
 Act-order (g_idx not sorted) rows are sorted by group once in prepare(), which makes a reordered copy of the codes
 (a non-persistent buffer, 0.5 bytes per weight); activations are gathered in the same order at every call.
@@ -33,6 +33,7 @@ import os
 import shutil
 import subprocess
 import tempfile
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -123,6 +124,8 @@ def library(vnni: bool = False) -> ctypes.CDLL | str:
     lib.gptq_q4_dequant.restype = ctypes.c_int
     lib.gptq_q4_dequant.argtypes = [P, I, P, P, P, P, I, I, I, P, I, I]
     L = ctypes.c_long
+    lib.pool_forget.restype = None
+    lib.pool_forget.argtypes = []
     lib.decode_attention.restype = ctypes.c_int
     lib.decode_attention.argtypes = [P, I, I, P, P, I, I, L, L, L, L, ctypes.c_float, P, I]
     return lib
@@ -151,7 +154,8 @@ class Plan:
     arrays: tuple
     ptrs: tuple
     # The calls that follow this one in decode, set by read_ahead(): [a ctypes array of _Next, its length, the plans
-    # it points into (held so their arrays stay valid)]; empty until then.
+    # it points into (held so their arrays stay valid), the finalizer that stops the pool reading this plan's codes];
+    # empty until then.
     follow: list = field(default_factory=list)
 
 
@@ -233,10 +237,11 @@ def _matmul(plan: Plan, x: torch.Tensor, int8: bool, lib: ctypes.CDLL | None) ->
     M, K = x.shape
     y = torch.empty(M * sum(plan.sizes), dtype=torch.float32)
     qws, ns, scs, zs, runs, rgroup = plan.ptrs
+    # read-ahead only on the default build, the one whose pool the plans' finalizers stop
+    nexts, n = (ctypes.addressof(plan.follow[0]), plan.follow[1]) if plan.follow and lib is None else (None, 0)
     if lib is None:
         lib = fast_library()
     fn = lib.gptq_q4_matmul_q8 if int8 else lib.gptq_q4_matmul
-    nexts, n = (ctypes.addressof(plan.follow[0]), plan.follow[1]) if plan.follow else (None, 0)
     rc = fn(x.data_ptr(), M, K, len(plan.sizes), qws, ns, scs, zs, runs, rgroup, plan.runs, y.data_ptr(),
             torch.get_num_threads(), nexts, n)
     if rc != 0:
@@ -256,8 +261,7 @@ def matmul(layer, x: torch.Tensor, int8: bool = False, lib: ctypes.CDLL | None =
 class SharedInput:
     """Layers that read the same input tensor (a block's q/k/v, its gate/up): in decode the first of them to be
     called runs one C call for all (the activations rounded once, one fork-join of the threads, no Python between
-    the layers);
-    the others get their outputs from it when called with that same tensor object.
+    the layers); the others get their outputs from it when called with that same tensor object.
 
     On the 1.1B shape (4-bit, 2 threads) the 2048 x 256 k and v projections each ran at about 13 GB/s alone, their
     fixed costs larger than their 0.26 MB of codes; shared calls took decode from 28.0-28.6 to 27.7-28.1 ms/token
@@ -311,12 +315,15 @@ def read_ahead(layers: list, depth: int = 2) -> int:
     cache while the caller runs the Python in between (see "The pool" in cpu_avx2.c). layers: QuantLinears in the
     order a one-token forward calls them; layers that share a call (SharedInput) count once, layers on other kernels
     are skipped, and the last call is followed by the first (the next token). Returns the number of calls chained."""
+    lib = fast_library()
+    if isinstance(lib, str):
+        return 0
     plans, int8 = [], []
     for layer in layers:
         if getattr(layer, "_avx2_plan", None) is None or layer.kernel.name not in ("avx2", "avx2-q8"):
             continue
         plan = layer._avx2_plan if layer._avx2_shared is None else layer._avx2_shared.plan
-        if plans and any(p is plan for p in plans):
+        if any(p is plan for p in plans):
             continue
         plans.append(plan)
         int8.append(layer.kernel.name == "avx2-q8")
@@ -326,7 +333,11 @@ def read_ahead(layers: list, depth: int = 2) -> int:
         # K = 8 * the rows of qweight [K/8, N] (the plan's first tensor)
         arr = (_Next * max(1, len(nxt)))(*[_Next(len(p.sizes), 8 * p.tensors[0].shape[0], q8, p.ptrs[0], p.ptrs[1])
                                           for p, q8 in nxt])
-        plan.follow[:] = [arr, len(nxt), [p for p, _ in nxt]]
+        if plan.follow:
+            plan.follow[3].detach()
+        # A worker may still be reading this plan's codes ahead when its model is dropped: before the plan's tensors
+        # can be freed, the pool drops its read-ahead list (weakref callbacks run before an object's attributes go).
+        plan.follow[:] = [arr, len(nxt), [p for p, _ in nxt], weakref.finalize(plan, lib.pool_forget)]
     return n
 
 
