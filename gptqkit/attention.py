@@ -53,7 +53,7 @@ def use(model: nn.Module) -> bool:
     config = getattr(model, "config", None)
     if config is None or getattr(config, "_attn_implementation", None) != "sdpa":
         return False
-    lib = cpu_avx2.library()
+    lib = cpu_avx2.fast_library()  # the build decode_attention runs
     if isinstance(lib, str):
         log.info("attention: SDPA (the C decode attention is not available: %s)", lib)
         return False

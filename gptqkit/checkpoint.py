@@ -494,6 +494,6 @@ def decode_call_groups(model: nn.Module, device: str | torch.device) -> list[lis
     try:
         groups = input_groups(qls, lambda: model(torch.zeros(1, 1, dtype=torch.long, device=device), use_cache=False))
     except Exception as e:  # a model whose forward needs more than input ids: sharing is only an optimisation
-        log.info("no shared-input groups: a one-token forward failed (%s: %s)", type(e).__name__, e)
+        log.info("no shared decode calls or read-ahead: a one-token forward failed (%s: %s)", type(e).__name__, e)
         return []
     return [[qls[n] for n in g] for g in groups]

@@ -519,18 +519,20 @@ def test_avx2_shared_input_calls(stories_ckpt):
         assert torch.equal(a.k_proj(x2), separate(a.k_proj, x2))  # what waits belongs to x: x2 computes afresh
     # teacher-forced decoding of the whole model: shared calls change nothing
     ids = torch.randint(3, model.config.vocab_size, (1, 24), generator=gen)
-
-    def decode():
-        with torch.no_grad():
-            out = model(ids[:, :8], use_cache=True)
-            return torch.stack([model(ids[:, t:t + 1], past_key_values=out.past_key_values,
-                                      use_cache=True).logits[0, -1] for t in range(8, 24)])
-
-    shared = decode()
+    shared = teacher_forced_logits(model, ids)
     for m in model.modules():
         if isinstance(m, QuantLinear):
             m._avx2_shared = None
-    assert torch.equal(shared, decode())
+    assert torch.equal(shared, teacher_forced_logits(model, ids))
+
+
+def teacher_forced_logits(model, ids, prompt=8):
+    """Last-position logits of each one-token decode step after a `prompt`-token prompt, feeding ids (not the model's
+    choices), stacked."""
+    with torch.no_grad():
+        out = model(ids[:, :prompt], use_cache=True)
+        return torch.stack([model(ids[:, t:t + 1], past_key_values=out.past_key_values, use_cache=True).logits[0, -1]
+                            for t in range(prompt, ids.shape[1])])
 
 
 def test_shared_input_probe_failure_is_only_logged(stories_ckpt, caplog):
@@ -639,23 +641,16 @@ def test_avx2_read_ahead_follows_decode_order(stories_ckpt, two_threads):
         assert plan.follow[1] == 2
         assert plan.follow[2][0] is order[(i + 1) % len(order)] and plan.follow[2][1] is order[(i + 2) % len(order)]
     ids = torch.randint(3, model.config.vocab_size, (1, 20), generator=torch.Generator().manual_seed(3))
-
-    def decode():
-        with torch.no_grad():
-            out = model(ids[:, :8], use_cache=True)
-            return torch.stack([model(ids[:, t:t + 1], past_key_values=out.past_key_values,
-                                      use_cache=True).logits[0, -1] for t in range(8, 20)])
-
-    ahead = decode()
+    ahead = teacher_forced_logits(model, ids)
     for plan in order:
         plan.follow[3].detach()
         plan.follow.clear()
-    assert torch.equal(ahead, decode())
+    assert torch.equal(ahead, teacher_forced_logits(model, ids))
     # a dropped model's plans stop the pool reading their codes before their tensors go (pool_forget)
     cpu_avx2.read_ahead([m for a in attn for m in (a.q_proj, a.o_proj)])
     forget = [plan.follow[3] for plan in order]
     assert all(f.alive for f in forget)
-    decode()
+    teacher_forced_logits(model, ids)
     del model, attn, order, plan
     gc.collect()
     assert not any(f.alive for f in forget)

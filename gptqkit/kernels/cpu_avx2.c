@@ -141,7 +141,8 @@ static void *worker_main(void *arg) {
                 const char *b = pf.p[pi] + po;
                 const size_t len = pf.n[pi] - po < PF_STEP ? pf.n[pi] - po : PF_STEP;
                 __m256i acc = _mm256_setzero_si256();
-                for (size_t i = 0; i < len; i += 64) acc = _mm256_or_si256(acc, _mm256_loadu_si256((const __m256i *)(b + i)));
+                for (size_t i = 0; i < len; i += 64)
+                    acc = _mm256_or_si256(acc, _mm256_loadu_si256((const __m256i *)(b + i)));
                 __asm__ volatile("" : : "x"(acc)); /* keep the loads */
                 __atomic_store_n(&pool.reading, 0, __ATOMIC_RELEASE);
                 po += len;
@@ -491,8 +492,8 @@ static int q4_matmul(const acts_t *a, int M, int K, int nl, const int32_t *const
     j.qws = qws, j.Ns = Ns, j.scs = scs, j.zs = zs, j.runs = runs, j.rgroup = rgroup, j.y = y;
     segments(U, threads, &j.S, &j.seg);
     j.ends = (unsigned long)j.S << 32;
-    for (j.width = 1; j.width < j.S; j.width *= 2) {
-    }
+    j.width = 1;
+    while (j.width < j.S) j.width *= 2;
     for (int l = 0; l < nl; l++) {
         j.MS += (size_t)M * Ns[l];
         j.Nmax = Ns[l] > j.Nmax ? Ns[l] : j.Nmax;

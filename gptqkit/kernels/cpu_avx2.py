@@ -17,7 +17,8 @@ dequantization runs on OpenMP threads (torch's libgomp), like the GEMM it feeds.
 
 The C file is compiled once per machine with the C compiler at hand (`$CC`, else `cc`), with -mavx2 -mfma -mf16c
 -pthread -fopenmp, into `$GPTQKIT_CACHE/kernels` (default ~/.cache/gptqkit/kernels), named by a hash of the source
-and the flags; it is loaded with ctypes. Without a compiler or on another CPU, supports() says so and `cpu` runs instead.
+and the flags; it is loaded with ctypes. Without a compiler or on another CPU, supports() says so and `cpu` runs
+instead.
 
 Act-order (g_idx not sorted) rows are sorted by group once in prepare(), which makes a reordered copy of the codes
 (a non-persistent buffer, 0.5 bytes per weight); activations are gathered in the same order at every call.
