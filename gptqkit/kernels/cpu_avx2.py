@@ -8,8 +8,8 @@ Prefill (M >= M_MAX) and autograd dequantize W with the C file's `gptq_q4_dequan
 cpu_int4.dense_dtype picks it) and run one dense GEMM over it.
 
 The same C file holds the `avx2-q8` kernel's int8-activation matmul (cpu_avx2_q8.py), the bf16 GEMV that
-gptqkit.dense uses for a bf16 lm_head (bf16_matmul below) and the one-token attention of gptqkit.attention
-(decode_attention below).
+gptqkit.dense uses for a bf16 lm_head (bf16_matmul below), the one-token attention of gptqkit.attention
+(decode_attention below) and the RMSNorm of gptqkit.norm (rms_norm below).
 
 Decode calls run on the C file's own thread pool (pthreads): after its part of a call a worker reads the codes of
 the calls that come next (read_ahead() tells each plan which) while the caller is back in Python. Prefill's
@@ -129,6 +129,8 @@ def library(vnni: bool = False) -> ctypes.CDLL | str:
     lib.pool_forget.argtypes = []
     lib.decode_attention.restype = ctypes.c_int
     lib.decode_attention.argtypes = [P, I, I, P, P, I, I, L, L, L, L, ctypes.c_float, P, I]
+    lib.rms_norm.restype = None
+    lib.rms_norm.argtypes = [P, I, I, P, ctypes.c_float, P]
     return lib
 
 
@@ -427,3 +429,16 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: f
     if rc != 0:
         raise MemoryError(f"avx2 kernel: no scratch memory for attention over {L} positions")
     return out
+
+
+def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor | None:
+    """w * (x * rsqrt(mean(x^2, -1) + eps)) for float32 CPU x [..., K] and w [K], on the caller's thread (meant for
+    decode's few rows); None where the C library cannot be had."""
+    lib = fast_library()
+    if isinstance(lib, str):
+        return None
+    x = x.contiguous()
+    y = torch.empty_like(x)
+    K = x.shape[-1]
+    lib.rms_norm(x.data_ptr(), x.numel() // K, K, w.data_ptr(), eps, y.data_ptr())
+    return y
