@@ -409,17 +409,18 @@ def bf16_matmul(x: torch.Tensor, w: torch.Tensor, lib: ctypes.CDLL | None = None
     return y
 
 
-def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor | None:
+def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
+                     lib: ctypes.CDLL | None = None) -> torch.Tensor | None:
     """softmax(scale * q k^T) v for one new token: q [1, H, 1, D], k and v [1, Hkv, L, D] float32 CPU tensors (the
     KV cache's views: any strides with unit stride along D), H a multiple of Hkv (grouped-query attention), D a
     multiple of 8 -> [1, 1, H, D] (transformers' attention output layout). None where these do not hold or the C
-    library cannot be had, so the caller takes SDPA."""
+    library cannot be had, so the caller takes SDPA. lib: a library() build to use instead of fast_library()."""
     (B, H, T, D), (Bk, Hkv, L, Dk) = q.shape, k.shape
     if not (B == Bk == 1 and T == 1 and Dk == D and v.shape == k.shape and D % 8 == 0 and H % Hkv == 0 and L > 0
             and q.dtype == k.dtype == v.dtype == torch.float32 and q.device.type == "cpu"
             and k.stride(-1) == 1 and v.stride(-1) == 1):
         return None
-    lib = fast_library()
+    lib = lib if lib is not None else fast_library()
     if isinstance(lib, str):
         return None
     q = q.reshape(H, D).contiguous()
