@@ -19,6 +19,9 @@ def kv(T, seed, heads=2, dim=4):
 
 def test_appends_in_place_and_doubles(monkeypatch):
     monkeypatch.setattr(C, "HEADROOM", 4)
+    appends = []
+    append = C._append
+    monkeypatch.setattr(C, "_append", lambda *a: appends.append(a[2].shape[-2]) or append(*a))
     layer, ref = GrowingLayer(), DynamicLayer()
     ptrs, caps = set(), []
     for step, T in enumerate([3, 1, 1, 1, 1, 1, 5, 1, 1]):
@@ -31,6 +34,8 @@ def test_appends_in_place_and_doubles(monkeypatch):
     # tokens 3, 4, .., 8, 13, 14, 15: the first buffer holds 3 + 4 headroom; the 8th and 15th double it
     assert caps == [7, 7, 7, 7, 7, 14, 14, 14, 28]
     assert len(ptrs) == 3
+    # steps that fit the buffer take the short path; _append (keys, then values) only starts or grows a buffer
+    assert appends == [3, 3, 1, 1, 1, 1]
 
 
 def test_crop_then_update_overwrites_the_dropped_tokens():

@@ -148,6 +148,8 @@ class Plan:
     runs: int  # R: runs of 8-row chunks that share a group
     permuted: bool  # act-order: codes reordered by group in `avx2_qweight`, x gathered by `avx2_src`
     sizes: tuple  # N of each layer, in output order
+    K: int  # in_features
+    width: int  # sum(sizes)
     # The tensors (held so their memory stays valid) and the addresses the C call takes: arrays of the layers'
     # qweight (or reordered copy), N, scales and zeros pointers, then runs and rgroup. Read once here because
     # decode makes ~150 such calls per token and each tensor access costs microseconds. Like every derived
@@ -170,7 +172,8 @@ def _plan(layers: list, runs: torch.Tensor, rgroup: torch.Tensor, permuted: bool
               (ctypes.c_void_p * n)(*[layer.scales.data_ptr() for layer in layers]),
               (ctypes.c_void_p * n)(*[layer.avx2_zeros.data_ptr() for layer in layers]))
     tensors = (*qws, *[layer.scales for layer in layers], *[layer.avx2_zeros for layer in layers], runs, rgroup)
-    return Plan(runs=len(rgroup), permuted=permuted, sizes=tuple(layer.out_features for layer in layers),
+    sizes = tuple(layer.out_features for layer in layers)
+    return Plan(runs=len(rgroup), permuted=permuted, sizes=sizes, K=layers[0].in_features, width=sum(sizes),
                 tensors=tensors, arrays=arrays,
                 ptrs=(*[ctypes.addressof(a) for a in arrays], runs.data_ptr(), rgroup.data_ptr()))
 
@@ -235,10 +238,11 @@ def fast_library() -> ctypes.CDLL | str:
 
 
 def _matmul(plan: Plan, x: torch.Tensor, int8: bool, lib: ctypes.CDLL | None) -> torch.Tensor:
-    """x [M, K] float32 contiguous (in the plan's row order) -> the plan's layers' outputs, [M, N] each, as
-    consecutive blocks of one flat float32 tensor."""
-    M, K = x.shape
-    y = torch.empty(M * sum(plan.sizes), dtype=torch.float32)
+    """x [..., K] float32 contiguous (in the plan's row order), M rows -> the plan's layers' outputs, [M, N] each,
+    as consecutive blocks of one flat float32 tensor."""
+    K = plan.K
+    M = x.numel() // K
+    y = torch.empty(M * plan.width, dtype=torch.float32)
     qws, ns, scs, zs, runs, rgroup = plan.ptrs
     # read-ahead only on the default build, the one whose pool the plans' finalizers stop
     nexts, n = (ctypes.addressof(plan.follow[0]), plan.follow[1]) if plan.follow and lib is None else (None, 0)
@@ -255,10 +259,15 @@ def _matmul(plan: Plan, x: torch.Tensor, int8: bool, lib: ctypes.CDLL | None) ->
 def matmul(layer, x: torch.Tensor, int8: bool = False, lib: ctypes.CDLL | None = None) -> torch.Tensor:
     """x [M, K] float32 contiguous -> [M, N] float32 through the C kernel (no bias); `int8` rounds x to int8 per
     block of 32 inputs inside it (the avx2-q8 kernel). lib: a library() build to use instead of the default."""
+    return _layer_matmul(layer, x, int8, lib).view(-1, layer.out_features)
+
+
+def _layer_matmul(layer, x: torch.Tensor, int8: bool, lib: ctypes.CDLL | None) -> torch.Tensor:
+    """matmul's product as a flat [M * N] tensor, for x [..., K] (M = x.numel() / K rows)."""
     plan: Plan = layer._avx2_plan
     if plan.permuted:
-        x = x.index_select(1, layer.avx2_src)
-    return _matmul(plan, x, int8, lib).view(x.shape[0], layer.out_features)
+        x = x.reshape(-1, plan.K).index_select(1, layer.avx2_src)
+    return _matmul(plan, x, int8, lib)
 
 
 class SharedInput:
@@ -282,14 +291,14 @@ class SharedInput:
         self.outputs: dict[int, torch.Tensor] = {}
 
     def output(self, layer, x: torch.Tensor, x2: torch.Tensor, int8: bool) -> torch.Tensor:
-        """layer's [M, N] output for x (its [M, K] float32 contiguous form x2)."""
+        """layer's output for x, flat [M * N] (x2: x as float32 contiguous, M rows)."""
         y = self.outputs.pop(id(layer), None) if x is self.x else None
         if y is None:
             if self.plan.permuted:
-                x2 = x2.index_select(1, layer.avx2_src)
-            flat, M = _matmul(self.plan, x2, int8, None), x2.shape[0]
-            parts = flat.split([M * n for n in self.plan.sizes])
-            self.outputs = {id(m): p.view(M, m.out_features) for m, p in zip(self.layers, parts)}
+                x2 = x2.reshape(-1, self.plan.K).index_select(1, layer.avx2_src)
+            flat = _matmul(self.plan, x2, int8, None)
+            self.outputs = dict(zip(map(id, self.layers), flat.split([flat.numel() // self.plan.width * n
+                                                                      for n in self.plan.sizes])))
             self.x = x
             y = self.outputs.pop(id(layer))
         if not self.outputs:
@@ -346,22 +355,20 @@ def read_ahead(layers: list, depth: int = 2) -> int:
 
 def forward(layer, x: torch.Tensor, int8: bool = False) -> torch.Tensor:
     K, N = layer.in_features, layer.out_features
-    lead = x.shape[:-1]
-    x2 = x.reshape(-1, K)
-    grad = torch.is_grad_enabled() and x.requires_grad
-    if x2.shape[0] < M_MAX and not grad:
-        # decode in fp32: no casts (each torch call costs microseconds per layer)
-        xf = x2.contiguous() if x.dtype == torch.float32 else x2.to(torch.float32).contiguous()
+    grad = x.requires_grad and torch.is_grad_enabled()
+    if x.numel() < M_MAX * K and not grad:
+        # Decode. As few torch calls as can be: between two matmuls the memory bus has streamed megabytes of codes
+        # through the caches, and each call then costs several times its warm microseconds.
+        xf = (x if x.dtype == torch.float32 else x.to(torch.float32)).contiguous()  # [..., K], M = numel / K rows
         shared = layer._avx2_shared
-        y = matmul(layer, xf, int8) if shared is None else shared.output(layer, x, xf, int8)
+        y = _layer_matmul(layer, xf, int8, None) if shared is None else shared.output(layer, x, xf, int8)  # [M * N]
         if x.dtype != torch.float32:
             y = y.to(x.dtype)
     else:
         dt = cpu_int4.dense_dtype(x.dtype, reduced=int8 and not grad)
-        y = dense_matmul(layer, x2.to(dt)).to(x.dtype)
-    if layer.bias is not None:
-        y = y + layer.bias.to(x.dtype)
-    return y.view(*lead, N)
+        y = dense_matmul(layer, x.reshape(-1, K).to(dt)).to(x.dtype)
+    y = y.view(*x.shape[:-1], N)
+    return y if layer.bias is None else y + layer.bias.to(x.dtype)
 
 
 def dequantize(layer, c0: int, c1: int, dtype: torch.dtype) -> torch.Tensor:
