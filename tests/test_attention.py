@@ -46,6 +46,17 @@ def test_decode_attention_matches_sdpa(H, Hkv, D, L, vnni):
 
 
 @needs_avx2
+def test_decode_attention_takes_any_query_layout():
+    """A query whose [H, D] rows are not packed (a slice of a wider tensor) gives the same result as a packed one."""
+    gen = torch.Generator().manual_seed(3)
+    k, v = torch.randn(1, 2, 20, 16, generator=gen), torch.randn(1, 2, 20, 16, generator=gen)
+    wide = torch.randn(1, 4, 1, 40, generator=gen)
+    q = wide[..., 8:24]
+    assert q.stride(1) != 16
+    assert torch.equal(cpu_avx2.decode_attention(q, k, v, 0.25), cpu_avx2.decode_attention(q.clone(), k, v, 0.25))
+
+
+@needs_avx2
 def test_decode_attention_declines_other_shapes():
     """None (the caller runs SDPA) for what it does not take: several queries, batches, other dtypes, D % 8."""
     q, k = torch.randn(1, 4, 1, 64), torch.randn(1, 2, 10, 64)

@@ -422,18 +422,19 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: f
     KV cache's views: any strides with unit stride along D), H a multiple of Hkv (grouped-query attention), D a
     multiple of 8 -> [1, 1, H, D] (transformers' attention output layout). None where these do not hold or the C
     library cannot be had, so the caller takes SDPA. lib: a library() build to use instead of fast_library()."""
-    (B, H, T, D), (Bk, Hkv, L, Dk) = q.shape, k.shape
+    (B, H, T, D), (Bk, Hkv, L, Dk), ks, vs = q.shape, k.shape, k.stride(), v.stride()
     if not (B == Bk == 1 and T == 1 and Dk == D and v.shape == k.shape and D % 8 == 0 and H % Hkv == 0 and L > 0
-            and q.dtype == k.dtype == v.dtype == torch.float32 and q.device.type == "cpu"
-            and k.stride(-1) == 1 and v.stride(-1) == 1):
+            and q.dtype == k.dtype == v.dtype == torch.float32 and q.device.type == "cpu" and ks[3] == vs[3] == 1):
         return None
     lib = lib if lib is not None else fast_library()
     if isinstance(lib, str):
         return None
-    q = q.reshape(H, D).contiguous()
+    qs = q.stride()
+    if qs[1] != D or qs[3] != 1:  # the C function reads q as [H, D] rows; the attention layers' q already is
+        q = q.contiguous()
     out = torch.empty(1, 1, H, D)
-    rc = lib.decode_attention(q.data_ptr(), H, D, k.data_ptr(), v.data_ptr(), Hkv, L, k.stride(1), k.stride(2),
-                              v.stride(1), v.stride(2), scale, out.data_ptr(), torch.get_num_threads())
+    rc = lib.decode_attention(q.data_ptr(), H, D, k.data_ptr(), v.data_ptr(), Hkv, L, ks[1], ks[2], vs[1], vs[2],
+                              scale, out.data_ptr(), torch.get_num_threads())
     if rc != 0:
         raise MemoryError(f"avx2 kernel: no scratch memory for attention over {L} positions")
     return out
