@@ -9,7 +9,8 @@ cpu_int4.dense_dtype picks it) and run one dense GEMM over it.
 
 The same C file holds the `avx2-q8` kernel's int8-activation matmul (cpu_avx2_q8.py), the bf16 GEMV that
 gptqkit.dense uses for a bf16 lm_head (bf16_matmul below), the one-token attention of gptqkit.attention
-(decode_attention below) and the RMSNorm of gptqkit.norm (rms_norm below).
+(decode_attention below), the RMSNorm of gptqkit.norm (rms_norm below) and the gated MLP's silu(gate) * up of
+gptqkit.mlp (silu_mul below).
 
 Decode calls run on the C file's own thread pool (pthreads): after its part of a call a worker reads the codes of
 the calls that come next (read_ahead() tells each plan which) while the caller is back in Python. Prefill's
@@ -131,6 +132,8 @@ def library(vnni: bool = False) -> ctypes.CDLL | str:
     lib.decode_attention.argtypes = [P, I, I, P, P, I, I, L, L, L, L, ctypes.c_float, P, I]
     lib.rms_norm.restype = None
     lib.rms_norm.argtypes = [P, I, I, P, ctypes.c_float, P]
+    lib.silu_mul.restype = None
+    lib.silu_mul.argtypes = [P, P, L, P]
     return lib
 
 
@@ -450,4 +453,16 @@ def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor | Non
     y = torch.empty_like(x)
     K = x.shape[-1]
     lib.rms_norm(x.data_ptr(), x.numel() // K, K, w.data_ptr(), eps, y.data_ptr())
+    return y
+
+
+def silu_mul(g: torch.Tensor, u: torch.Tensor) -> torch.Tensor | None:
+    """silu(g) * u for float32 CPU tensors of one shape, on the caller's thread (meant for decode's few rows); None
+    where the C library cannot be had."""
+    lib = fast_library()
+    if isinstance(lib, str):
+        return None
+    g, u = g.contiguous(), u.contiguous()
+    y = torch.empty_like(g)
+    lib.silu_mul(g.data_ptr(), u.data_ptr(), g.numel(), y.data_ptr())
     return y
