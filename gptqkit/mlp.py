@@ -14,6 +14,7 @@ submodules under the same names, so state_dict() does not change.
 
 from __future__ import annotations
 
+import itertools
 import logging
 
 import torch
@@ -67,14 +68,14 @@ def use(model: nn.Module) -> int:
         if parts is None:
             continue
         new = GatedMLP(*parts)
-        w = next(module.parameters(), None)
-        if w is None:
-            w = next(module.buffers())
-        t = torch.linspace(-12, 12, 97, device=w.device)
+        tensor = next(itertools.chain(module.parameters(), module.buffers()), None)
         hidden = getattr(parts[0], "in_features", None)
-        same = hidden is not None and torch.allclose(parts[3](t), F.silu(t), rtol=1e-6, atol=1e-7)
+        same = tensor is not None and hidden is not None
+        if same:
+            t = torch.linspace(-12, 12, 97, device=tensor.device)
+            same = torch.allclose(parts[3](t), F.silu(t), rtol=1e-6, atol=1e-7)
         if same:  # float32 rows: the C path takes only those
-            x = torch.randn(3, hidden, generator=torch.Generator().manual_seed(0)).to(w.device)
+            x = torch.randn(3, hidden, generator=torch.Generator().manual_seed(0)).to(tensor.device)
             try:
                 ref = module(x)
             except RuntimeError:  # e.g. a model that computes in another dtype

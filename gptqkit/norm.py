@@ -35,8 +35,9 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = self.weight
-        if (x.dtype == torch.float32 and w.dtype == torch.float32 and x.device.type == "cpu" and w.dim() == 1
-                and x.numel() < C_ROWS * x.shape[-1] and not (torch.is_grad_enabled() and x.requires_grad)):
+        if (x.dtype == torch.float32 and w.dtype == torch.float32 and x.device.type == "cpu"
+                and x.numel() < C_ROWS * x.shape[-1]
+                and not (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad))):
             y = cpu_avx2.rms_norm(x, w, self.variance_epsilon)
             if y is not None:
                 return y

@@ -88,6 +88,23 @@ def test_use_keeps_norms_that_compute_something_else():
     assert norm.use(seq) == 0 and type(seq[0]) is nn.LayerNorm and type(seq[1]) is Scale
 
 
+def test_rms_norm_trains_its_weight():
+    """A weight that requires grad takes torch's formula even for one row, so it gets its gradient."""
+    ours = norm.RMSNorm(nn.Parameter(torch.rand(64) + 0.5), 1e-6)
+    x = torch.randn(1, 1, 64)
+    ours(x).sum().backward()
+    ref = nn.Parameter(ours.weight.detach().clone())
+    (ref * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6))).sum().backward()
+    assert ours.weight.grad is not None and torch.allclose(ours.weight.grad, ref.grad)
+
+
+@needs_avx2
+def test_c_calls_decline_mismatched_shapes():
+    """Shapes the C functions would read past get None (the callers then run torch, which raises or broadcasts)."""
+    assert cpu_avx2.rms_norm(torch.randn(2, 8), torch.ones(4), 1e-6) is None
+    assert cpu_avx2.silu_mul(torch.randn(2, 8), torch.randn(1, 8)) is None
+
+
 def test_rms_norm_other_dtypes_match_transformers():
     """bf16 input (and any call the C function does not take) runs transformers' formula itself: bit-equal."""
     from transformers.models.llama.modeling_llama import LlamaRMSNorm

@@ -445,22 +445,22 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: f
 
 def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor | None:
     """w * (x * rsqrt(mean(x^2, -1) + eps)) for float32 CPU x [..., K] and w [K], on the caller's thread (meant for
-    decode's few rows); None where the C library cannot be had."""
+    decode's few rows); None where the C library cannot be had or w is not [K]."""
     lib = fast_library()
-    if isinstance(lib, str):
-        return None
-    x = x.contiguous()
-    y = torch.empty_like(x)
     K = x.shape[-1]
+    if isinstance(lib, str) or w.shape != (K,):
+        return None
+    x, w = x.contiguous(), w.contiguous()
+    y = torch.empty_like(x)
     lib.rms_norm(x.data_ptr(), x.numel() // K, K, w.data_ptr(), eps, y.data_ptr())
     return y
 
 
 def silu_mul(g: torch.Tensor, u: torch.Tensor) -> torch.Tensor | None:
     """silu(g) * u for float32 CPU tensors of one shape, on the caller's thread (meant for decode's few rows); None
-    where the C library cannot be had."""
+    where the C library cannot be had or the shapes differ (torch would broadcast)."""
     lib = fast_library()
-    if isinstance(lib, str):
+    if isinstance(lib, str) or g.shape != u.shape:
         return None
     g, u = g.contiguous(), u.contiguous()
     y = torch.empty_like(g)
