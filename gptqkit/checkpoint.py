@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import attention, kernels, mlp, norm
+from . import attention, fused, kernels
 from .kernels import cpu_avx2, cpu_avx2_q8
 from .config import ConfigError, QuantConfig
 from .qlinear import QuantLinear
@@ -366,8 +366,8 @@ def load(path: str | os.PathLike, device: str | torch.device = "cpu", dtype: tor
     it should differ from dtype (gptqkit.dense): e.g. dtype float32 with dense_dtype bfloat16 on a CPU without
     native bf16 computes in fp32 and keeps those two matrices at 2 bytes per weight. On CPU a model that runs SDPA
     decodes one token's attention in C (gptqkit.attention; every other call stays SDPA;
-    `model.set_attn_implementation("sdpa")` undoes it); with the avx2 kernels its RMSNorms (gptqkit.norm) and its
-    gated MLPs' silu(gate) * up (gptqkit.mlp) also run decode rows in C.
+    `model.set_attn_implementation("sdpa")` undoes it); with the avx2 kernels its RMSNorms and its gated MLPs'
+    silu(gate) * up also run decode rows in C (gptqkit.fused).
 
     >>> model = load("smollm2-gptq-4bit")  # doctest: +SKIP
     >>> model(torch.tensor([[1, 2, 3]])).logits.shape  # doctest: +SKIP
@@ -483,8 +483,8 @@ def use_kernels(model: nn.Module, device: str | torch.device, kernel: str = "aut
             log.info("%d groups of layers with one input run separately: %s", n, r)
         calls = cpu_avx2.read_ahead([m for g in groups for m in g])
         log.info("decode: %d kernel calls each read the next two calls' codes ahead", calls)
-        norm.use(model)  # part of the same C decode path; the reference kernels keep the model's own modules
-        mlp.use(model)
+        fused.use_norms(model)  # part of the same C decode path; the reference kernels keep the model's own modules
+        fused.use_mlps(model)
     return chosen
 
 

@@ -9,8 +9,8 @@ cpu_int4.dense_dtype picks it) and run one dense GEMM over it.
 
 The same C file holds the `avx2-q8` kernel's int8-activation matmul (cpu_avx2_q8.py), the bf16 GEMV that
 gptqkit.dense uses for a bf16 lm_head (bf16_matmul below), the one-token attention of gptqkit.attention
-(decode_attention below), the RMSNorm of gptqkit.norm (rms_norm below) and the gated MLP's silu(gate) * up of
-gptqkit.mlp (silu_mul below).
+(decode_attention below), and the RMSNorm and the gated MLP's silu(gate) * up of gptqkit.fused (rms_norm and
+silu_mul below).
 
 Decode calls run on the C file's own thread pool (pthreads): after its part of a call a worker reads the codes of
 the calls that come next (read_ahead() tells each plan which) while the caller is back in Python. Prefill's
