@@ -51,19 +51,34 @@ class GrowingLayer(DynamicLayer):
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
-        if self.keys is self._kview and self.values is self._vview:
-            T, n = self._length, key_states.shape[-2]
-            if T + n <= self._kbuf.shape[-2]:
-                self._kbuf.narrow(-2, T, n).copy_(key_states)
-                self._vbuf.narrow(-2, T, n).copy_(value_states)
-                self.keys = self._kview = self._kbuf.narrow(-2, 0, T + n)
-                self.values = self._vview = self._vbuf.narrow(-2, 0, T + n)
-                self._length = T + n
-                return self.keys, self.values
+        n = key_states.shape[-2]
+        T = self.free_slot(n)
+        if T is not None:
+            self._kbuf.narrow(-2, T, n).copy_(key_states)
+            self._vbuf.narrow(-2, T, n).copy_(value_states)
+            self.extend(n)
+            return self.keys, self.values
         self.keys, self._kbuf = _append(self.keys, self._kbuf, key_states)
         self.values, self._vbuf = _append(self.values, self._vbuf, value_states)
         self._kview, self._vview, self._length = self.keys, self.values, self.keys.shape[-2]
         return self.keys, self.values
+
+    def free_slot(self, n: int = 1) -> int | None:
+        """The cached length T if n new positions can be written straight into the buffers at T .. T + n - 1 (room
+        is left and nothing has cropped or reordered `keys` / `values` since the last update), else None. A caller
+        that writes them there then calls extend(n); gptqkit.fused's decode attention does."""
+        if self._kbuf is not None and self.keys is self._kview and self.values is self._vview:
+            T = self._length
+            if T + n <= self._kbuf.shape[-2]:
+                return T
+        return None
+
+    def extend(self, n: int) -> None:
+        """Count n positions written at free_slot() into the cache."""
+        T = self._length + n
+        self.keys = self._kview = self._kbuf.narrow(-2, 0, T)
+        self.values = self._vview = self._vbuf.narrow(-2, 0, T)
+        self._length = T
 
     def reset(self) -> None:
         self._kbuf = self._vbuf = self._kview = self._vview = None

@@ -96,3 +96,23 @@ def test_generate_gives_the_same_tokens_as_dynamic_cache():
     assert torch.equal(a, b)
     assert all(type(layer) is GrowingLayer for layer in cache.layers)
     assert cache.layers[0]._kbuf.shape[-2] == 2 * (6 + C.HEADROOM) >= cache.get_seq_length() == 305
+
+
+def test_free_slot_and_extend():
+    """free_slot() gives the length while the next positions fit the buffer and nothing replaced the views; extend()
+    counts positions written there, which the next update then follows."""
+    layer = GrowingLayer()
+    assert layer.free_slot() is None  # no buffer yet
+    k, v = kv(3, 0)
+    layer.update(k, v)
+    cap = layer._kbuf.shape[-2]
+    assert layer.free_slot() == 3 and layer.free_slot(cap - 3) == 3 and layer.free_slot(cap - 2) is None
+    k1, v1 = kv(1, 1)
+    layer._kbuf[:, :, 3:4] = k1
+    layer._vbuf[:, :, 3:4] = v1
+    layer.extend(1)
+    k2, v2 = kv(1, 2)
+    keys, values = layer.update(k2, v2)
+    assert torch.equal(keys, torch.cat([k, k1, k2], -2)) and torch.equal(values, torch.cat([v, v1, v2], -2))
+    layer.crop(-1)  # a new view: the next write must go through update's checks
+    assert layer.free_slot() is None
