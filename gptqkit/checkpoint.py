@@ -366,8 +366,9 @@ def load(path: str | os.PathLike, device: str | torch.device = "cpu", dtype: tor
     it should differ from dtype (gptqkit.dense): e.g. dtype float32 with dense_dtype bfloat16 on a CPU without
     native bf16 computes in fp32 and keeps those two matrices at 2 bytes per weight. On CPU a model that runs SDPA
     decodes one token's attention in C (gptqkit.attention; every other call stays SDPA;
-    `model.set_attn_implementation("sdpa")` undoes it); with the avx2 kernels its RMSNorms and its gated MLPs'
-    silu(gate) * up also run decode rows in C (gptqkit.fused).
+    `model.set_attn_implementation("sdpa")` undoes it); with the avx2 kernels its RMSNorms, its gated MLPs'
+    silu(gate) * up and its rotary attention's one-token step (rotation, cache write, attention) also run decode
+    rows in C (gptqkit.fused).
 
     >>> model = load("smollm2-gptq-4bit")  # doctest: +SKIP
     >>> model(torch.tensor([[1, 2, 3]])).logits.shape  # doctest: +SKIP
@@ -485,6 +486,7 @@ def use_kernels(model: nn.Module, device: str | torch.device, kernel: str = "aut
         log.info("decode: %d kernel calls each read the next two calls' codes ahead", calls)
         fused.use_norms(model)  # part of the same C decode path; the reference kernels keep the model's own modules
         fused.use_mlps(model)
+        fused.use_attention(model)
     return chosen
 
 

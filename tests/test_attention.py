@@ -97,8 +97,9 @@ def test_loaded_model_decodes_like_sdpa(stories_ckpt, monkeypatch):
         return out.logits, torch.stack(steps), padded
 
     calls = []
-    c_attention = cpu_avx2.decode_attention
-    monkeypatch.setattr(cpu_avx2, "decode_attention", lambda *a: calls.append(a[0].shape) or c_attention(*a))
+    for fn in ("decode_attention", "rope_decode_attention"):  # the latter: gptqkit.fused's whole attention step
+        c_fn = getattr(cpu_avx2, fn)
+        monkeypatch.setattr(cpu_avx2, fn, lambda *a, c_fn=c_fn: calls.append(a[0].shape) or c_fn(*a))
     fast = decode()
     assert len(calls) == 64 * model.config.num_hidden_layers  # every decode step of every layer, nothing else
     model.set_attn_implementation("sdpa")

@@ -1,12 +1,12 @@
-"""gptqkit.fused: the C RMSNorm and silu(g) * u against float64 and transformers' own modules, and which modules
-use_norms() / use_mlps() swap."""
+"""gptqkit.fused: the C RMSNorm, silu(g) * u and rotary attention step against float64 and transformers' own
+modules, and which modules use_norms() / use_mlps() / use_attention() swap."""
 
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from gptqkit import fused
+from gptqkit import attention, fused
 from gptqkit.kernels import cpu_avx2
 from conftest import random_model, stories_checkpoint
 
@@ -14,14 +14,16 @@ needs_avx2 = pytest.mark.skipif(isinstance(cpu_avx2.library(), str),
                                 reason=f"avx2 kernel unavailable: {cpu_avx2.library()}")
 
 
-def prefill_then_decode(model, ids):
-    """(logits of a 32-token prefill, last logits of each of the next 8 tokens decoded one at a time)."""
+def prefill_then_decode(model, ids, cache=None, prompt=32):
+    """(logits of a `prompt`-token prefill, last logits of each following token of ids decoded one at a time), into
+    `cache` (default a DynamicCache)."""
     from transformers.cache_utils import DynamicCache
 
     with torch.no_grad():
-        out = model(ids[:, :32], past_key_values=DynamicCache(config=model.config), use_cache=True)
-        steps = [model(ids[:, t:t + 1], past_key_values=out.past_key_values, use_cache=True).logits[0, -1]
-                 for t in range(32, 40)]
+        cache = cache if cache is not None else DynamicCache(config=model.config)
+        out = model(ids[:, :prompt], past_key_values=cache, use_cache=True)
+        steps = [model(ids[:, t:t + 1], past_key_values=cache, use_cache=True).logits[0, -1]
+                 for t in range(prompt, ids.shape[1])]
     return out.logits, torch.stack(steps)
 
 
@@ -206,4 +208,167 @@ def test_load_swaps_the_mlps(tmp_path_factory):
             if isinstance(m, fused.GatedMLP):
                 m.forward = m.reference
         slow = model.generate(ids, max_new_tokens=24, do_sample=False)
+    assert torch.equal(fast, slow)
+
+
+def rope_attention64(q, k, v, cos, sin, keys, values, scale):
+    """The oracle of one rotary decode step: q [H, D], k, v [Hkv, D], cos, sin [D], keys, values [Hkv, T, D]
+    (the cache so far) -> ([H, D] output in float64, k rotated by transformers' own function in float32)."""
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    qr, kr = apply_rotary_pos_emb(q[None, :, None], k[None, :, None], cos[None, None], sin[None, None])
+    qr, kr = qr[0, :, 0], kr[0, :, 0]
+    K = torch.cat([keys, kr[:, None]], 1).double().repeat_interleave(q.shape[0] // k.shape[0], 0)  # [H, T+1, D]
+    V = torch.cat([values, v[:, None]], 1).double().repeat_interleave(q.shape[0] // k.shape[0], 0)
+    p = torch.softmax(torch.einsum("hd,htd->ht", qr.double(), K) * scale, -1)
+    return torch.einsum("ht,htd->hd", p, V), kr
+
+
+@needs_avx2
+@pytest.mark.parametrize("H,Hkv,D,T", [(32, 4, 64, 0), (32, 4, 64, 300), (9, 3, 96, 17), (4, 4, 16, 5),
+                                       (8, 2, 128, 1), (5, 5, 8, 2)])
+def test_c_rope_decode_attention_matches_the_formula(H, Hkv, D, T):
+    """The cache gets exactly the key transformers' apply_rotary_pos_emb gives, the value as it is, and the output
+    is float64 attention over the cache and the new position, within float32 rounding."""
+    g = torch.Generator().manual_seed(H * D + T)
+    q, k, v = torch.randn(1, 1, H * D, generator=g), torch.randn(1, 1, Hkv * D, generator=g), \
+        torch.randn(1, 1, Hkv * D, generator=g)
+    ang = torch.rand(D // 2, generator=g) * 6
+    cos, sin = torch.cat([ang, ang]).cos(), torch.cat([ang, ang]).sin()
+    cap = T + 7
+    kbuf, vbuf = torch.randn(1, Hkv, cap, D, generator=g), torch.randn(1, Hkv, cap, D, generator=g)
+    keys, values = kbuf[0, :, :T].clone(), vbuf[0, :, :T].clone()
+    out = cpu_avx2.rope_decode_attention(q, k, v, cos, sin, kbuf, vbuf, T, D ** -0.5)
+    ref, kr = rope_attention64(q.view(H, D), k.view(Hkv, D), v.view(Hkv, D), cos, sin, keys, values, D ** -0.5)
+    assert out.shape == q.shape and out.dtype == torch.float32
+    assert torch.equal(kbuf[0, :, T], kr) and torch.equal(vbuf[0, :, T], v.view(Hkv, D))
+    assert torch.equal(kbuf[0, :, :T], keys)  # earlier positions untouched
+    assert ((out.view(H, D).double() - ref).abs() <= 2e-6 * ref.abs().max() + 1e-7).all()
+
+
+def count_rope_calls(monkeypatch) -> list:
+    calls = []
+    real = cpu_avx2.rope_decode_attention
+    monkeypatch.setattr(cpu_avx2, "rope_decode_attention", lambda *a: calls.append(a[7]) or real(*a))
+    return calls
+
+
+@needs_avx2
+@pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2", "gemma"])
+def test_use_attention_swaps_and_keeps_outputs(arch, monkeypatch):
+    """Every rotary attention module becomes a Decode subclass of its own class with the same state dict; prefill
+    logits are equal, and each decoded token runs the C step in every layer, with the logits of transformers' SDPA
+    to float32 rounding."""
+    from gptqkit.cache import GrowingCache
+
+    model = random_model(arch)
+    if arch == "qwen2":  # q/k/v biases that matter
+        for layer in model.model.layers:
+            for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
+                proj.bias.data.normal_()
+    before = model.state_dict()
+    classes = [type(layer.self_attn) for layer in model.model.layers]
+    ids = torch.randint(0, 256, (1, 40), generator=torch.Generator().manual_seed(1))
+    ref = prefill_then_decode(model, ids, GrowingCache(model.config))
+    assert fused.use_attention(model) == model.config.num_hidden_layers
+    assert attention.use(model)  # the step runs in a model switched to gptqkit's attention, as load() does
+    for layer, cls in zip(model.model.layers, classes):
+        assert isinstance(layer.self_attn, fused.DecodeAttention) and isinstance(layer.self_attn, cls)
+    after = model.state_dict()
+    assert after.keys() == before.keys() and all(after[k].data_ptr() == before[k].data_ptr() for k in before)
+    calls = count_rope_calls(monkeypatch)
+    fast = prefill_then_decode(model, ids, GrowingCache(model.config))
+    assert calls == [T for T in range(32, 40) for _ in model.model.layers]
+    assert torch.equal(fast[0], ref[0])
+    assert (fast[1] - ref[1]).abs().max() <= 1e-5 * ref[1].abs().max()
+    assert fused.use_attention(model) == 0  # already swapped
+    model.set_attn_implementation("sdpa")  # undoes the step with the C decode attention
+    calls.clear()
+    assert torch.equal(prefill_then_decode(model, ids, GrowingCache(model.config))[1], ref[1]) and not calls
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "opt", "gpt_neox"])
+def test_use_attention_keeps_other_attention(arch):
+    """GPT-2's fused c_attn, OPT's out_proj without rotary and GPT-NeoX's query_key_value keep their class."""
+    model = random_model(arch)
+    kinds = [type(m) for m in model.modules()]
+    assert fused.use_attention(model) == 0
+    assert [type(m) for m in model.modules()] == kinds
+
+
+@needs_avx2
+def test_use_attention_keeps_modules_the_probe_rejects():
+    """Partial rotary (half of each head rotated, as Phi and GPT-NeoX do) computes something else: the probe's
+    random cos and sin catch it and the module keeps its class."""
+    from transformers.models.llama.modeling_llama import LlamaAttention, apply_rotary_pos_emb
+
+    class HalfRotary(LlamaAttention):
+        def forward(self, hidden_states, position_embeddings=None, attention_mask=None, past_key_values=None, **kw):
+            cos, sin = position_embeddings
+            h = self.head_dim // 2
+            half = (cos[..., :h // 2].repeat(1, 1, 2), sin[..., :h // 2].repeat(1, 1, 2))
+            ones, zeros = torch.ones_like(cos[..., h:]), torch.zeros_like(sin[..., h:])
+            full = (torch.cat([half[0], ones], -1), torch.cat([half[1], zeros], -1))
+            return super().forward(hidden_states, full, attention_mask, past_key_values, **kw)
+
+    model = random_model("llama")
+    model.model.layers[0].self_attn = HalfRotary(model.config, 0)
+    assert fused.use_attention(model) == 1
+    assert type(model.model.layers[0].self_attn) is HalfRotary
+
+
+@needs_avx2
+def test_attention_step_stops_at_a_sliding_window(monkeypatch):
+    """Past a sliding window the class's own forward (masked SDPA) runs; outputs stay those of the unswapped
+    model."""
+    from gptqkit.cache import GrowingCache
+
+    model = random_model("mistral")
+    model.config.sliding_window = 8
+    ids = torch.randint(0, 256, (1, 16), generator=torch.Generator().manual_seed(2))
+    ref = prefill_then_decode(model, ids, GrowingCache(), prompt=4)  # no config: full-length GrowingLayers
+    assert fused.use_attention(model) == 2 and attention.use(model)
+    calls = count_rope_calls(monkeypatch)
+    fast = prefill_then_decode(model, ids, GrowingCache(), prompt=4)
+    assert 4 in calls and max(calls) < 8  # (the mask builder may already mask the last step inside the window)
+    assert (fast[1] - ref[1]).abs().max() <= 1e-5 * ref[1].abs().max()
+
+
+@needs_avx2
+def test_attention_step_leaves_training_to_torch():
+    """A one-token forward whose q/k/v need gradients runs the torch ops, so trainable adapters get theirs (here
+    only q_proj trains: the layer's input needs no gradient, its output does)."""
+    from gptqkit.cache import GrowingCache
+
+    model = random_model("llama")
+    assert fused.use_attention(model) and attention.use(model)
+    model.requires_grad_(False)
+    model.model.layers[0].self_attn.q_proj.weight.requires_grad_(True)
+    cache = GrowingCache(model.config)
+    with torch.no_grad():
+        model(torch.tensor([[1, 2, 3]]), past_key_values=cache, use_cache=True)
+    out = model(torch.tensor([[4]]), past_key_values=cache, use_cache=True)
+    out.logits.sum().backward()
+    assert model.model.layers[0].self_attn.q_proj.weight.grad is not None
+    assert model.model.layers[0].self_attn.q_proj.weight.grad.abs().sum() > 0
+
+
+@needs_avx2
+def test_load_swaps_the_attention(tmp_path_factory, monkeypatch):
+    """load() with the avx2 kernels swaps the checkpoint model's attention; greedy generation into a GrowingCache
+    (what gptqkit's generate and bench pass) matches the same model with transformers' attention forward."""
+    from gptqkit.cache import GrowingCache
+    from gptqkit.checkpoint import load
+
+    model = load(stories_checkpoint(tmp_path_factory), kernel="avx2")
+    swapped = [m for m in model.modules() if isinstance(m, fused.DecodeAttention)]
+    assert len(swapped) == model.config.num_hidden_layers
+    ids = torch.randint(3, model.config.vocab_size, (1, 8), generator=torch.Generator().manual_seed(0))
+    calls = count_rope_calls(monkeypatch)
+    with torch.no_grad():
+        fast = model.generate(ids, max_new_tokens=24, do_sample=False, past_key_values=GrowingCache(model.config))
+        assert len(calls) == 23 * model.config.num_hidden_layers  # every token after the first, every layer
+        for m in swapped:
+            m.decode_step = lambda *a: None
+        slow = model.generate(ids, max_new_tokens=24, do_sample=False, past_key_values=GrowingCache(model.config))
     assert torch.equal(fast, slow)

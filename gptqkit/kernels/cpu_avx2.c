@@ -3,8 +3,8 @@
 
    Entry points: gptq_q4_matmul (fp32 activations, the `avx2` kernel), gptq_q4_matmul_q8 (activations rounded to
    int8, `avx2-q8`), gptq_q4_dequant (W for the prefill GEMM of both), bf16_matmul (a dense bf16 GEMV for an
-   lm_head kept in bf16, gptqkit.dense), decode_attention (gptqkit.attention), and rms_norm and
-   silu_mul (gptqkit.fused).
+   lm_head kept in bf16, gptqkit.dense), decode_attention (gptqkit.attention), and rope_decode_attention,
+   rms_norm and silu_mul (gptqkit.fused).
 
    Reads the checkpoint tensors as they are: no int4 copy of the weight is made, so a loaded model holds its
    4-bit codes once. Built by cpu_avx2.py with the C compiler at hand and called through ctypes.
@@ -1091,6 +1091,47 @@ static void at_task(void *arg, int t, int T) {
         if (d0 < D) weigh_values(s, L, vg, vsl, d0, (D - d0) / 8, 1.0f / sum, out + (size_t)h * D);
     }
     free(s);
+}
+
+/* ---------------------------------------------------------------------------------------------------------------
+   A decode step of rotary attention (gptqkit.fused.DecodeAttention): the new token's q and k rotated, k and v
+   written into the cache at position T, then decode_attention over the T + 1 positions. In transformers' Llama
+   attention these are ~20 torch ops per layer (views, transposes, rotate_half's slices and cat, four multiplies, two
+   adds, the cache's copies) that cost ~4 ms of a 30 ms token on the 1.1B shape, where the matmuls keep torch's
+   code and data out of the caches.
+
+   q [H, D], kn, vn [Hkv, D] the projections' rows; cs, sn [D] the position's cos and sin. The rotation is
+   transformers' apply_rotary_pos_emb: y = x * cos + rotate_half(x) * sin, rotate_half(x) = [-x[D/2:], x[:D/2]],
+   with the same roundings (a product each, then their sum; this file is built without FMA contraction), so the
+   cache holds exactly what the torch ops would write. kc, vc: the cache buffers, key (g, l, d) at
+   kc[g * ksh + l * ksl + d], room for position T. Returns what decode_attention returns. */
+
+static void rope_row(const float *x, const float *cs, const float *sn, int D, float *y) {
+    const int h = D / 2;
+    for (int i = 0; i < h; i++) {
+        const float a = x[i] * cs[i], b = -x[i + h] * sn[i];
+        y[i] = a + b;
+    }
+    for (int i = h; i < D; i++) {
+        const float a = x[i] * cs[i], b = x[i - h] * sn[i];
+        y[i] = a + b;
+    }
+}
+
+int rope_decode_attention(const float *q, const float *kn, const float *vn, const float *cs, const float *sn,
+                          int H, int D, int Hkv, float *kc, float *vc, int T, long ksh, long ksl, long vsh,
+                          long vsl, float scale, float *out, int threads) {
+    if (D % 8 != 0 || Hkv < 1 || H % Hkv != 0 || T < 0) return -2;
+    float *qr = (float *)malloc(sizeof(float) * (size_t)H * (size_t)D);
+    if (!qr) return -1;
+    for (int h = 0; h < H; h++) rope_row(q + (size_t)h * D, cs, sn, D, qr + (size_t)h * D);
+    for (int g = 0; g < Hkv; g++) {
+        rope_row(kn + (size_t)g * D, cs, sn, D, kc + (size_t)g * ksh + (size_t)T * ksl);
+        memcpy(vc + (size_t)g * vsh + (size_t)T * vsl, vn + (size_t)g * D, sizeof(float) * (size_t)D);
+    }
+    const int rc = decode_attention(qr, H, D, kc, vc, Hkv, T + 1, ksh, ksl, vsh, vsl, scale, out, threads);
+    free(qr);
+    return rc;
 }
 
 /* ---------------------------------------------------------------------------------------------------------------

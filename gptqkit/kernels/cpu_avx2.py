@@ -9,8 +9,8 @@ cpu_int4.dense_dtype picks it) and run one dense GEMM over it.
 
 The same C file holds the `avx2-q8` kernel's int8-activation matmul (cpu_avx2_q8.py), the bf16 GEMV that
 gptqkit.dense uses for a bf16 lm_head (bf16_matmul below), the one-token attention of gptqkit.attention
-(decode_attention below), and the RMSNorm and the gated MLP's silu(gate) * up of gptqkit.fused (rms_norm and
-silu_mul below).
+(decode_attention below), and the rotary attention step, the RMSNorm and the gated MLP's silu(gate) * up of
+gptqkit.fused (rope_decode_attention, rms_norm and silu_mul below).
 
 Decode calls run on the C file's own thread pool (pthreads): after its part of a call a worker reads the codes of
 the calls that come next (read_ahead() tells each plan which) while the caller is back in Python. Prefill's
@@ -49,7 +49,11 @@ log = logging.getLogger(__name__)
 name = "avx2"
 
 SOURCE = Path(__file__).with_name("cpu_avx2.c")
-FLAGS = ("-O3", "-shared", "-fPIC", "-pthread", "-fopenmp", "-mavx2", "-mfma", "-mf16c", "-std=c99")
+# -ffp-contract=off: a * b + c stays two roundings unless the C file asks for an FMA, so the rotary embedding of
+# rope_decode_attention rounds as torch's separate multiplies and adds do (GCC's default under -std=c99, said here
+# for every compiler).
+FLAGS = ("-O3", "-shared", "-fPIC", "-pthread", "-fopenmp", "-mavx2", "-mfma", "-mf16c", "-std=c99",
+         "-ffp-contract=off")
 # The second build, for CPUs with AVX512-VNNI (Ice Lake and later, Zen 4 and later): the int8 matmul's inner
 # product becomes vpdpbusd over 16 columns (see piece_q8 in the C file); everything else is the same code.
 VNNI_FLAGS = FLAGS + ("-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni")
@@ -130,6 +134,8 @@ def library(vnni: bool = False) -> ctypes.CDLL | str:
     lib.pool_forget.argtypes = []
     lib.decode_attention.restype = ctypes.c_int
     lib.decode_attention.argtypes = [P, I, I, P, P, I, I, L, L, L, L, ctypes.c_float, P, I]
+    lib.rope_decode_attention.restype = ctypes.c_int
+    lib.rope_decode_attention.argtypes = [P, P, P, P, P, I, I, I, P, P, I, L, L, L, L, ctypes.c_float, P, I]
     lib.rms_norm.restype = None
     lib.rms_norm.argtypes = [P, I, I, P, ctypes.c_float, P]
     lib.silu_mul.restype = None
@@ -440,6 +446,27 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: f
                               scale, out.data_ptr(), torch.get_num_threads())
     if rc != 0:
         raise MemoryError(f"avx2 kernel: no scratch memory for attention over {L} positions")
+    return out
+
+
+def rope_decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                          kbuf: torch.Tensor, vbuf: torch.Tensor, T: int, scale: float) -> torch.Tensor | None:
+    """One decode step of rotary attention: q [H * D] and k, v [Hkv * D] (the new token's projections, contiguous
+    float32, any leading dims of size 1), cos and sin [D] contiguous float32 (its position's). k rotated and v are
+    written at position T of the cache buffers kbuf, vbuf [1, Hkv, capacity > T, D] (unit stride along D), and q
+    rotated attends to positions 0 .. T -> [H * D] float32. The rotation is transformers' apply_rotary_pos_emb, with
+    the same roundings. None where the C library cannot be had; the caller checks shapes and dtypes (decode calls
+    this once per layer and token)."""
+    lib = fast_library()
+    if isinstance(lib, str):
+        return None
+    (_, Hkv, _, D), ks, vs = kbuf.shape, kbuf.stride(), vbuf.stride()
+    out = torch.empty(q.shape, dtype=torch.float32)
+    rc = lib.rope_decode_attention(q.data_ptr(), k.data_ptr(), v.data_ptr(), cos.data_ptr(), sin.data_ptr(),
+                                   q.numel() // D, D, Hkv, kbuf.data_ptr(), vbuf.data_ptr(), T, ks[1], ks[2], vs[1],
+                                   vs[2], scale, out.data_ptr(), torch.get_num_threads())
+    if rc != 0:
+        raise MemoryError(f"avx2 kernel: no scratch memory for attention over {T + 1} positions")
     return out
 
 
