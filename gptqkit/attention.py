@@ -11,6 +11,10 @@ function takes exactly one case, one new token of batch 1 in float32 with no mas
 unpadded decoding), and hands every other call to transformers' own `sdpa_attention_forward` unchanged, with the
 SDPA mask builder: prefill, batches, padding, sliding windows past their width, softcapping and autograd run SDPA as
 before.
+
+Rotary attention modules that gptqkit.fused swaps (Llama, Mistral, Qwen2, Gemma with the avx2 kernels) do their
+one-token step in one C call of their own before they get here, while the model runs NAME; this function then
+serves the rest: other kernels, other attention classes, a DynamicCache.
 """
 
 from __future__ import annotations

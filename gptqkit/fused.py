@@ -146,8 +146,8 @@ class DecodeAttention(nn.Module):
     """Mixed in front of a rotary attention class (Llama's, Mistral's, Qwen2's, ...) whose forward is
     o_proj(attention(rope(q_proj(x)), rope(k_proj(x)), v_proj(x))): one new float32 token on CPU with a GrowingCache,
     in a model switched to gptqkit.attention's implementation, runs decode_step; every other call the class's own
-    forward. The subclass keeps the class (isinstance, output
-    recorders) and the module's attributes and submodules, so state_dict() does not change."""
+    forward. The subclass keeps the class (isinstance, output recorders) and the module's attributes and
+    submodules, so state_dict() does not change."""
 
     window: int | None  # positions from which the class's forward runs (a sliding window's width), or None
 
@@ -174,8 +174,7 @@ class DecodeAttention(nn.Module):
         if T is None or (self.window is not None and T >= self.window):
             return None
         kb = layer._kbuf
-        if not (kb.dtype == cos.dtype == sin.dtype == torch.float32 and kb.shape[0] == 1
-                and cos.is_contiguous() and sin.is_contiguous()):
+        if not (kb.dtype == cos.dtype == sin.dtype == torch.float32 and cos.is_contiguous() and sin.is_contiguous()):
             return None
         q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)  # [1, 1, H * D], [1, 1, Hkv * D] x 2
         if not (q.is_contiguous() and k.is_contiguous() and v.is_contiguous()) or (
@@ -186,6 +185,20 @@ class DecodeAttention(nn.Module):
             return None
         layer.extend(1)
         return self.o_proj(out)
+
+    def __reduce_ex__(self, protocol):
+        # The class is made at run time (_decode_class), so pickle names the attention class it extends.
+        return _decode_copy, (type(self).__bases__[1], self.__dict__)
+
+
+def _decode_copy(cls: type, state: dict) -> DecodeAttention:
+    """A Decode subclass instance of attention class `cls` holding `state` (a module's __dict__, shallow-copied)."""
+    kind = _decode_class(cls)
+    new = kind.__new__(kind)
+    new.__dict__.update(state)
+    for d in ("_parameters", "_buffers", "_modules"):
+        new.__dict__[d] = dict(state[d])
+    return new
 
 
 @functools.cache
@@ -208,11 +221,7 @@ def _attention_for(module: nn.Module) -> DecodeAttention | None:
     H, Hkv = (getattr(children[n], "out_features", 0) // D for n in ("q_proj", "k_proj"))
     if not (H and Hkv and H % Hkv == 0 and getattr(children["v_proj"], "out_features", 0) == Hkv * D):
         return None
-    cls = _decode_class(type(module))
-    new = cls.__new__(cls)
-    new.__dict__.update(module.__dict__)
-    for d in ("_parameters", "_buffers", "_modules"):
-        new.__dict__[d] = dict(module.__dict__[d])
+    new = _decode_copy(type(module), module.__dict__)
     windows = [w for w in (getattr(module, "sliding_window", None), getattr(config, "sliding_window", None))
                if isinstance(w, int)]
     new.window = min(windows) if windows else None
@@ -226,7 +235,7 @@ def _attention_agrees(module: nn.Module, new: DecodeAttention) -> bool:
     g = torch.Generator().manual_seed(0)
     x = torch.randn(1, 6, new.q_proj.in_features, generator=g)
     cos, sin = (torch.rand(1, 6, new.head_dim, generator=g) * 2 - 1 for _ in range(2))
-    caches, outs = (GrowingCache(), GrowingCache()), []
+    caches = GrowingCache(), GrowingCache()
     try:
         for m, cache in zip((module, new), caches):
             m(x[:, :5], position_embeddings=(cos[:, :5], sin[:, :5]), attention_mask=None, past_key_values=cache)

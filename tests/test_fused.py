@@ -105,9 +105,18 @@ def test_rms_norm_trains_its_weight():
 
 @needs_avx2
 def test_c_calls_decline_mismatched_shapes():
-    """Shapes the C functions would read past get None (the callers then run torch, which raises or broadcasts)."""
+    """Shapes the C functions would read or write past get None (the callers then run torch, which raises or
+    broadcasts)."""
     assert cpu_avx2.rms_norm(torch.randn(2, 8), torch.ones(4), 1e-6) is None
     assert cpu_avx2.silu_mul(torch.randn(2, 8), torch.randn(1, 8)) is None
+    q, kv, cs, buf = torch.randn(64), torch.randn(32), torch.randn(16), torch.zeros(1, 2, 5, 16)
+    ok = (q, kv, kv, cs, cs, buf, buf.clone(), 4, 0.25)
+    assert cpu_avx2.rope_decode_attention(*ok) is not None
+    for i, bad in [(1, torch.randn(16)), (0, torch.randn(40)), (3, torch.randn(8)), (6, torch.zeros(1, 2, 4, 16)),
+                   (5, torch.zeros(2, 2, 5, 16)), (7, 5), (7, -1)]:
+        args = list(ok)
+        args[i] = bad
+        assert cpu_avx2.rope_decode_attention(*args) is None, i
 
 
 def test_rms_norm_other_dtypes_match_transformers():
@@ -332,6 +341,23 @@ def test_attention_step_stops_at_a_sliding_window(monkeypatch):
     fast = prefill_then_decode(model, ids, GrowingCache(), prompt=4)
     assert 4 in calls and max(calls) < 8  # (the mask builder may already mask the last step inside the window)
     assert (fast[1] - ref[1]).abs().max() <= 1e-5 * ref[1].abs().max()
+
+
+@needs_avx2
+def test_swapped_attention_pickles():
+    """The Decode classes are made at run time; a pickled model comes back with them and decodes the same."""
+    import pickle
+
+    from gptqkit.cache import GrowingCache
+
+    model = random_model("llama")
+    assert fused.use_attention(model) and attention.use(model)
+    ids = torch.randint(0, 256, (1, 36), generator=torch.Generator().manual_seed(3))
+    ref = prefill_then_decode(model, ids, GrowingCache(model.config))
+    back = pickle.loads(pickle.dumps(model))
+    assert all(type(a.self_attn) is type(b.self_attn) for a, b in zip(model.model.layers, back.model.layers))
+    got = prefill_then_decode(back, ids, GrowingCache(back.config))
+    assert torch.equal(got[0], ref[0]) and torch.equal(got[1], ref[1])
 
 
 @needs_avx2

@@ -454,13 +454,15 @@ def rope_decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos
     """One decode step of rotary attention: q [H * D] and k, v [Hkv * D] (the new token's projections, contiguous
     float32, any leading dims of size 1), cos and sin [D] contiguous float32 (its position's). k rotated and v are
     written at position T of the cache buffers kbuf, vbuf [1, Hkv, capacity > T, D] (unit stride along D), and q
-    rotated attends to positions 0 .. T -> [H * D] float32. The rotation is transformers' apply_rotary_pos_emb, with
-    the same roundings. None where the C library cannot be had; the caller checks shapes and dtypes (decode calls
-    this once per layer and token)."""
+    rotated attends to positions 0 .. T -> q's shape, float32 (the heads' outputs side by side). The rotation is
+    transformers' apply_rotary_pos_emb, with the same roundings. None where the C library cannot be had or the sizes
+    do not fit the buffers; the caller checks dtypes and contiguity (decode calls this once per layer and token)."""
     lib = fast_library()
-    if isinstance(lib, str):
+    (B, Hkv, cap, D), ks, vs = kbuf.shape, kbuf.stride(), vbuf.stride()
+    if (isinstance(lib, str) or B != 1 or not 0 <= T < cap or vbuf.shape != kbuf.shape or ks[3] != 1 or vs[3] != 1
+            or k.numel() != Hkv * D or v.numel() != Hkv * D or q.numel() % (Hkv * D) or cos.numel() != D
+            or sin.numel() != D):
         return None
-    (_, Hkv, _, D), ks, vs = kbuf.shape, kbuf.stride(), vbuf.stride()
     out = torch.empty(q.shape, dtype=torch.float32)
     rc = lib.rope_decode_attention(q.data_ptr(), k.data_ptr(), v.data_ptr(), cos.data_ptr(), sin.data_ptr(),
                                    q.numel() // D, D, Hkv, kbuf.data_ptr(), vbuf.data_ptr(), T, ks[1], ks[2], vs[1],
