@@ -1,4 +1,5 @@
-"""CPU decode and prefill: dense vs gptqkit int4 on SmolLM2-135M-Instruct and a TinyLlama-1.1B-shaped model.
+"""CPU decode and prefill: dense vs gptqkit int4 on SmolLM2-135M-Instruct and a TinyLlama-1.1B-shaped model (and a
+Llama-2-7B-shaped one with --models llama7b).
 
     python benchmarks/cpu_decode.py                       # both models, all columns
     python benchmarks/cpu_decode.py --models smollm2 --runs 5
@@ -42,6 +43,14 @@ PEER_PY = PEERS / "gptqmodel/bin/python"  # made by benchmarks/peers/setup.sh, w
 TINYLLAMA = dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
                  num_key_value_heads=4, vocab_size=32000, max_position_embeddings=2048, tie_word_embeddings=False,
                  rms_norm_eps=1e-5)
+# Llama-2-7B, the most common GPTQ checkpoint: 13.5 GB in bf16, so building and measuring it needs ~16 GB of RAM
+# and several minutes; only with --models llama7b.
+LLAMA7B = dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+               num_key_value_heads=32, vocab_size=32000, max_position_embeddings=4096, tie_word_embeddings=False,
+               rms_norm_eps=1e-5)
+# --models name: (table title, folder prefix, LlamaConfig fields) of the random Llama-shaped models
+SHAPES = {"tinyllama": ("TinyLlama-1.1B-shaped (random)", "tinyllama-shape", TINYLLAMA),
+          "llama7b": ("Llama-2-7B-shaped (random)", "llama7b-shape", LLAMA7B)}
 
 # Runs in GPTQModel's venv (no gptqkit there): the same protocol as gptqkit.bench.measure.
 PEER_SCRIPT = r'''
@@ -136,30 +145,34 @@ def smollm2(work: Path, groups: list[int]) -> tuple[Path, dict[int, Path]]:
     return dense, ckpts
 
 
-def tinyllama(work: Path, groups: list[int]) -> tuple[Path, dict[int, Path]]:
-    """(dense bf16 folder, {group: int4 RTN checkpoint}) for a random model shaped like TinyLlama-1.1B."""
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+def random_llama(work: Path, groups: list[int], key: str) -> tuple[Path, dict[int, Path]]:
+    """(dense bf16 folder, {group: int4 RTN checkpoint}) for a random model of SHAPES[key]."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
     from gptqkit.checkpoint import save
     from gptqkit.config import QuantConfig
     from gptqkit.qlinear import QuantLinear
     from gptqkit.quant import rtn
 
-    dense = work / "tinyllama-shape-bf16"
+    title, prefix, shape = SHAPES[key]
+    dense = work / f"{prefix}-bf16"
     if not (dense / "config.json").exists():
-        log(f"building a random TinyLlama-1.1B-shaped model -> {dense}")
+        log(f"building a random {title} model -> {dense}")
         torch.manual_seed(0)
-        LlamaForCausalLM(LlamaConfig(**TINYLLAMA, dtype="bfloat16")).to(torch.bfloat16).save_pretrained(dense)
-    for folder in [dense] + [work / f"tinyllama-shape-int4-rtn-g{g}" for g in groups]:
+        # made in bf16 directly: the 7B shape in fp32 would not fit in memory
+        model = AutoModelForCausalLM.from_config(LlamaConfig(**shape), dtype=torch.bfloat16)
+        model.save_pretrained(dense)
+        del model
+    for folder in [dense] + [work / f"{prefix}-int4-rtn-g{g}" for g in groups]:
         # Random token ids drive the benchmark; a tokenizer is there because GPTQModel's loader insists on one.
         if folder.exists() and not (folder / "tokenizer.json").exists():
             AutoTokenizer.from_pretrained(STORIES).save_pretrained(folder)
     ckpts = {}
     for g in groups:
-        out = ckpts[g] = work / f"tinyllama-shape-int4-rtn-g{g}"
+        out = ckpts[g] = work / f"{prefix}-int4-rtn-g{g}"
         if (out / "quantize_config.json").exists():
             continue
-        log(f"quantizing the TinyLlama-shaped model (RTN, 4 bits, group {g}) -> {out}")
+        log(f"quantizing the {title} model (RTN, 4 bits, group {g}) -> {out}")
         cfg = QuantConfig(bits=4, group_size=g, quant_method="rtn")
         model = LlamaForCausalLM.from_pretrained(dense, dtype=torch.bfloat16)
         for block in model.model.layers:
@@ -358,7 +371,7 @@ def sweep(threads: int, ms: list[int]) -> str:
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--models", default="smollm2,tinyllama")
+    p.add_argument("--models", default="smollm2,tinyllama", help="of smollm2, tinyllama, llama7b")
     p.add_argument("--groups", default="128,64")
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     p.add_argument("--prompt-len", type=int, default=512)
@@ -381,14 +394,19 @@ def main() -> int:
     if a.sweep:
         print(sweep(a.threads, [int(m) for m in a.sweep_m.split(",")]))
         return 0
+    unknown = [n for n in a.models.split(",") if n != "smollm2" and n not in SHAPES]
+    if unknown:
+        p.error(f"--models: {', '.join(unknown)} not among smollm2, {', '.join(SHAPES)}")
     work = Path(a.work)
     work.mkdir(parents=True, exist_ok=True)
     groups = [int(g) for g in a.groups.split(",")]
     out, raw = [], {"load_average": os.getloadavg()}
     for name in a.models.split(","):
-        dense, ckpts = (smollm2 if name == "smollm2" else tinyllama)(work, groups)
-        text, cols = run_model({"smollm2": "SmolLM2-135M-Instruct", "tinyllama": "TinyLlama-1.1B-shaped (random)"}
-                               [name], dense, ckpts, a)
+        if name == "smollm2":
+            (dense, ckpts), title = smollm2(work, groups), "SmolLM2-135M-Instruct"
+        else:
+            (dense, ckpts), title = random_llama(work, groups, name), SHAPES[name][0]
+        text, cols = run_model(title, dense, ckpts, a)
         print(text + "\n", flush=True)
         out.append(text)
         raw[name] = cols
