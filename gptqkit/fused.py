@@ -167,7 +167,7 @@ class DecodeAttention(nn.Module):
         given, over the cache's positions and its own, which it appends to the cache; None (nothing changed) where
         this is not a one-token float32 CPU step into a GrowingLayer with room."""
         layers, i = cache.layers, self.layer_idx
-        if not (x.numel() == x.shape[-1] and cos.numel() == self.head_dim and _c_rows(x, x) and i < len(layers)):
+        if not (x.numel() == x.shape[-1] and _c_rows(x, x) and i < len(layers)):  # sizes: rope_decode_attention
             return None
         layer = layers[i]
         T = layer.free_slot(1) if type(layer) is GrowingLayer else None

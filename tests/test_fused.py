@@ -193,12 +193,15 @@ def test_use_swaps_gated_mlps_and_keeps_outputs(arch):
     assert fused.use_mlps(model) == 0  # already swapped
 
 
-@pytest.mark.parametrize("arch", ["gemma", "gpt2", "opt"])
-def test_use_keeps_other_mlps(arch):
-    """Gemma's GELU-gated MLP fails the activation probe; GPT-2's and OPT's MLPs have no gate."""
+@pytest.mark.parametrize("use,arch", [("use_mlps", "gemma"), ("use_mlps", "gpt2"), ("use_mlps", "opt"),
+                                      ("use_attention", "gpt2"), ("use_attention", "opt"),
+                                      ("use_attention", "gpt_neox")])
+def test_use_keeps_other_modules(use, arch):
+    """MLPs: Gemma's GELU-gated MLP fails the activation probe; GPT-2's and OPT's MLPs have no gate. Attention:
+    GPT-2's fused c_attn, OPT's out_proj without rotary and GPT-NeoX's query_key_value keep their class."""
     model = random_model(arch)
     kinds = [type(m) for m in model.modules()]
-    assert fused.use_mlps(model) == 0
+    assert getattr(fused, use)(model) == 0
     assert [type(m) for m in model.modules()] == kinds
 
 
@@ -294,15 +297,6 @@ def test_use_attention_swaps_and_keeps_outputs(arch, monkeypatch):
     model.set_attn_implementation("sdpa")  # undoes the step with the C decode attention
     calls.clear()
     assert torch.equal(prefill_then_decode(model, ids, GrowingCache(model.config))[1], ref[1]) and not calls
-
-
-@pytest.mark.parametrize("arch", ["gpt2", "opt", "gpt_neox"])
-def test_use_attention_keeps_other_attention(arch):
-    """GPT-2's fused c_attn, OPT's out_proj without rotary and GPT-NeoX's query_key_value keep their class."""
-    model = random_model(arch)
-    kinds = [type(m) for m in model.modules()]
-    assert fused.use_attention(model) == 0
-    assert [type(m) for m in model.modules()] == kinds
 
 
 @needs_avx2
