@@ -424,6 +424,11 @@ def load(path: str | os.PathLike, device: str | torch.device = "cpu", dtype: tor
         setattr(model.get_submodule(parent) if parent else model, child,
                 _quant_linear_for(name, module, sd, cfg, hint, infer_group))
 
+    head = model.get_output_embeddings()
+    if isinstance(head, QuantLinear) and getattr(model.config, "tie_word_embeddings", False):
+        # A quantized lm_head cannot share the embedding's weight; tying would hang a stray `weight` on it.
+        log.info("%s: lm_head is quantized, so it is not tied to the input embedding", hint)
+        model.config.tie_word_embeddings = False
     qbuf = {f"{n}.{b}" for n in qnames for b in ("qweight", "qzeros", "scales", "g_idx", "bias")}
     if dense_dtype is not None:
         from .dense import dense_names, store_dense

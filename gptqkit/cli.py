@@ -50,7 +50,8 @@ def cmd_quantize(a) -> int:
 
     cfg = QuantConfig(bits=a.bits, group_size=a.group_size, desc_act=a.desc_act, sym=not a.asym,
                       damp_percent=a.damp, true_sequential=not a.no_true_sequential, static_groups=a.static_groups,
-                      act_group_aware=not a.natural_order, checkpoint_format=a.format, mse=a.mse, quant_method=a.method)
+                      act_group_aware=not a.natural_order, checkpoint_format=a.format, mse=a.mse, quant_method=a.method,
+                      lm_head=a.lm_head)
     r = quantize(_model_arg(a.model), a.out, cfg, dataset=a.dataset, nsamples=a.nsamples, seqlen=a.seqlen,
                  seed=a.seed, data_dir=a.data_dir, device=a.device, batch_size=a.batch_size, resume=a.resume,
                  overwrite=a.overwrite, save_dtype=a.save_dtype, max_shard_size=a.max_shard_size,
@@ -141,6 +142,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--no-true-sequential", action="store_true", help="solve all Linears of a block at once")
     q.add_argument("--damp", type=float, default=0.01, help="damp_percent (default 0.01)")
     q.add_argument("--method", choices=("gptq", "rtn"), default="gptq")
+    q.add_argument("--lm-head", action="store_true",
+                   help="quantize the output layer too (GPTQModel's and vLLM's lm_head: smaller and faster to decode, "
+                        "slightly less accurate); a tied lm_head is untied, the embedding stays dense")
     q.add_argument("--format", choices=("gptq", "gptq_v2"), default="gptq", help="checkpoint_format to write")
     q.add_argument("--dataset", default="wikitext2", help="wikitext2, c4, c4-new, ptb, ptb-new, or a .txt/.jsonl")
     q.add_argument("--data-dir", default=None, help="local corpora folder (default: $GPTQKIT_DATA)")

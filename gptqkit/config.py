@@ -34,7 +34,9 @@ class QuantConfig:
     # Search a shrunk clipping range per group that minimises |w - q|^2.4 (GPTQ's `mse` option). On by default: on
     # SmolLM2 (g64, 64 x 512 c4) it took WikiText-2 ppl from 27.5 to 26.1 at 4 bits and 63.9 to 43.5 at 3 bits.
     mse: bool = True
-    lm_head: bool = False  # lm_head is never quantized by gptqkit; the key is written because loaders read it
+    # Quantize the output layer too (GPTQModel's and vLLM's `lm_head` key), from the last block's outputs through
+    # the final norm; a tied lm_head is untied (the embedding stays dense). Off by default, as in the paper.
+    lm_head: bool = False
     quant_method: str = "gptq"
     # Per-module overrides as GPTQModel writes them: {"-:regex": {}} skips, {"+:regex": {"bits": 8}} overrides.
     dynamic: dict[str, dict[str, Any]] | None = field(default=None, compare=False)

@@ -76,7 +76,7 @@ def store_dense(model: nn.Module, storage: torch.dtype, compute: torch.dtype | N
                               emb.scale_grad_by_freq, emb.sparse, _weight=new_weight)
         new.weight = new_weight  # _weight is wrapped in a fresh Parameter; a tied head must share this one
         new.compute_dtype = compute or emb.weight.dtype
-        tied = head is not None and head.weight is emb.weight
+        tied = head is not None and getattr(head, "weight", None) is emb.weight  # a quantized head has none
         model.set_input_embeddings(new)
     else:
         tied = False

@@ -534,16 +534,21 @@ def quantize_model(model: nn.Module, samples: list[dict], cfg: QuantConfig, devi
         compute_dtype = default_compute_dtype(device, next(blocks.parameters()).dtype)
     if replay_budget is None:
         replay_budget = default_replay_budget(device)
+    head = output_layer(model, cfg) if cfg.lm_head else None  # refused here, before hours of blocks, if it cannot be
     was_training = model.training
     model.eval()
     # Round-to-nearest reads the weights only: no calibration forwards, no block inputs.
     calibrated = cfg.quant_method != "rtn"
     inputs: list[tuple] = []
+    batches: list[dict] = []
+    block_tuple = False  # whether a block returns a tuple (GPT-2, OPT) or a tensor (Llama): _Passthrough mimics it
     if calibrated:
         batches = pad_batches(samples, batch_size, pad_id)
         _move_outside(model, blocks, device)
         blocks[0].to(device)
         inputs = capture_inputs(model, blocks, batches, device)
+        if head is not None:
+            block_tuple = isinstance(blocks[0](inputs[0][0][:1], **_slice_kwargs(inputs[0][1], 1)), (tuple, list))
         inputs = [(_cast(h, compute_dtype), _cast(kw, compute_dtype), mask) for h, kw, mask in inputs]
         blocks[0].to("cpu")
         _move_outside(model, blocks, "cpu")
@@ -590,11 +595,110 @@ def quantize_model(model: nn.Module, samples: list[dict], cfg: QuantConfig, devi
                 r, getattr(src_modules[n], "bias", None), cfg.bits, cfg.group_size, cfg.checkpoint_format))
         if on_block is not None:
             on_block(i)
+    if head is not None:
+        logs.extend(_quantize_head(model, head, prefix, blocks, batches, inputs, cfg, device, work_dir, block_tuple))
     if skipped:
         dyn = dict(cfg.dynamic or {})
         dyn.update({_skip_pattern(n): {} for n in skipped})
         object.__setattr__(cfg, "dynamic", dyn)
     model.train(was_training)
+    return logs
+
+
+def output_layer(model: nn.Module, cfg: QuantConfig) -> tuple[str, nn.Module]:
+    """(name, module) of the output layer (lm_head) that cfg.lm_head quantizes; a clear error where it cannot be."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    name = next((n for n, m in model.named_modules() if m is head), None) if head is not None else None
+    if name is None or not is_linear(head):
+        raise UnsupportedModel(f"lm_head=True, but {type(model).__name__} has no Linear output layer "
+                               f"({type(head).__name__ if head is not None else 'none'}); quantize without --lm-head")
+    N, K = weight_matrix(head).shape
+    if not (packable(K, cfg.bits) and packable(N, cfg.bits)):
+        raise UnsupportedModel(f"lm_head=True, but {name} ({N}x{K}) cannot be packed at {cfg.bits} bits (both sizes "
+                               f"must be multiples of {32 if cfg.bits == 3 else 32 // cfg.bits}); quantize without "
+                               "--lm-head")
+    return name, head
+
+
+class _Passthrough(nn.Module):
+    """Stands in for a decoder block while the model runs only to reach lm_head: the first returns the last block's
+    recorded output for the current batch (state["hidden"]), the others their input, as a tensor or a 1-tuple like
+    the blocks. Plain attributes a model's forward reads from its layers (attention_type, layer_idx) are copied."""
+
+    def __init__(self, block: nn.Module, state: dict, first: bool, as_tuple: bool):
+        super().__init__()
+        for k, v in vars(block).items():
+            if not k.startswith("_") and not isinstance(v, (torch.Tensor, nn.Module)):
+                setattr(self, k, v)
+        self.state, self.first, self.as_tuple = state, first, as_tuple
+
+    def forward(self, hidden, *args, **kwargs):
+        out = self.state["hidden"] if self.first else hidden
+        return (out,) if self.as_tuple else out
+
+
+@torch.no_grad()
+def _head_hessian(model: nn.Module, head: nn.Module, prefix: str, blocks: nn.ModuleList, batches: list[dict],
+                  outputs: list[tuple], device, block_tuple: bool) -> torch.Tensor:
+    """H = sum x x^T (float32) over lm_head's inputs: the last block's outputs through whatever the model runs after
+    its blocks (the final norm; OPT's project_out), found by running the model with the blocks replaced by
+    _Passthrough and stopping at lm_head. Padded positions never enter H."""
+    K = weight_matrix(head).shape[1]
+    H = torch.zeros(K, K, dtype=torch.float32, device=device)
+    dtype = weight_matrix(head).dtype
+    state: dict = {}
+
+    def hook(mod, args):
+        accumulate(H, args[0], state["mask"])
+        raise _Stop
+
+    _move_outside(model, blocks, device)
+    _replace(model, prefix, nn.ModuleList(_Passthrough(b, state, i == 0, block_tuple) for i, b in enumerate(blocks)))
+    handle = head.register_forward_pre_hook(hook)
+    try:
+        for b, (hidden, _, mask) in zip(batches, outputs):
+            state.update(hidden=hidden.to(dtype), mask=mask)
+            try:
+                model(input_ids=b["input_ids"].to(device), attention_mask=b["attention_mask"].to(device),
+                      use_cache=False)
+            except _Stop:
+                pass
+    finally:
+        handle.remove()
+        _replace(model, prefix, blocks)
+        _move_outside(model, blocks, "cpu")
+    return H
+
+
+def _quantize_head(model: nn.Module, head: tuple[str, nn.Module], prefix: str, blocks: nn.ModuleList,
+                   batches: list[dict], outputs: list[tuple], cfg: QuantConfig, device, work_dir: WorkDir | None,
+                   block_tuple: bool) -> list[LayerLog]:
+    """Quantize the output layer (cfg.lm_head) after the blocks, from the last block's outputs; a tied lm_head is
+    untied first (the embedding keeps its dense weight; the config then says tie_word_embeddings=False). In the
+    work folder it is the entry after the last block."""
+    name, module = head
+    log.warning("quantizing %s: gptqkit, GPTQModel and vLLM load the checkpoint; transformers' from_pretrained "
+                "(optimum) and AutoGPTQ cannot (they expect a dense lm_head)", name)
+    emb = model.get_input_embeddings()
+    if emb is not None and getattr(emb, "weight", None) is module.weight:
+        log.info("%s shares the input embedding's weight: untied so the embedding stays dense "
+                 "(the checkpoint's config says tie_word_embeddings=false)", name)
+        model.config.tie_word_embeddings = False
+    done = work_dir.load(len(blocks)) if work_dir is not None else None
+    if done is not None:
+        results, logs = done
+    else:
+        H = None
+        if cfg.quant_method == "gptq":
+            t0 = time.perf_counter()
+            H = _head_hessian(model, module, prefix, blocks, batches, outputs, device, block_tuple)
+            log.info("%s: Hessian from the last block's outputs in %.1fs", name, time.perf_counter() - t0)
+        logs: list[LayerLog] = []
+        results = {name: _solve(module, H, cfg, device, name, logs)}
+        if work_dir is not None:
+            work_dir.save(len(blocks), results, logs)
+    _replace(model, name, QuantLinear.from_result(results[name], getattr(module, "bias", None), cfg.bits,
+                                                  cfg.group_size, cfg.checkpoint_format))
     return logs
 
 
@@ -612,31 +716,33 @@ def _quantize_block(block, src, names, inputs, cfg: QuantConfig, device, prefix,
     for group in groups:
         H = _hessians(block, group, inputs, device, replay) if cfg.quant_method == "gptq" else {}
         for n in group:
-            m = modules[n]
-            t0 = time.perf_counter()
-            W = weight_matrix(src_modules[n]).detach().to(device=device, dtype=torch.float32)
-            if not torch.isfinite(W).all():
-                raise ValueError(f"{prefix}.{n} has NaN or Inf weights; the source model is broken, "
-                                 "quantize a checkpoint with finite weights")
-            if cfg.quant_method == "rtn":
-                r = rtn(W.cpu(), cfg)
-            else:
-                r = gptq(W, H.pop(n), cfg)
-            r = QuantResult(codes=r.codes.cpu(), scales=r.scales.cpu(), zeros=r.zeros.cpu(), g_idx=r.g_idx.cpu(),
-                            loss=r.loss, damp=r.damp, fallback=r.fallback)
+            results[n] = r = _solve(src_modules[n], H.pop(n, None), cfg, device, f"{prefix}.{n}", logs)
             # Later groups of this block must see this layer's quantized output.
-            _set_weight(m, r.dequantize().to(W.device))
-            results[n] = r
-            dt = time.perf_counter() - t0
-            note = r.fallback or ""
-            logs.append(LayerLog(f"{prefix}.{n}", tuple(W.shape), r.loss, r.damp, dt, note))
-            if r.fallback:
-                log.warning("%s: %s", f"{prefix}.{n}", r.fallback)
-            log.info("%s %s loss %.4g damp %s %.2fs", f"{prefix}.{n}", tuple(W.shape), r.loss,
-                     f"{r.damp:g}" if r.damp is not None else "-", dt)
+            _set_weight(modules[n], r.dequantize().to(device))
         if replay is not None:
             replay.solved.update(group)
     return results, logs
+
+
+def _solve(module: nn.Module, H: torch.Tensor | None, cfg: QuantConfig, device, name: str,
+           logs: list[LayerLog]) -> QuantResult:
+    """GPTQ with Hessian H (RTN when cfg says so) of one Linear's weight; the result on the CPU. Appends its
+    LayerLog to logs."""
+    t0 = time.perf_counter()
+    W = weight_matrix(module).detach().to(device=device, dtype=torch.float32)
+    if not torch.isfinite(W).all():
+        raise ValueError(f"{name} has NaN or Inf weights; the source model is broken, quantize a checkpoint with "
+                         "finite weights")
+    r = rtn(W.cpu(), cfg) if cfg.quant_method == "rtn" else gptq(W, H, cfg)
+    r = QuantResult(codes=r.codes.cpu(), scales=r.scales.cpu(), zeros=r.zeros.cpu(), g_idx=r.g_idx.cpu(),
+                    loss=r.loss, damp=r.damp, fallback=r.fallback)
+    dt = time.perf_counter() - t0
+    logs.append(LayerLog(name, tuple(W.shape), r.loss, r.damp, dt, r.fallback or ""))
+    if r.fallback:
+        log.warning("%s: %s", name, r.fallback)
+    log.info("%s %s loss %.4g damp %s %.2fs", name, tuple(W.shape), r.loss,
+             f"{r.damp:g}" if r.damp is not None else "-", dt)
+    return r
 
 
 def _replace(root: nn.Module, name: str, new: nn.Module) -> None:
