@@ -165,21 +165,24 @@ class Variant:
     sym: bool
     checkpoint_format: str = "gptq"
     bits: int = 4
+    lm_head: bool = False  # quantize the output layer too (GPTQModel's default for it: 8 bits, group 32)
 
     @property
     def tag(self) -> str:
         fmt = "" if self.checkpoint_format == "gptq" else f"-{self.checkpoint_format}"
         return (f"{self.maker}-{self.bits}b-{'sym' if self.sym else 'asym'}-"
-                f"{'actorder' if self.desc_act else 'noact'}{fmt}")
+                f"{'actorder' if self.desc_act else 'noact'}{fmt}{'-lmhead' if self.lm_head else ''}")
 
     def settings(self, group: int) -> str:
         return (f"{self.bits}b g{group} {'sym' if self.sym else 'asym'} desc_act={'on' if self.desc_act else 'off'}"
-                + ("" if self.checkpoint_format == "gptq" else f" {self.checkpoint_format}"))
+                + ("" if self.checkpoint_format == "gptq" else f" {self.checkpoint_format}")
+                + (" lm_head" if self.lm_head else ""))
 
 
 VARIANTS = [Variant("gptqmodel", False, True), Variant("gptqmodel", True, True), Variant("gptqmodel", False, False),
             Variant("gptqmodel", True, False), Variant("gptqkit", False, True), Variant("gptqkit", True, True),
-            Variant("gptqkit", True, False), Variant("gptqkit", True, False, "gptq_v2")]
+            Variant("gptqkit", True, False), Variant("gptqkit", True, False, "gptq_v2"),
+            Variant("gptqmodel", False, True, lm_head=True), Variant("gptqkit", False, True, lm_head=True)]
 
 
 def _stamp(obj) -> str:
@@ -190,7 +193,7 @@ def quantize_variant(s: Setup, v: Variant, d: Path, calib: dict, fresh: bool) ->
     """The checkpoint of variant `v` (cached under d/<tag> with a stamp of its inputs), and the seconds it took."""
     out = d / v.tag
     job = {"bits": v.bits, "group_size": s.group_size, "desc_act": v.desc_act, "sym": v.sym, "damp_percent": 0.01,
-           "dtype": "float32", "checkpoint_format": v.checkpoint_format, **calib}
+           "dtype": "float32", "checkpoint_format": v.checkpoint_format, "lm_head": v.lm_head, **calib}
     stamp = d / f"{v.tag}.stamp"
     if not fresh and out.exists() and stamp.exists() and stamp.read_text() == _stamp(job):
         return out, json.loads((d / f"{v.tag}.time.json").read_text())["seconds"]
@@ -207,7 +210,7 @@ def quantize_variant(s: Setup, v: Variant, d: Path, calib: dict, fresh: bool) ->
         from gptqkit.pipeline import quantize
 
         cfg = QuantConfig(bits=v.bits, group_size=s.group_size, desc_act=v.desc_act, sym=v.sym, damp_percent=0.01,
-                          checkpoint_format=v.checkpoint_format)
+                          checkpoint_format=v.checkpoint_format, lm_head=v.lm_head)
         quantize(s.model_dir, out, cfg, dataset=CORPORA / "c4" / "c4_sample.txt", nsamples=s.nsamples,
                  seqlen=s.seqlen, seed=0, progress=False)
     seconds = time.perf_counter() - t0

@@ -3,7 +3,7 @@
     python gptqmodel_quantize.py MODEL_DIR OUT_DIR JOB.json
 
 JOB.json: {"bits": 4, "group_size": 64, "desc_act": false, "act_group_aware": false, "sym": true,
-           "damp_percent": 0.01, "dtype": "float32", "calibration": [[token ids], ...]}
+           "damp_percent": 0.01, "dtype": "float32", "lm_head": false, "calibration": [[token ids], ...]}
 
 The calibration token ids come from gptqkit.data.calibration_samples, so both quantizers see the same samples.
 GPTQModel's group-aware reordering (act_group_aware, its default when desc_act is off) follows the job (off when
@@ -37,7 +37,8 @@ def main() -> None:
     tok = AutoTokenizer.from_pretrained(model_dir)
     calib = [{"input_ids": ids, "attention_mask": [1] * len(ids)} for ids in job["calibration"]]
     qcfg = QuantizeConfig(bits=job["bits"], group_size=job["group_size"], desc_act=job["desc_act"], sym=job["sym"],
-                          act_group_aware=bool(job.get("act_group_aware")) and not job["desc_act"], damp_percent=job["damp_percent"])
+                          act_group_aware=bool(job.get("act_group_aware")) and not job["desc_act"], damp_percent=job["damp_percent"],
+                          lm_head=bool(job.get("lm_head")))
     t0 = time.perf_counter()
     model = GPTQModel.load(model_dir, qcfg, device="cpu", dtype=getattr(torch, job["dtype"]))
     t1 = time.perf_counter()
