@@ -122,8 +122,15 @@ def calibration_texts() -> list[str]:
     return [t for t in CALIB.read_text().split("\n") if t.strip()][:32]
 
 
-def smollm2(work: Path, groups: list[int]) -> tuple[Path, dict[int, Path]]:
-    """(dense bf16 folder, {group: int4 RTN checkpoint}) for the bundled SmolLM2-135M-Instruct."""
+def variants(groups: list[int], heads: bool) -> list[tuple[str, int, bool]]:
+    """(column label, group size, lm_head quantized) of each int4 checkpoint to measure."""
+    return [(f"g{g}" + (" +head" if head else ""), g, head) for g in groups for head in ((False, True) if heads
+                                                                                          else (False,))]
+
+
+def smollm2(work: Path, groups: list[int], heads: bool = False) -> tuple[Path, dict[str, Path]]:
+    """(dense bf16 folder, {label: int4 RTN checkpoint}) for the bundled SmolLM2-135M-Instruct; heads: also with the
+    lm_head quantized (untied from the embedding)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from gptqkit import bundled
@@ -136,17 +143,19 @@ def smollm2(work: Path, groups: list[int]) -> tuple[Path, dict[int, Path]]:
         AutoModelForCausalLM.from_pretrained(src, dtype=torch.bfloat16).save_pretrained(dense)
         AutoTokenizer.from_pretrained(src).save_pretrained(dense)
     ckpts = {}
-    for g in groups:
-        out = ckpts[g] = work / f"smollm2-int4-rtn-g{g}"
+    for label, g, head in variants(groups, heads):
+        out = ckpts[label] = work / f"smollm2-int4-rtn-g{g}{'-lmhead' if head else ''}"
         if not (out / "quantize_config.json").exists():
-            log(f"quantizing SmolLM2 (RTN, 4 bits, group {g}) -> {out}")
-            quantize(src, out, QuantConfig(bits=4, group_size=g, quant_method="rtn"), dataset=calibration_texts(),
-                     nsamples=4, seqlen=64, progress=False, overwrite=True, save_dtype="bfloat16")
+            log(f"quantizing SmolLM2 (RTN, 4 bits, group {g}{', lm_head too' if head else ''}) -> {out}")
+            quantize(src, out, QuantConfig(bits=4, group_size=g, quant_method="rtn", lm_head=head),
+                     dataset=calibration_texts(), nsamples=4, seqlen=64, progress=False, overwrite=True,
+                     save_dtype="bfloat16")
     return dense, ckpts
 
 
-def random_llama(work: Path, groups: list[int], key: str) -> tuple[Path, dict[int, Path]]:
-    """(dense bf16 folder, {group: int4 RTN checkpoint}) for a random model of SHAPES[key]."""
+def random_llama(work: Path, groups: list[int], key: str, heads: bool = False) -> tuple[Path, dict[str, Path]]:
+    """(dense bf16 folder, {label: int4 RTN checkpoint}) for a random model of SHAPES[key]; heads: also with the
+    lm_head quantized."""
     from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
     from gptqkit.checkpoint import save
@@ -163,17 +172,17 @@ def random_llama(work: Path, groups: list[int], key: str) -> tuple[Path, dict[in
         model = AutoModelForCausalLM.from_config(LlamaConfig(**shape), dtype=torch.bfloat16)
         model.save_pretrained(dense)
         del model
-    for folder in [dense] + [work / f"{prefix}-int4-rtn-g{g}" for g in groups]:
+    folders = {label: work / f"{prefix}-int4-rtn-g{g}{'-lmhead' if head else ''}" for label, g, head in
+               variants(groups, heads)}
+    for folder in [dense, *folders.values()]:
         # Random token ids drive the benchmark; a tokenizer is there because GPTQModel's loader insists on one.
         if folder.exists() and not (folder / "tokenizer.json").exists():
             AutoTokenizer.from_pretrained(STORIES).save_pretrained(folder)
-    ckpts = {}
-    for g in groups:
-        out = ckpts[g] = work / f"{prefix}-int4-rtn-g{g}"
+    for (label, g, head), out in zip(variants(groups, heads), folders.values()):
         if (out / "quantize_config.json").exists():
             continue
-        log(f"quantizing the {title} model (RTN, 4 bits, group {g}) -> {out}")
-        cfg = QuantConfig(bits=4, group_size=g, quant_method="rtn")
+        log(f"quantizing the {title} model (RTN, 4 bits, group {g}{', lm_head too' if head else ''}) -> {out}")
+        cfg = QuantConfig(bits=4, group_size=g, quant_method="rtn", lm_head=head)
         model = LlamaForCausalLM.from_pretrained(dense, dtype=torch.bfloat16)
         for block in model.model.layers:
             for name, lin in list(block.named_modules()):
@@ -181,9 +190,11 @@ def random_llama(work: Path, groups: list[int], key: str) -> tuple[Path, dict[in
                     q = QuantLinear.from_result(rtn(lin.weight.detach(), cfg), None, 4, g)
                     parent, _, child = name.rpartition(".")
                     setattr(block.get_submodule(parent), child, q)
+        if head:
+            model.lm_head = QuantLinear.from_result(rtn(model.lm_head.weight.detach(), cfg), None, 4, g)
         save(model, out, cfg, AutoTokenizer.from_pretrained(STORIES), dtype="bfloat16", overwrite=True)
         del model
-    return dense, ckpts
+    return dense, folders
 
 
 # ---------------------------------------------------------------------------------------------- measuring
@@ -280,7 +291,7 @@ def table(title: str, cols: dict[str, dict], bw: float, base: str = "dense bf16"
     return "\n".join(lines + errors)
 
 
-def run_model(name: str, dense: Path, ckpts: dict[int, Path], a) -> tuple[str, dict]:
+def run_model(name: str, dense: Path, ckpts: dict[str, Path], a) -> tuple[str, dict]:
     # The roofline takes the higher of two bandwidth readings, before and after this model's columns: on this shared
     # VM one reading at the start of a run once came out at 60.7 GB/s against 33-36 GB/s on either side of it.
     bw_before = read_bandwidth()
@@ -292,17 +303,17 @@ def run_model(name: str, dense: Path, ckpts: dict[int, Path], a) -> tuple[str, d
         cols["dense fp32"] = measure(dense, False, "float32", a)
         cols["dense fp32"]["bytes_per_token"] = weight_bytes_per_token(dense, 4)
     for kernel in a.kernels.split(","):
-        for g, ck in ckpts.items():
+        for label, ck in ckpts.items():
             for act in a.acts.split(","):
                 # bf16: everything in bf16; fp32: fp32 activations, embedding and lm_head stored in bf16
-                col = f"{kernel} g{g}" + (" fp32" if act == "fp32" else "")
+                col = f"{kernel} {label}" + (" fp32" if act == "fp32" else "")
                 r = cols[col] = measure(ck, True, {"bf16": "bfloat16", "fp32": "float32"}[act], a, kernel,
                                         "bfloat16" if act == "fp32" else None)
                 r["bytes_per_token"] = weight_bytes_per_token(ck, 2, kernel)
     peer_ok = (PEERS / "gptqmodel" / ".ready").exists() and PEER_PY.exists()
     if peer_ok and not a.no_peer:
-        for g, ck in ckpts.items():
-            r = cols[f"GPTQModel g{g}"] = measure_peer(ck, a)
+        for label, ck in ckpts.items():
+            r = cols[f"GPTQModel {label}"] = measure_peer(ck, a)
             r["size_bytes"] = B.size_on_disk(ck)
             r["bytes_per_token"] = weight_bytes_per_token(ck, 2, "cpu")  # it runs the same int4 op
     bw_after = read_bandwidth()
@@ -387,6 +398,8 @@ def main() -> int:
                    help="gptqkit activation modes, a column each: bf16 (all bf16), fp32 (fp32 activations with the "
                         "embedding and lm_head stored in bf16, gptqkit.dense)")
     p.add_argument("--no-peer", action="store_true", help="skip GPTQModel")
+    p.add_argument("--lm-head", action="store_true",
+                   help="also checkpoints with the lm_head quantized too (columns '... +head')")
     p.add_argument("--sweep", action="store_true", help="only the per-layer kernel sweep")
     p.add_argument("--sweep-m", default="1,2,4,8,16,24,32,48,64,96,128,256")
     p.add_argument("--json", default=None, help="also write all measurements to this file")
@@ -403,9 +416,9 @@ def main() -> int:
     out, raw = [], {"load_average": os.getloadavg()}
     for name in a.models.split(","):
         if name == "smollm2":
-            (dense, ckpts), title = smollm2(work, groups), "SmolLM2-135M-Instruct"
+            (dense, ckpts), title = smollm2(work, groups, a.lm_head), "SmolLM2-135M-Instruct"
         else:
-            (dense, ckpts), title = random_llama(work, groups, name), SHAPES[name][0]
+            (dense, ckpts), title = random_llama(work, groups, name, a.lm_head), SHAPES[name][0]
         text, cols = run_model(title, dense, ckpts, a)
         print(text + "\n", flush=True)
         out.append(text)
