@@ -93,7 +93,15 @@ class GatedMLP(nn.Module):
             h = cpu_avx2.silu_mul(g, u)
             if h is not None:
                 return self.down_proj(h)
-        return self.down_proj(self.act_fn(g) * u)
+        if torch.is_grad_enabled() and (g.requires_grad or u.requires_grad):
+            return self.down_proj(self.act_fn(g) * u)
+        # Prefill: g and u go before down_proj runs, so it sees one [M, intermediate] tensor instead of four (on the
+        # 1.1B shape in float32 at 512 rows, 35 MB less at prefill's memory peak).
+        h = self.act_fn(g)
+        del g
+        h.mul_(u)
+        del u
+        return self.down_proj(h)
 
     def reference(self, x: torch.Tensor) -> torch.Tensor:
         """The same in torch for any rows (what the probe compares a module with)."""

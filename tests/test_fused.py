@@ -193,6 +193,24 @@ def test_use_swaps_gated_mlps_and_keeps_outputs(arch):
     assert fused.use_mlps(model) == 0  # already swapped
 
 
+def test_gated_mlp_trains_and_prefill_frees_in_place():
+    """With autograd, the swapped MLP gives the unswapped one's gradients (no in-place op on saved tensors); without
+    it, prefill rows (computed in place) give the same output exactly."""
+    model = random_model("llama")
+    mlp = model.model.layers[0].mlp
+    new = fused._mlp_for(mlp)
+    x = torch.randn(2, 40, 64, generator=torch.Generator().manual_seed(2))
+    grads = []
+    for m in (mlp, new):
+        model.zero_grad()
+        m(x).square().sum().backward()
+        grads.append([p.grad.clone() for p in (mlp.gate_proj.weight, mlp.up_proj.weight, mlp.down_proj.weight)])
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+    with torch.no_grad():
+        assert torch.equal(new(x), mlp(x))
+
+
 @pytest.mark.parametrize("use,arch", [("use_mlps", "gemma"), ("use_mlps", "gpt2"), ("use_mlps", "opt"),
                                       ("use_attention", "gpt2"), ("use_attention", "opt"),
                                       ("use_attention", "gpt_neox")])
