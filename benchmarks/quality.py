@@ -68,7 +68,7 @@ def child(spec: dict) -> dict:
         out = Path(spec["tmp"]) / "ckpt"
         cfg = QuantConfig(bits=spec["bits"], group_size=spec["group_size"], desc_act=spec["desc_act"],
                           act_group_aware=spec["group_aware"], quant_method=spec["method"], damp_percent=0.01,
-                          mse=spec.get("mse", False))
+                          mse=spec.get("mse", False), lm_head=spec.get("lm_head", False))
         del model
         t = time.perf_counter()
         quantize(spec["model"], out, cfg, dataset=spec["calib"], nsamples=spec["nsamples"], seqlen=spec["seqlen"],
@@ -93,15 +93,19 @@ def run(spec: dict) -> dict:
 
 
 def rows_for(model: str, calib: str, nsamples: int, seqlen: int, eval_set: str, eval_chars: int, eval_seqlen: int,
-             group_size: int, data_dir: str, bits_list=(4, 3), peer=(), mse: bool = False):
+             group_size: int, data_dir: str, bits_list=(4, 3), peer=(), mse: bool = False, heads: bool = False):
     base = dict(model=model, calib=calib, nsamples=nsamples, seqlen=seqlen, eval=eval_set, eval_chars=eval_chars,
                 eval_seqlen=eval_seqlen, group_size=group_size, data_dir=data_dir, bits=16, desc_act=False,
                 group_aware=False, mse=mse)
     yield "fp32", {**base, "method": "fp32"}
     for bits in bits_list:
         yield f"RTN {bits}-bit", {**base, "method": "rtn", "bits": bits, "mse": False}  # the paper's baseline
+        if heads:
+            yield f"RTN {bits}-bit +head", {**base, "method": "rtn", "bits": bits, "mse": False, "lm_head": True}
         for order, kw in (("natural", {}), ("group-aware", {"group_aware": True}), ("act-order", {"desc_act": True})):
             yield f"GPTQ {bits}-bit {order}", {**base, "method": "gptq", "bits": bits, **kw}
+            if heads:
+                yield f"GPTQ {bits}-bit {order} +head", {**base, "method": "gptq", "bits": bits, "lm_head": True, **kw}
             if peer and order in peer:
                 yield f"GPTQModel {bits}-bit {order}", {**base, "method": "gptqmodel", "bits": bits, **kw}
 
@@ -121,6 +125,8 @@ def main() -> None:
     ap.add_argument("--mse", action=argparse.BooleanOptionalAction, default=True,
                     help="gptqkit's GPTQ rows search clipping ranges (QuantConfig.mse, its default); RTN rows never do")
     ap.add_argument("--only", default="", help="run only the rows whose name matches this regular expression")
+    ap.add_argument("--lm-head", action="store_true",
+                    help="also rows ('+head') with the output layer quantized the same way (QuantConfig.lm_head)")
     a = ap.parse_args()
     if a.child:
         print(json.dumps(child(json.loads(a.child))))
@@ -137,13 +143,13 @@ def main() -> None:
             tables.append((f"SmolLM2-135M-Instruct, group {a.group_size}, sym, damp 0.01, calibration c4 sample "
                            f"{n} x {s}, eval WikiText-2 test ({a.eval_chars or 'all'} chars) in windows of 2048",
                            list(rows_for(smol, "c4", n, s, "wikitext2", a.eval_chars, 2048, a.group_size, data_dir,
-                                         bits, a.peer.split(",") if a.peer else (), a.mse))))
+                                         bits, a.peer.split(",") if a.peer else (), a.mse, a.lm_head))))
     if not a.skip_stories:
         tiny = str(ASSETS / "corpora" / "calibration" / "tiny.txt")
         tables.append(("stories260K, per-channel (group -1), calibration 64 x 256 from tiny.txt, eval tiny.txt "
                        "(first 60,000 chars) in windows of 256",
                        list(rows_for(str(ASSETS / "models" / "stories260K"), tiny, 64, 256, tiny, 60_000, 256, -1,
-                                     data_dir, bits, mse=a.mse))))
+                                     data_dir, bits, mse=a.mse, heads=a.lm_head))))
     for title, rows in tables:
         print(f"\n{title}")
         print(f"{'':32s} {'ppl':>9s} {'quant s':>8s} {'peak RSS MiB':>13s}")
