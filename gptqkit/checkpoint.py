@@ -461,6 +461,7 @@ def load(path: str | os.PathLike, device: str | torch.device = "cpu", dtype: tor
     use_kernels(model, device, kernel)
     if device.type == "cpu":
         attention.use(model)
+        fused.use_layers(model)  # blocks whose swapped parts (use_kernels) and attention allow one C call each
     return model
 
 

@@ -1,5 +1,5 @@
-"""A model's RMSNorms, gated MLPs and rotary attention, swapped for modules that run decode rows through one C call
-each.
+"""A model's RMSNorms, gated MLPs, rotary attention and whole decoder blocks, swapped for modules that run decode rows
+through one C call each.
 
 Between two quantized matmuls of a decoded token, every torch op costs several times its warm microseconds: the
 matmuls have just streamed megabytes of codes through the caches, so the interpreter's and torch's code and data
@@ -18,6 +18,9 @@ done in C for float32 rows fewer than C_ROWS (decode; prefill, other dtypes and 
   one call; alternating 25-token rounds in one process took a median 1.8-2.5 ms off each token on the 1.1B shape
   (three processes) and 3.1 ms on SmolLM2-135M. It needs gptqkit's GrowingCache (which gptqkit's generate and
   bench pass) and the model switched to gptqkit.attention's implementation, as load() leaves it on CPU.
+- A whole pre-norm block made of those swapped parts, with every projection on the avx2 kernels: the ~12 module
+  calls and ~8 C calls of its one-token step through Python become one C call (cpu_avx2.decode_layer), bit for bit
+  the same; alternating 25-token rounds took a median 2.2-3.1 ms off each token on the 1.1B shape (three processes).
 
 Which modules qualify is discovered, not tabled per model, and a probe on random float32 rows decides:
 - a norm is a leaf with one 1-D `weight`, an `eps` or `variance_epsilon` float and nothing else, whose output equals
@@ -27,6 +30,9 @@ Which modules qualify is discovered, not tabled per model, and a probe on random
 - an attention module has q_proj / k_proj / v_proj / o_proj and nothing else (no q/k norms, no sinks), head_dim,
   scaling and layer_idx, no logit softcapping, and one decode step with random cos and sin gives its output.
   GPT-2's, OPT's and GPT-NeoX's attention, and partial rotary, keep their class.
+- a block has exactly input_layernorm, self_attn, post_attention_layernorm and mlp, all swapped above, no biases,
+  and its decode_step gives exactly the block's own output on the same kind of probe. Qwen2's q/k/v biases and
+  Gemma's norms keep its blocks on the per-module path.
 A swapped module holds the same Parameter or submodules under the same names, so state_dict() does not change.
 """
 
@@ -304,3 +310,144 @@ def use_attention(model: nn.Module) -> int:
     22
     """
     return _swap(model, _attention_for, _attention_agrees, DecodeAttention, "o(attention(rope(q), rope(k), v))")
+
+
+class DecodeLayer(nn.Module):
+    """Mixed in front of a pre-norm decoder block class (Llama's, Mistral's) whose forward is
+
+        h = x + self_attn(input_layernorm(x));  y = h + mlp(post_attention_layernorm(h))
+
+    with the norms, attention and MLP already swapped by use_norms / use_mlps / use_attention and every projection
+    on the avx2 kernels: a step DecodeAttention would take runs the whole block in one C call (cpu_avx2.decode_layer:
+    the same C functions, in the same order, with the same roundings). Every other call, and any call after a part
+    of the block was replaced, hooked or moved to another kernel, runs the class's own forward."""
+
+    window: int | None
+    _args: cpu_avx2.LayerArgs
+    _parts: tuple  # ((owner's _modules, name, module), ...) as swapped: the C call stands for exactly these
+    _linears: tuple  # ((QuantLinear, kernel, plan, shared), ...) as swapped
+
+    def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                position_ids: torch.Tensor | None = None, past_key_values=None, use_cache: bool | None = False,
+                position_embeddings: tuple | None = None, **kwargs):
+        if (attention_mask is None and position_embeddings is not None and type(past_key_values) is GrowingCache
+                and self.self_attn.config._attn_implementation == attention.NAME):
+            y = self.decode_step(hidden_states, *position_embeddings, past_key_values)
+            if y is not None:
+                return y
+        return super().forward(hidden_states, attention_mask=attention_mask, position_ids=position_ids,
+                               past_key_values=past_key_values, use_cache=use_cache,
+                               position_embeddings=position_embeddings, **kwargs)
+
+    def intact(self) -> bool:
+        """The block's parts are still the ones the C call was built for, with no hooks and the same kernels."""
+        for modules, name, m in self._parts:
+            if modules.get(name) is not m or m._forward_hooks or m._forward_pre_hooks:
+                return False
+        for m, kernel, plan, shared in self._linears:
+            if m.kernel is not kernel or m._avx2_plan is not plan or m._avx2_shared is not shared:
+                return False
+        return not (nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks)
+
+    def decode_step(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                    cache: GrowingCache) -> torch.Tensor | None:
+        """The block's output for x [1, 1, hidden] at the position whose rotary cos, sin [1, 1, head_dim] are given,
+        appending its key and value to the cache; None (nothing changed) where this is not a one-token float32 CPU
+        step into a GrowingLayer with room, or the block changed since it was swapped."""
+        layers, i = cache.layers, self.self_attn.layer_idx
+        w1, w2 = self.input_layernorm.weight, self.post_attention_layernorm.weight
+        if not (x.numel() == x.shape[-1] and _c_rows(x, x, w1, w2) and i < len(layers) and self.intact()):
+            return None
+        layer = layers[i]
+        T = layer.free_slot(1) if type(layer) is GrowingLayer else None
+        if T is None or (self.window is not None and T >= self.window):
+            return None
+        kb = layer._kbuf
+        if not (kb.dtype == cos.dtype == sin.dtype == torch.float32 and cos.is_contiguous() and sin.is_contiguous()):
+            return None
+        y = cpu_avx2.decode_layer(self._args, x, cos, sin, kb, layer._vbuf, T)
+        if y is None:
+            return None
+        layer.extend(1)
+        return y
+
+    def __reduce_ex__(self, protocol):
+        # Pickled (or deep-copied) as the plain block: the C call's arguments are addresses in this process.
+        state = {k: v for k, v in self.__dict__.items() if k not in ("_args", "_parts", "_linears", "window")}
+        return _plain_copy, (type(self).__bases__[1], state)
+
+
+def _plain_copy(cls: type, state: dict) -> nn.Module:
+    new = cls.__new__(cls)
+    new.__dict__.update(state)
+    return new
+
+
+@functools.cache
+def _layer_class(cls: type) -> type:
+    return type(f"Decode{cls.__name__}", (DecodeLayer, cls), {"__module__": __name__})
+
+
+def _layer_for(module: nn.Module) -> DecodeLayer | None:
+    """A DecodeLayer copy of a block made of exactly input_layernorm, self_attn, post_attention_layernorm and mlp,
+    already swapped (RMSNorm, DecodeAttention, GatedMLP) and on the avx2 kernels; else None."""
+    children = dict(module.named_children())
+    if sorted(children) != ["input_layernorm", "mlp", "post_attention_layernorm", "self_attn"]:
+        return None
+    n1, n2, attn, mlp = (children[k] for k in ("input_layernorm", "post_attention_layernorm", "self_attn", "mlp"))
+    if not (type(n1) is RMSNorm and type(n2) is RMSNorm and isinstance(attn, DecodeAttention)
+            and type(mlp) is GatedMLP and not list(module.parameters(recurse=False))
+            and not list(module.buffers(recurse=False))):
+        return None
+    H, Hkv = attn.q_proj.out_features // attn.head_dim, attn.k_proj.out_features // attn.head_dim
+    linears = [attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj, mlp.gate_proj, mlp.up_proj, mlp.down_proj]
+    if not all(type(m).__name__ == "QuantLinear" for m in linears):
+        return None
+    args = cpu_avx2.layer_args(n1.weight, n1.variance_epsilon, n2.weight, n2.variance_epsilon, linears[:3],
+                               linears[3], linears[4:6], linears[6], H, Hkv, attn.head_dim, attn.scaling)
+    if isinstance(args, str):
+        log.debug("fused: %s keeps its own forward (%s)", type(module).__name__, args)
+        return None
+    kind = _layer_class(type(module))
+    new = kind.__new__(kind)
+    new.__dict__.update(module.__dict__)
+    for d in ("_parameters", "_buffers", "_modules"):
+        new.__dict__[d] = dict(module.__dict__[d])
+    new._args, new.window = args, attn.window
+    owners = [(new, ("input_layernorm", "post_attention_layernorm", "self_attn", "mlp")),
+              (attn, ("q_proj", "k_proj", "v_proj", "o_proj")), (mlp, ("gate_proj", "up_proj", "down_proj"))]
+    new._parts = tuple((owner._modules, n, owner._modules[n]) for owner, names in owners for n in names)
+    new._linears = tuple((m, m.kernel, m._avx2_plan, m._avx2_shared) for m in linears)
+    return new
+
+
+def _layer_agrees(module: nn.Module, new: DecodeLayer) -> bool:
+    """Prefill 5 random positions through the block into one cache and through `new` into another, then decode a
+    sixth through both: new's decode_step must run and give the block's own output exactly (it runs the same C
+    functions as the block's swapped parts; random cos and sin, as _attention_agrees). The block's attention must
+    be on gptqkit.attention's implementation already, so that its own decode step takes the C path too."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(1, 6, new._args.hidden, generator=g)
+    cos, sin = (torch.rand(1, 6, new.self_attn.head_dim, generator=g) * 2 - 1 for _ in range(2))
+    caches = GrowingCache(), GrowingCache()
+    try:
+        for m, cache in zip((module, new), caches):
+            m(x[:, :5], position_embeddings=(cos[:, :5], sin[:, :5]), attention_mask=None, past_key_values=cache)
+        pos = (cos[:, 5:].contiguous(), sin[:, 5:].contiguous())
+        ref = module(x[:, 5:], position_embeddings=pos, attention_mask=None, past_key_values=caches[0])
+        got = new.decode_step(x[:, 5:], *pos, caches[1])
+    except (RuntimeError, TypeError, ValueError, AttributeError):
+        return False
+    ref = ref[0] if isinstance(ref, tuple) else ref
+    return got is not None and torch.equal(got, ref)
+
+
+def use_layers(model: nn.Module) -> int:
+    """Swap every decoder block of `model` whose whole one-token step runs in one C call (see DecodeLayer) for a
+    copy of it that does; returns how many. Needs use_norms, use_mlps, use_attention and attention.use first (load()
+    calls them all on CPU with the avx2 kernels).
+
+    >>> use_layers(model)  # doctest: +SKIP
+    22
+    """
+    return _swap(model, _layer_for, _layer_agrees, DecodeLayer, "x + attention(norm(x)), then h + mlp(norm(h))")

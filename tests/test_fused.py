@@ -410,3 +410,84 @@ def test_load_swaps_the_attention(tmp_path_factory, monkeypatch):
             m.decode_step = lambda *a: None
         slow = model.generate(ids, max_new_tokens=24, do_sample=False, past_key_values=GrowingCache(model.config))
     assert torch.equal(fast, slow)
+
+
+def _random_checkpoint(tmp_path, arch: str):
+    """A 4-bit RTN checkpoint of a tiny random `arch` model: every Linear of its blocks quantized."""
+    from conftest import random_samples
+    from gptqkit.checkpoint import save
+    from gptqkit.config import QuantConfig
+    from gptqkit.sequential import quantize_model
+
+    model = random_model(arch)
+    cfg = QuantConfig(bits=4, group_size=32, quant_method="rtn")
+    quantize_model(model, random_samples(1, 8), cfg, progress=False)
+    return save(model, tmp_path / arch, cfg)
+
+
+def _plain(model) -> None:
+    """Put every DecodeLayer of model back to its own class (what the C block call is compared with)."""
+    for blocks in [m for m in model.modules() if isinstance(m, nn.ModuleList)]:
+        for i, b in enumerate(blocks):
+            if isinstance(b, fused.DecodeLayer):
+                cls, state = b.__reduce_ex__(2)[1]
+                blocks[i] = fused._plain_copy(cls, state)
+
+
+@needs_avx2
+@pytest.mark.parametrize("arch,whole", [("llama", True), ("mistral", True), ("qwen2", False)])
+def test_load_runs_whole_blocks_in_one_c_call(tmp_path, monkeypatch, arch, whole):
+    """Llama's and Mistral's blocks run a decoded token in one C call per block and give the per-module path's logits
+    bit for bit; Qwen2's q/k/v biases keep its blocks on the per-module path."""
+    from gptqkit.cache import GrowingCache
+    from gptqkit.checkpoint import load
+
+    ckpt = _random_checkpoint(tmp_path, arch)
+    calls = []
+    real = cpu_avx2.decode_layer
+    monkeypatch.setattr(cpu_avx2, "decode_layer", lambda *a: calls.append(1) or real(*a))
+    for kernel in ("avx2", "avx2-q8"):
+        model = load(ckpt, kernel=kernel)
+        blocks = [b for b in model.model.layers if isinstance(b, fused.DecodeLayer)]
+        assert len(blocks) == (model.config.num_hidden_layers if whole else 0)
+        assert all(isinstance(b, type(model.model.layers[0]).__bases__[1]) for b in blocks)
+        calls.clear()
+        ids = torch.randint(0, 256, (1, 40), generator=torch.Generator().manual_seed(4))
+        fast = prefill_then_decode(model, ids, GrowingCache(model.config))
+        assert len(calls) == (8 * model.config.num_hidden_layers if whole else 0)
+        _plain(model)
+        slow = prefill_then_decode(model, ids, GrowingCache(model.config))
+        assert torch.equal(fast[0], slow[0]) and torch.equal(fast[1], slow[1])
+
+
+@needs_avx2
+def test_a_changed_block_leaves_the_c_call(tmp_path, monkeypatch):
+    """A hook on a projection, a replaced projection or another kernel: the block runs its parts as they are now."""
+    from gptqkit.cache import GrowingCache
+    from gptqkit.checkpoint import load
+    from gptqkit.kernels import reference
+
+    model = load(_random_checkpoint(tmp_path, "llama"), kernel="avx2")
+    calls = []
+    real = cpu_avx2.decode_layer
+    monkeypatch.setattr(cpu_avx2, "decode_layer", lambda *a: calls.append(1) or real(*a))
+    ids = torch.randint(0, 256, (1, 34), generator=torch.Generator().manual_seed(5))
+    ref = prefill_then_decode(model, ids, GrowingCache(model.config))
+    assert len(calls) == 2 * 2
+    block = model.model.layers[1]
+    seen = []
+    handle = block.mlp.down_proj.register_forward_hook(lambda m, a, out: seen.append(out.shape))
+    calls.clear()
+    got = prefill_then_decode(model, ids, GrowingCache(model.config))
+    assert len(calls) == 2 and len(seen) == 3  # block 0 in C; block 1 runs its parts: prefill and two steps
+    assert torch.equal(got[1], ref[1])
+    handle.remove()
+    block.mlp.down_proj.use_kernel(reference)  # another kernel: the block's C call no longer stands for it
+    calls.clear()
+    got = prefill_then_decode(model, ids, GrowingCache(model.config))
+    assert len(calls) == 2
+    torch.testing.assert_close(got[1], ref[1], rtol=1e-4, atol=1e-4)
+    block.mlp.down_proj = nn.Linear(128, 64)  # replaced outright
+    calls.clear()
+    prefill_then_decode(model, ids, GrowingCache(model.config))
+    assert len(calls) == 2

@@ -140,6 +140,8 @@ def library(vnni: bool = False) -> ctypes.CDLL | str:
     lib.rms_norm.argtypes = [P, I, I, P, ctypes.c_float, P]
     lib.silu_mul.restype = None
     lib.silu_mul.argtypes = [P, P, L, P]
+    lib.decode_layer.restype = ctypes.c_int
+    lib.decode_layer.argtypes = [P, P, P, P, P, P, I, L, L, L, L, P, I]
     return lib
 
 
@@ -495,3 +497,83 @@ def silu_mul(g: torch.Tensor, u: torch.Tensor) -> torch.Tensor | None:
     y = torch.empty_like(g)
     lib.silu_mul(g.data_ptr(), u.data_ptr(), g.numel(), y.data_ptr())
     return y
+
+
+class _MM(ctypes.Structure):
+    """mm_args in cpu_avx2.c: one decode matmul's fixed arguments."""
+
+    _fields_ = [("nl", ctypes.c_int), ("K", ctypes.c_int), ("width", ctypes.c_int), ("R", ctypes.c_int),
+                ("q8", ctypes.c_int), ("qws", ctypes.c_void_p), ("Ns", ctypes.c_void_p), ("scs", ctypes.c_void_p),
+                ("zs", ctypes.c_void_p), ("runs", ctypes.c_void_p), ("rgroup", ctypes.c_void_p),
+                ("next", ctypes.c_void_p), ("nnext", ctypes.c_int)]
+
+
+class LayerArgs(ctypes.Structure):
+    """layer_args in cpu_avx2.c: a decoder block's fixed arguments for decode_layer (see layer_args())."""
+
+    _fields_ = [("hidden", ctypes.c_int), ("H", ctypes.c_int), ("Hkv", ctypes.c_int), ("D", ctypes.c_int),
+                ("inter", ctypes.c_int), ("eps1", ctypes.c_float), ("eps2", ctypes.c_float),
+                ("scale", ctypes.c_float), ("w1", ctypes.c_void_p), ("w2", ctypes.c_void_p), ("qkv", _MM),
+                ("o", _MM), ("gate_up", _MM), ("down", _MM)]
+    keep: tuple  # what its pointers point into: plans, their read-ahead lists, the norm weights
+
+
+def _mm_args(layers: list) -> tuple[_MM, tuple] | str:
+    """The fixed arguments of the one decode call that runs `layers` (QuantLinears that share it, in output order),
+    and what they point into; or why there is no such call."""
+    first = layers[0]
+    if any(layer.bias is not None for layer in layers):
+        return "a projection has a bias"
+    if first.kernel.name not in ("avx2", "avx2-q8") or getattr(first, "_avx2_plan", None) is None:
+        return "a projection is not on the avx2 kernels"
+    shared = first._avx2_shared
+    if len(layers) > 1 and (shared is None or shared.layers != layers):
+        return "its projections do not share one decode call"
+    if len(layers) == 1 and shared is not None:
+        return "a projection shares its decode call with another module"
+    plan: Plan = first._avx2_plan if shared is None else shared.plan
+    if plan.permuted:
+        return "act-order codes (activations are gathered per call)"
+    qws, ns, scs, zs, runs, rgroup = plan.ptrs
+    nxt, n = (ctypes.addressof(plan.follow[0]), plan.follow[1]) if plan.follow else (None, 0)
+    mm = _MM(len(plan.sizes), plan.K, plan.width, plan.runs, int(first.kernel.name == "avx2-q8"), qws, ns, scs, zs,
+             runs, rgroup, nxt, n)
+    return mm, (plan, tuple(plan.follow))
+
+
+def layer_args(w1: torch.Tensor, eps1: float, w2: torch.Tensor, eps2: float, qkv: list, o, gate_up: list, down,
+               heads: int, kv_heads: int, head_dim: int, scale: float) -> LayerArgs | str:
+    """decode_layer's fixed arguments for a block of norm weights w1, w2 [hidden] (float32) and QuantLinears q/k/v
+    (one shared decode call), o, gate/up (one shared call) and down on the avx2 kernels; or why they do not fit."""
+    parts = [_mm_args(qkv), _mm_args([o]), _mm_args(gate_up), _mm_args([down])]
+    why = next((p for p in parts if isinstance(p, str)), None)
+    if why is not None:
+        return why
+    hidden, inter = o.out_features, down.in_features
+    if not (w1.shape == w2.shape == (hidden,) and w1.dtype == w2.dtype == torch.float32 and w1.is_contiguous()
+            and w2.is_contiguous() and head_dim % 8 == 0 and heads % kv_heads == 0):
+        return "its norms or heads do not fit"
+    args = LayerArgs(hidden, heads, kv_heads, head_dim, inter, eps1, eps2, scale, w1.data_ptr(), w2.data_ptr(),
+                     *(p[0] for p in parts))
+    args.keep = (w1, w2, *(p[1] for p in parts))
+    return args
+
+
+def decode_layer(args: LayerArgs, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kbuf: torch.Tensor,
+                 vbuf: torch.Tensor, T: int) -> torch.Tensor | None:
+    """One decoded token through a whole pre-norm block (decode_layer in cpu_avx2.c): x [1, 1, hidden] float32
+    contiguous, cos and sin [head_dim] contiguous float32 (its position's); k and v are written at position T of
+    the cache buffers kbuf, vbuf [1, Hkv, capacity > T, head_dim] (unit stride along head_dim). Returns the block's
+    output, a new tensor shaped like x; None where the library cannot be had or the sizes do not fit."""
+    lib = fast_library()
+    (B, Hkv, cap, D), ks, vs = kbuf.shape, kbuf.stride(), vbuf.stride()
+    if (isinstance(lib, str) or B != 1 or not 0 <= T < cap or vbuf.shape != kbuf.shape or ks[3] != 1 or vs[3] != 1
+            or Hkv != args.Hkv or D != args.D or cos.numel() != D or sin.numel() != D or x.numel() != args.hidden
+            or not x.is_contiguous()):
+        return None
+    y = torch.empty(x.shape, dtype=torch.float32)
+    rc = lib.decode_layer(ctypes.addressof(args), x.data_ptr(), cos.data_ptr(), sin.data_ptr(), kbuf.data_ptr(),
+                          vbuf.data_ptr(), T, ks[1], ks[2], vs[1], vs[2], y.data_ptr(), torch.get_num_threads())
+    if rc == -1:
+        raise MemoryError(f"avx2 kernel: no scratch memory for a decoder block over {T + 1} positions")
+    return y if rc == 0 else None
