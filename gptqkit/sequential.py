@@ -632,8 +632,8 @@ class _Passthrough(nn.Module):
                 setattr(self, k, v)
         self.state, self.first, self.as_tuple = state, first, as_tuple
 
-    def forward(self, hidden, *args, **kwargs):
-        out = self.state["hidden"] if self.first else hidden
+    def forward(self, *args, **kwargs):
+        out = self.state["hidden"] if self.first else (args[0] if args else kwargs["hidden_states"])
         return (out,) if self.as_tuple else out
 
 
