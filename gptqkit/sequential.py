@@ -724,23 +724,39 @@ def _quantize_block(block, src, names, inputs, cfg: QuantConfig, device, prefix,
     return results, logs
 
 
+# Rows of W solved at a time, as float32 bytes: GPTQ treats every output row on its own given H (the codes come out
+# the same), and the solver holds ~4 float32 copies of what it is given, so a 128256 x 4096 lm_head (Llama 3) would
+# take ~8 GB at once, SmolLM2's 49152 x 576 one ~450 MB; in blocks, at most ~4 x 64 MiB.
+SOLVE_BYTES = 64 << 20
+
+
 def _solve(module: nn.Module, H: torch.Tensor | None, cfg: QuantConfig, device, name: str,
            logs: list[LayerLog]) -> QuantResult:
-    """GPTQ with Hessian H (RTN when cfg says so) of one Linear's weight; the result on the CPU. Appends its
-    LayerLog to logs."""
+    """GPTQ with Hessian H (RTN when cfg says so) of one Linear's weight, in blocks of rows of at most SOLVE_BYTES
+    as float32; the result on the CPU. Appends its LayerLog to logs."""
     t0 = time.perf_counter()
-    W = weight_matrix(module).detach().to(device=device, dtype=torch.float32)
-    if not torch.isfinite(W).all():
-        raise ValueError(f"{name} has NaN or Inf weights; the source model is broken, quantize a checkpoint with "
-                         "finite weights")
-    r = rtn(W.cpu(), cfg) if cfg.quant_method == "rtn" else gptq(W, H, cfg)
-    r = QuantResult(codes=r.codes.cpu(), scales=r.scales.cpu(), zeros=r.zeros.cpu(), g_idx=r.g_idx.cpu(),
-                    loss=r.loss, damp=r.damp, fallback=r.fallback)
+    weight = weight_matrix(module).detach()
+    N, K = weight.shape
+    step = max(1, SOLVE_BYTES // (4 * K))
+    parts = []
+    for r0 in range(0, N, step):
+        W = weight[r0:r0 + step].to(device=device, dtype=torch.float32)
+        if not torch.isfinite(W).all():
+            raise ValueError(f"{name} has NaN or Inf weights; the source model is broken, quantize a checkpoint with "
+                             "finite weights")
+        parts.append(rtn(W.cpu(), cfg) if cfg.quant_method == "rtn" else gptq(W, H, cfg))
+        del W
+    first = parts[0]
+    r = QuantResult(codes=torch.cat([p.codes.cpu() for p in parts]),
+                    scales=torch.cat([p.scales.cpu() for p in parts], 1),
+                    zeros=torch.cat([p.zeros.cpu() for p in parts], 1), g_idx=first.g_idx.cpu(),
+                    loss=sum(p.loss for p in parts), damp=first.damp,
+                    fallback=next((p.fallback for p in parts if p.fallback), None))
     dt = time.perf_counter() - t0
-    logs.append(LayerLog(name, tuple(W.shape), r.loss, r.damp, dt, r.fallback or ""))
+    logs.append(LayerLog(name, (N, K), r.loss, r.damp, dt, r.fallback or ""))
     if r.fallback:
         log.warning("%s: %s", name, r.fallback)
-    log.info("%s %s loss %.4g damp %s %.2fs", name, tuple(W.shape), r.loss,
+    log.info("%s %s loss %.4g damp %s %.2fs", name, (N, K), r.loss,
              f"{r.damp:g}" if r.damp is not None else "-", dt)
     return r
 

@@ -189,3 +189,25 @@ def test_replay_respects_its_budget():
             blocks[0](hidden, **kwargs)
     assert list(small.recorded) == ["self_attn.q_proj"]  # k and v would exceed the budget
     assert len(small.recorded["self_attn.q_proj"]) == 2
+
+
+@pytest.mark.parametrize("cfg", [QuantConfig(bits=4, group_size=64), QuantConfig(bits=3, desc_act=True),
+                                 QuantConfig(bits=4, group_size=64, quant_method="rtn")])
+def test_a_layer_solved_in_row_blocks_gives_the_same_result(cfg, monkeypatch):
+    """GPTQ treats each output row on its own given H, so solving 1000 rows 300 at a time (what bounds the memory of
+    a large lm_head) gives the same codes, scales and zeros."""
+    from torch import nn
+
+    from gptqkit import sequential
+
+    torch.manual_seed(0)
+    lin = nn.Linear(256, 1000, bias=False)
+    X = torch.randn(4000, 256) * torch.linspace(0.1, 3, 256)
+    H = X.T @ X
+    whole = sequential._solve(lin, H, cfg, "cpu", "x", [])
+    monkeypatch.setattr(sequential, "SOLVE_BYTES", 4 * 256 * 300)
+    logs = []
+    blocks = sequential._solve(lin, H, cfg, "cpu", "x", logs)
+    assert torch.equal(whole.codes, blocks.codes) and torch.equal(whole.scales, blocks.scales)
+    assert torch.equal(whole.zeros, blocks.zeros) and torch.equal(whole.g_idx, blocks.g_idx)
+    assert blocks.loss == pytest.approx(whole.loss, rel=1e-6) and logs[0].shape == (1000, 256)
