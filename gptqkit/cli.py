@@ -143,8 +143,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--damp", type=float, default=0.01, help="damp_percent (default 0.01)")
     q.add_argument("--method", choices=("gptq", "rtn"), default="gptq")
     q.add_argument("--lm-head", action="store_true",
-                   help="quantize the output layer too (GPTQModel's and vLLM's lm_head: smaller and faster to decode, "
-                        "slightly less accurate); a tied lm_head is untied, the embedding stays dense")
+                   help="quantize the output layer too (GPTQModel's and vLLM's lm_head: fewer bytes per decoded token, "
+                        "some accuracy: +5%% WikiText-2 perplexity on SmolLM2 at 4 bits); a tied lm_head is untied. "
+                        "transformers' from_pretrained and AutoGPTQ cannot load the result")
     q.add_argument("--format", choices=("gptq", "gptq_v2"), default="gptq", help="checkpoint_format to write")
     q.add_argument("--dataset", default="wikitext2", help="wikitext2, c4, c4-new, ptb, ptb-new, or a .txt/.jsonl")
     q.add_argument("--data-dir", default=None, help="local corpora folder (default: $GPTQKIT_DATA)")
