@@ -156,6 +156,31 @@ def _mlp_agrees(module: nn.Module, new: GatedMLP) -> bool:
     return ref.shape == (3, hidden) and torch.allclose(new.reference(x), ref, rtol=1e-5, atol=1e-6)
 
 
+def _one_token_call(attention_mask, position_embeddings, cache, config) -> bool:
+    """A forward call that may be a one-token C step: no mask, rotary cos/sin given, a GrowingCache, and the model on
+    gptqkit.attention's implementation (set_attn_implementation("sdpa") undoes it)."""
+    return (attention_mask is None and position_embeddings is not None and type(cache) is GrowingCache
+            and config._attn_implementation == attention.NAME)
+
+
+def _free_slot(cache: GrowingCache, i: int, window: int | None, x: torch.Tensor, cos: torch.Tensor,
+               sin: torch.Tensor, *inputs: torch.Tensor) -> tuple[GrowingLayer, int] | None:
+    """(layer i of the cache, the position T a new token is written at) where x [1, 1, hidden] is one float32 CPU
+    token that needs no gradient (nor do `inputs`), layer i is a GrowingLayer with room below the sliding window,
+    and its buffers, cos and sin are contiguous float32; else None."""
+    layers = cache.layers
+    if not (x.numel() == x.shape[-1] and _c_rows(x, x, *inputs) and i < len(layers)):
+        return None
+    layer = layers[i]
+    T = layer.free_slot(1) if type(layer) is GrowingLayer else None
+    if T is None or (window is not None and T >= window):
+        return None
+    if not (layer._kbuf.dtype == cos.dtype == sin.dtype == torch.float32 and cos.is_contiguous()
+            and sin.is_contiguous()):
+        return None
+    return layer, T
+
+
 class DecodeAttention(nn.Module):
     """Mixed in front of a rotary attention class (Llama's, Mistral's, Qwen2's, ...) whose forward is
     o_proj(attention(rope(q_proj(x)), rope(k_proj(x)), v_proj(x))): one new float32 token on CPU with a GrowingCache,
@@ -167,8 +192,7 @@ class DecodeAttention(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor, position_embeddings: tuple | None = None,
                 attention_mask: torch.Tensor | None = None, past_key_values=None, **kwargs):
-        if (attention_mask is None and position_embeddings is not None and type(past_key_values) is GrowingCache
-                and self.config._attn_implementation == attention.NAME):  # set_attn_implementation("sdpa") undoes it
+        if _one_token_call(attention_mask, position_embeddings, past_key_values, self.config):
             y = self.decode_step(hidden_states, *position_embeddings, past_key_values)
             if y is not None:
                 return y, None
@@ -180,21 +204,15 @@ class DecodeAttention(nn.Module):
         """o_proj of the attention of x [1, 1, hidden], at the position whose rotary cos, sin [1, 1, head_dim] are
         given, over the cache's positions and its own, which it appends to the cache; None (nothing changed) where
         this is not a one-token float32 CPU step into a GrowingLayer with room."""
-        layers, i = cache.layers, self.layer_idx
-        if not (x.numel() == x.shape[-1] and _c_rows(x, x) and i < len(layers)):  # sizes: rope_decode_attention
+        slot = _free_slot(cache, self.layer_idx, self.window, x, cos, sin)  # sizes: rope_decode_attention
+        if slot is None:
             return None
-        layer = layers[i]
-        T = layer.free_slot(1) if type(layer) is GrowingLayer else None
-        if T is None or (self.window is not None and T >= self.window):
-            return None
-        kb = layer._kbuf
-        if not (kb.dtype == cos.dtype == sin.dtype == torch.float32 and cos.is_contiguous() and sin.is_contiguous()):
-            return None
+        layer, T = slot
         q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)  # [1, 1, H * D], [1, 1, Hkv * D] x 2
         if not (q.is_contiguous() and k.is_contiguous() and v.is_contiguous()) or (
                 torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)):
             return None  # e.g. adapters on q/k/v that train: their gradient needs the torch ops
-        out = cpu_avx2.rope_decode_attention(q, k, v, cos, sin, kb, layer._vbuf, T, self.scaling)
+        out = cpu_avx2.rope_decode_attention(q, k, v, cos, sin, layer._kbuf, layer._vbuf, T, self.scaling)
         if out is None:
             return None
         layer.extend(1)
@@ -251,19 +269,26 @@ def _attention_agrees(module: nn.Module, new: DecodeAttention) -> bool:
     """Prefill 5 random positions through the module into one cache and through `new` into another, then decode a
     sixth through both: new's decode_step must run and agree. cos and sin are random, so the probe checks the
     rotation's formula, not only its values at real positions."""
+    ref, got = _probe(module, new, new.q_proj.in_features, new.head_dim)
+    return got is not None and got.shape == ref.shape and torch.allclose(got, ref, rtol=1e-4, atol=1e-5)
+
+
+def _probe(module: nn.Module, new: nn.Module, hidden: int, head_dim: int) -> tuple:
+    """(module's output, new.decode_step's) for a sixth random position after 5 prefilled through each into its own
+    GrowingCache, with random cos and sin; (None, None) where the forward does not fit this probe."""
     g = torch.Generator().manual_seed(0)
-    x = torch.randn(1, 6, new.q_proj.in_features, generator=g)
-    cos, sin = (torch.rand(1, 6, new.head_dim, generator=g) * 2 - 1 for _ in range(2))
+    x = torch.randn(1, 6, hidden, generator=g)
+    cos, sin = (torch.rand(1, 6, head_dim, generator=g) * 2 - 1 for _ in range(2))
     caches = GrowingCache(), GrowingCache()
     try:
         for m, cache in zip((module, new), caches):
             m(x[:, :5], position_embeddings=(cos[:, :5], sin[:, :5]), attention_mask=None, past_key_values=cache)
         pos = (cos[:, 5:].contiguous(), sin[:, 5:].contiguous())
-        ref = module(x[:, 5:], position_embeddings=pos, attention_mask=None, past_key_values=caches[0])[0]
+        ref = module(x[:, 5:], position_embeddings=pos, attention_mask=None, past_key_values=caches[0])
         got = new.decode_step(x[:, 5:], *pos, caches[1])
     except (RuntimeError, TypeError, ValueError, AttributeError):  # a forward this probe does not fit
-        return False
-    return got is not None and got.shape == ref.shape and torch.allclose(got, ref, rtol=1e-4, atol=1e-5)
+        return None, None
+    return (ref[0] if isinstance(ref, tuple) else ref), got
 
 
 @torch.no_grad()
@@ -335,8 +360,7 @@ class DecodeLayer(nn.Module):
     def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 position_ids: torch.Tensor | None = None, past_key_values=None, use_cache: bool | None = False,
                 position_embeddings: tuple | None = None, **kwargs):
-        if (attention_mask is None and position_embeddings is not None and type(past_key_values) is GrowingCache
-                and self.self_attn.config._attn_implementation == attention.NAME):
+        if _one_token_call(attention_mask, position_embeddings, past_key_values, self.self_attn.config):
             y = self.decode_step(hidden_states, *position_embeddings, past_key_values)
             if y is not None:
                 return y
@@ -359,18 +383,14 @@ class DecodeLayer(nn.Module):
         """The block's output for x [1, 1, hidden] at the position whose rotary cos, sin [1, 1, head_dim] are given,
         appending its key and value to the cache; None (nothing changed) where this is not a one-token float32 CPU
         step into a GrowingLayer with room, or the block changed since it was swapped."""
-        layers, i = cache.layers, self.self_attn.layer_idx
-        w1, w2 = self.input_layernorm.weight, self.post_attention_layernorm.weight
-        if not (x.numel() == x.shape[-1] and _c_rows(x, x, w1, w2) and i < len(layers) and self.intact()):
+        if not self.intact():
             return None
-        layer = layers[i]
-        T = layer.free_slot(1) if type(layer) is GrowingLayer else None
-        if T is None or (self.window is not None and T >= self.window):
+        slot = _free_slot(cache, self.self_attn.layer_idx, self.window, x, cos, sin,
+                          self.input_layernorm.weight, self.post_attention_layernorm.weight)
+        if slot is None:
             return None
-        kb = layer._kbuf
-        if not (kb.dtype == cos.dtype == sin.dtype == torch.float32 and cos.is_contiguous() and sin.is_contiguous()):
-            return None
-        y = cpu_avx2.decode_layer(self._args, x, cos, sin, kb, layer._vbuf, T)
+        layer, T = slot
+        y = cpu_avx2.decode_layer(self._args, x, cos, sin, layer._kbuf, layer._vbuf, T)
         if y is None:
             return None
         layer.extend(1)
@@ -422,19 +442,7 @@ def _layer_agrees(module: nn.Module, new: DecodeLayer) -> bool:
     sixth through both: new's decode_step must run and give the block's own output exactly (it runs the same C
     functions as the block's swapped parts; random cos and sin, as _attention_agrees). The block's attention must
     be on gptqkit.attention's implementation already, so that its own decode step takes the C path too."""
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(1, 6, new._args.hidden, generator=g)
-    cos, sin = (torch.rand(1, 6, new.self_attn.head_dim, generator=g) * 2 - 1 for _ in range(2))
-    caches = GrowingCache(), GrowingCache()
-    try:
-        for m, cache in zip((module, new), caches):
-            m(x[:, :5], position_embeddings=(cos[:, :5], sin[:, :5]), attention_mask=None, past_key_values=cache)
-        pos = (cos[:, 5:].contiguous(), sin[:, 5:].contiguous())
-        ref = module(x[:, 5:], position_embeddings=pos, attention_mask=None, past_key_values=caches[0])
-        got = new.decode_step(x[:, 5:], *pos, caches[1])
-    except (RuntimeError, TypeError, ValueError, AttributeError):
-        return False
-    ref = ref[0] if isinstance(ref, tuple) else ref
+    ref, got = _probe(module, new, new._args.hidden, new.self_attn.head_dim)
     return got is not None and torch.equal(got, ref)
 
 
