@@ -10,10 +10,11 @@ For each layer shape K x N (in x out: 4096x4096 q/k/v/o, 4096x11008 gate/up, 110
     fused     the fastest fused-kernel tiling among triton_gptq.candidates()
     deq+mm    dequantize to fp16 with the Triton kernel, then cuBLAS: the prefill path
 
-Times are medians of triton.testing.do_bench (which also clears L2 before every call); on top of that every call
-reads the next of several copies of the weights and inputs, together at least twice the L2 size, so each one
-streams its weights from DRAM. Achieved bandwidth = bytes a call must move (weights + zeros + scales + x + y)
-/ time, as a fraction of the device-to-device copy bandwidth measured in the same run (read + write of 1 GiB).
+Times are per call, the median of CUDA-graph replays of many calls (gptqkit.kernels.triton_gptq.graph_us): a decode
+step replays so, and eager timing of a few-microsecond kernel measures Python's launch instead. The calls rotate
+over several copies of the weights and inputs, together at least twice the L2 size, so each one streams its
+weights from DRAM. Achieved bandwidth = bytes a call must move (weights + zeros + scales + x + y) / time, as a
+fraction of the device-to-device copy bandwidth measured in the same run (read + write of 1 GiB).
 Targets from the issue: at least 3x fp16 at M = 1 on 4096x11008, at least 2x at M = 16.
 """
 
@@ -55,21 +56,11 @@ def copy_bandwidth(nbytes: int = 1 << 30) -> float:
     return 2 * nbytes / (ms * 1e-3)
 
 
-def rotating(fns: list):
-    """One callable that runs fns[0], fns[1], ... in turn, so consecutive calls touch different buffers."""
-    state = [0]
+def bench(fns: list) -> float:
+    """Microseconds per call, replayed from a CUDA graph (a decode step runs so: no Python launch cost)."""
+    from gptqkit.kernels.triton_gptq import graph_us
 
-    def call():
-        state[0] = (state[0] + 1) % len(fns)
-        return fns[state[0]]()
-
-    return call
-
-
-def bench(fn) -> float:
-    from triton.testing import do_bench
-
-    return do_bench(fn, warmup=25, rep=100, return_mode="median") * 1e3  # microseconds
+    return graph_us(fns, calls=4 * len(fns))
 
 
 def bench_shape(K: int, N: int, args, dtype: torch.dtype, bw: float, l2: int, sms: int) -> dict:
@@ -89,21 +80,24 @@ def bench_shape(K: int, N: int, args, dtype: torch.dtype, bw: float, l2: int, sm
         xs = [torch.randn(M, K, device="cuda", dtype=dtype) for _ in range(len(dense))]
         io = M * (K + N) * 2
         tg.forward(layers[0], xs[0])  # the first call of a shape times its tilings (plan())
-        t_dense = bench(rotating([lambda i=i: xs[i] @ dense[i] for i in range(len(dense))]))
-        t_auto = bench(rotating([lambda i=i: tg.forward(layers[i], xs[i % len(xs)]) for i in range(copies)]))
+        t_dense = bench([lambda i=i: xs[i] @ dense[i] for i in range(len(dense))])
+        t_auto = bench([lambda i=i: tg.forward(layers[i], xs[i % len(xs)]) for i in range(copies)])
         cfg = tg.plan(layers[0], M, dtype)
         t_fused = float("inf")
         if M <= tg.FUSED_MAX_M:
+            run = tg.fused_matmul if M > 1 else tg.gemv
             for c in tg.candidates(M, K, N, args.bits, g, sms):
-                t = bench(rotating([lambda i=i, c=c: tg.fused_matmul(layers[i], xs[i % len(xs)], c)
-                                    for i in range(copies)]))
+                t = bench([lambda i=i, c=c: run(layers[i], xs[i % len(xs)], c) for i in range(copies)])
                 t_fused = min(t_fused, t)
-        t_deq = bench(rotating([lambda i=i: tg.dequant_matmul(layers[i], xs[i % len(xs)]) for i in range(copies)]))
+                if args.all:
+                    print(f"{'':>17} candidate {c}: {t:8.1f} us")
+        t_deq = bench([lambda i=i: tg.dequant_matmul(layers[i], xs[i % len(xs)]) for i in range(copies)])
         speed = t_dense / t_auto
         bw_int = (qbytes + io) / (t_auto * 1e-6) / bw
         bw_fp = (K * N * 2 + io) / (t_dense * 1e-6) / bw
         plan = "dequant + cuBLAS" if cfg is None else (
-            f"{'tensor-core' if cfg.dot else 'CUDA-core'} N{cfg.block_n} rows{cfg.rows} splitK{cfg.split_k}")
+            f"{'tensor-core' if cfg.dot else 'gemv'} N{cfg.block_n} rows{cfg.rows} splitK{cfg.split_k} "
+            f"warps{cfg.num_warps}")
         fused = f"{t_fused:8.1f}" if t_fused < float("inf") else f"{'-':>8}"
         print(f"{f'{K}x{N}':>12} {M:>4} | {t_dense:8.1f} {t_auto:8.1f} {fused} {t_deq:8.1f} | "
               f"{speed:6.2f}x {bw_int:6.0%} {bw_fp:7.0%} | {plan}")
@@ -118,6 +112,7 @@ def main() -> int:
     ap.add_argument("--group-size", type=int, default=128)
     ap.add_argument("--act-order", action="store_true", help="random g_idx (desc_act checkpoints)")
     ap.add_argument("--dtype", default="float16", choices=("float16", "bfloat16"))
+    ap.add_argument("--all", action="store_true", help="also print every fused tiling's time")
     args = ap.parse_args()
     if gpu_check.missing("gpu_kernels.py"):
         return 2
