@@ -72,7 +72,8 @@ def _resolve_dtype(model: nn.Module, dtype: str | torch.dtype | None) -> torch.d
         return None
     if dtype == "auto":
         # Ecosystem loaders expect half precision next to GPTQ tensors; keep bf16 sources bf16 (fp16 may overflow).
-        src = getattr(model.config, "torch_dtype", None) or getattr(model.config, "dtype", None)
+        # `dtype` first: transformers 5 warns on every read of the old `torch_dtype` name
+        src = getattr(model.config, "dtype", None) or getattr(model.config, "torch_dtype", None)
         return torch.bfloat16 if str(src).endswith("bfloat16") else torch.float16
     return getattr(torch, dtype) if isinstance(dtype, str) else dtype
 
