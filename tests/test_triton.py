@@ -121,6 +121,11 @@ def run_interpreter_cases() -> dict:
     tg.prepare(layer)
     x = torch.randn(tg.FUSED_MAX_M + 3, K_ODD).half()
     out["prefill"] = {"forward": rel_err(tg.forward(layer, x), x, W, layer.bias)}
+    # groups of 20 inputs split 4-bit words (8 codes each): the one-row kernel reads each code's group from g_idx
+    layer, W = make_layer(K_ODD, N_ODD, 4, 20, False, "gptq", False)
+    tg.prepare(layer)
+    x = torch.randn(1, K_ODD).half()
+    out["group20"] = {"gemv": rel_err(tg.gemv(layer, x, tg.Config(64, 4, 3, dot=False)), x, W, None)}
     return out
 
 
@@ -148,6 +153,10 @@ def test_interpreter_matches_oracle(interpreter_results, case):
 
 def test_interpreter_prefill_path(interpreter_results):
     assert interpreter_results["prefill"]["forward"] < TOL[torch.float16]
+
+
+def test_interpreter_groups_that_split_words(interpreter_results):
+    assert interpreter_results["group20"]["gemv"] < TOL[torch.float16]
 
 
 @pytest.mark.parametrize("bits,group,act,fmt", [(2, 32, True, "gptq"), (4, 128, False, "gptq_v2"),

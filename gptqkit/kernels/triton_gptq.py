@@ -323,7 +323,8 @@ def _measure(layer, M: int, dtype: torch.dtype, cands: list[Config]) -> Config |
         else:
             fns = [lambda t=t, c=c: gemv(t, x, c) for t in twins]
         try:
-            us = graph_us(fns)
+            with torch.cuda.device(layer.qweight.device):  # the graph is captured on the layer's device
+                us = graph_us(fns)
         except Exception as e:  # a tiling the compiler rejects (e.g. out of shared memory) is skipped
             log.debug("triton config %s failed: %s", c, e)
             continue
@@ -523,7 +524,7 @@ def _gemv_kernel(x_ptr, qweight_ptr, qzeros_ptr, scales_ptr, g_idx_ptr, bias_ptr
     # rows (a K slice). Each thread holds every row of the [ROWS, BLOCK_N] tile for BLOCK_N / threads columns, so
     # the x values it needs (ROWS * PER per tile) are few per word it streams.
     # GROUPS 0: each K tile lies in one group (scale per tile); 1: per packed row (groups smaller than a tile);
-    # 2: per input feature (act-order g_idx). SPLIT: the K slices meet in the fp32 workspace ws [N]; the last
+    # 2: per input feature from g_idx (act-order, or groups that split a packed word). SPLIT: the K slices meet in the fp32 workspace ws [N]; the last
     # program of a column tile (counted in cnt) writes out and zeroes ws and its counter, so one launch does it.
     PER: tl.constexpr = 32 // BITS
     MAXQ: tl.constexpr = (1 << BITS) - 1
