@@ -172,6 +172,37 @@ def report(label: str, r: dict, weights: int) -> None:
           + (f"\n  note: {r['note']}" if r["note"] else ""))
 
 
+@torch.no_grad()
+def block_linear_ms(model, dtype=torch.float16) -> float:
+    """Milliseconds per decoded token spent in the decoder blocks' linear layers: each distinct (K, N) timed as one-row
+    calls of all its layers in turn (graph replays; the layers' weights together stream from DRAM), times its count.
+    The rest of a token (norms, rotary, attention, residuals, lm_head) is the same kernels in fp16 and int4."""
+    from gptqkit.kernels.triton_gptq import graph_us
+    from gptqkit.qlinear import QuantLinear
+    from gptqkit.sequential import find_blocks
+
+    groups: dict = {}
+    for block in find_blocks(model)[1]:
+        for mod in block.modules():
+            if isinstance(mod, (torch.nn.Linear, QuantLinear)):
+                groups.setdefault((mod.in_features, mod.out_features), []).append(mod)
+    total_us = 0.0
+    for (K, N), mods in groups.items():
+        x = torch.randn(1, K, device="cuda", dtype=dtype)
+        total_us += graph_us([lambda m=m: m(x) for m in mods], calls=len(mods)) * len(mods)
+    return total_us / 1e3
+
+
+def report_split(label: str, r: dict, model) -> None:
+    try:
+        lin = block_linear_ms(model)
+    except Exception as e:  # a breakdown that fails must not hide the decode numbers above
+        print(f"  {label}: block linears not timed ({type(e).__name__}: {e})")
+        return
+    print(f"  {label}: block linears {lin:.2f} ms of {r['ms_per_token']:.2f} ms/token; everything else "
+          f"{r['ms_per_token'] - lin:.2f} ms")
+
+
 def part_decode7b(args) -> None:
     print(f"\n== decode, Llama-2-7B shape, random weights, batch 1, prompt {args.prompt}, {args.new} new tokens")
     torch.manual_seed(0)
@@ -179,9 +210,11 @@ def part_decode7b(args) -> None:
     ids = torch.randint(3, 32000, (1, args.prompt), device="cuda")
     r16 = decode(model, ids, args.new, not args.eager)
     report("fp16", r16, model_bytes(model))
+    report_split("fp16", r16, model)
     n = to_random_int4(model, 4, 128)
     r4 = decode(model, ids, args.new, not args.eager)
     report("gptqkit int4 g128", r4, model_bytes(model))
+    report_split("int4", r4, model)
     print(f"  {n} QuantLinear layers, kernels {kernel_counts(model)}; lm_head and embeddings stay fp16")
     speed = r16["ms_per_token"] / r4["ms_per_token"]
     print(f"  speedup {speed:.2f}x (target >= 2.5x: {'met' if speed >= 2.5 else 'NOT met'}); eager "
