@@ -37,7 +37,8 @@ def size_on_disk(path: str | os.PathLike) -> int:
     return sum(f.stat().st_size for f in Path(path).iterdir() if f.suffix in WEIGHT_SUFFIXES)
 
 
-def _vm_kib(field: str) -> int | None:
+def vm_kib(field: str) -> int | None:
+    """A /proc/self/status memory field (VmRSS, VmHWM) in KiB; None where there is no /proc."""
     try:
         for line in Path("/proc/self/status").read_text().splitlines():
             if line.startswith(field + ":"):
@@ -75,7 +76,7 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
         model = AutoModelForCausalLM.from_pretrained(spec["path"], dtype=dtype or torch.float32,
                                                      low_cpu_mem_usage=True).to(device).eval()
     load_s = time.perf_counter() - t0
-    rss_loaded = _vm_kib("VmRSS")
+    rss_loaded = vm_kib("VmRSS")
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     vocab = model.config.vocab_size
@@ -126,7 +127,7 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
         "rss_loaded_bytes": rss_loaded * 1024 if rss_loaded else None,
         # VmHWM: the peak resident set of this process's memory over load and all runs. (ru_maxrss is not used
         # where VmHWM exists: Linux carries it over fork and exec, so it starts at the parent's resident size.)
-        "peak_rss_bytes": 1024 * (_vm_kib("VmHWM") or resource.getrusage(resource.RUSAGE_SELF).ru_maxrss),
+        "peak_rss_bytes": 1024 * (vm_kib("VmHWM") or resource.getrusage(resource.RUSAGE_SELF).ru_maxrss),
     }
     if spec["quantized"]:
         from .qlinear import QuantLinear

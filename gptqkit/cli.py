@@ -57,7 +57,8 @@ def cmd_quantize(a) -> int:
                  overwrite=a.overwrite, save_dtype=a.save_dtype, max_shard_size=a.max_shard_size,
                  trust_remote_code=a.trust_remote_code, allow_pickle=a.allow_pickle, progress=not a.quiet)
     skipped = sorted((r.config.dynamic or {}).keys())
-    print(f"quantized {len(r.layers)} layers in {r.seconds:.1f} s on {r.calibration_tokens} calibration tokens "
+    peak = "" if r.peak_memory_bytes is None else f", peak {r.peak_memory_kind} {r.peak_memory_bytes / 2**30:.2f} GiB"
+    print(f"quantized {len(r.layers)} layers in {r.seconds:.1f} s on {r.calibration_tokens} calibration tokens{peak} "
           f"-> {r.out}" + (f" ({len(skipped)} layers left unquantized, see the log)" if skipped else ""))
     return 0
 

@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .bench import vm_kib
 from .checkpoint import WRITE_ERRNOS, WriteError, check_output_dir, save
 from .config import QuantConfig
 from .sequential import LayerLog, WorkDir, default_compute_dtype, find_blocks, quantize_model
@@ -43,6 +44,10 @@ class QuantizeReport:
     layers: list[LayerLog] = field(default_factory=list)
     seconds: float = 0.0
     calibration_tokens: int = 0
+    # The run's peak memory: allocated GPU memory with a CUDA device (the model stays in host memory, one block
+    # goes to the GPU), else the process's peak resident set (VmHWM; it includes whatever the process held before).
+    peak_memory_bytes: int | None = None
+    peak_memory_kind: str = "RSS"
 
 
 def _is_hub_id(s: str) -> bool:
@@ -168,6 +173,8 @@ def quantize(model: str | os.PathLike, out: str | os.PathLike, cfg: QuantConfig 
     from .data import calibration_samples
 
     t0 = time.perf_counter()
+    if torch.device(device).type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
     for arg, v in (("nsamples", nsamples), ("seqlen", 1 if seqlen is None else seqlen), ("batch_size", batch_size)):
         if not isinstance(v, int) or v < 1:
             raise ValueError(f"{arg}={v!r} is invalid; use a positive integer (--{arg.replace('_', '-')})")
@@ -216,8 +223,14 @@ def quantize(model: str | os.PathLike, out: str | os.PathLike, cfg: QuantConfig 
         raise WriteError(f"{e}; the quantized blocks are kept in {work.path}: rerun with --resume once it is fixed") \
             from e
     shutil.rmtree(work.path, ignore_errors=True)
+    if torch.device(device).type == "cuda":
+        peak, kind = torch.cuda.max_memory_allocated(device), "GPU"
+    else:
+        hwm = vm_kib("VmHWM")
+        peak, kind = (None if hwm is None else 1024 * hwm), "RSS"
     return QuantizeReport(out=out, config=cfg, layers=logs, seconds=time.perf_counter() - t0,
-                          calibration_tokens=int(sum(int(s["attention_mask"].sum()) for s in samples)))
+                          calibration_tokens=int(sum(int(s["attention_mask"].sum()) for s in samples)),
+                          peak_memory_bytes=peak, peak_memory_kind=kind)
 
 
 def _write_error(e: OSError, work: Path) -> WriteError:

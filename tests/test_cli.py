@@ -14,7 +14,10 @@ def test_quantize_inspect_eval(stories_dir, tmp_path, capsys):
     rc = main(["-q", "quantize", str(stories_dir), str(out), "--bits", "4", "--group-size", "32", "--dataset", tiny,
                "--nsamples", "8", "--seqlen", "128", "--desc-act"])
     assert rc == 0
-    assert "quantized 20 layers" in capsys.readouterr().out
+    line = capsys.readouterr().out
+    assert "quantized 20 layers" in line
+    peak = float(line.split("peak RSS ")[1].split(" GiB")[0])  # this process's peak resident set
+    assert 0.1 < peak < 24
     assert not (tmp_path / "q.work").exists()  # the work folder goes once the checkpoint is written
     assert main(["inspect", str(out), "--json"]) == 0
     info = json.loads(capsys.readouterr().out)

@@ -308,8 +308,9 @@ def test_cuda_quantization_of_a_real_model(stories_dir, tiny_texts, tmp_path):
 
     cfg = QuantConfig(bits=4, group_size=32)
     calib, held = tiny_texts[:32], tiny_texts[32:]
-    quantize(stories_dir, tmp_path / "gpu", cfg, dataset=calib, nsamples=32, seqlen=128, device="cuda",
-             progress=False)
+    rep = quantize(stories_dir, tmp_path / "gpu", cfg, dataset=calib, nsamples=32, seqlen=128, device="cuda",
+                   progress=False)
+    assert rep.peak_memory_kind == "GPU" and 0 < rep.peak_memory_bytes < 256 << 20  # a 1 MB model, one block on it
     quantize(stories_dir, tmp_path / "cpu", cfg, dataset=calib, nsamples=32, seqlen=128, device="cpu",
              progress=False)
     tok = AutoTokenizer.from_pretrained(stories_dir)
