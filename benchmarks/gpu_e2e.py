@@ -46,6 +46,10 @@ def llama_config(kind: str):
     if kind == "1.1b":  # TinyLlama-1.1B
         return LlamaConfig(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
                            num_key_value_heads=4, vocab_size=32000, max_position_embeddings=2048, rms_norm_eps=1e-5)
+    if kind == "smollm2":  # SmolLM2-135M-Instruct
+        return LlamaConfig(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+                           num_key_value_heads=3, vocab_size=49152, max_position_embeddings=8192, rms_norm_eps=1e-5,
+                           rope_theta=100000.0, tie_word_embeddings=True)
     raise ValueError(kind)
 
 
@@ -203,19 +207,25 @@ def report_split(label: str, r: dict, model) -> None:
           f"{r['ms_per_token'] - lin:.2f} ms")
 
 
+def decode_fp16_vs_int4(model, ids: torch.Tensor, args, group_size: int) -> tuple[dict, dict]:
+    """Decode with the fp16 random model, then with its block Linears replaced by random int4 QuantLinears."""
+    r16 = decode(model, ids, args.new, not args.eager)
+    report("fp16", r16, model_bytes(model))
+    report_split("fp16", r16, model)
+    n = to_random_int4(model, 4, group_size)
+    r4 = decode(model, ids, args.new, not args.eager)
+    report(f"gptqkit int4 g{group_size}", r4, model_bytes(model))
+    report_split("int4", r4, model)
+    print(f"  {n} QuantLinear layers, kernels {kernel_counts(model)}; lm_head and embeddings stay fp16")
+    return r16, r4
+
+
 def part_decode7b(args) -> None:
     print(f"\n== decode, Llama-2-7B shape, random weights, batch 1, prompt {args.prompt}, {args.new} new tokens")
     torch.manual_seed(0)
     model = random_model(llama_config("7b"))
     ids = torch.randint(3, 32000, (1, args.prompt), device="cuda")
-    r16 = decode(model, ids, args.new, not args.eager)
-    report("fp16", r16, model_bytes(model))
-    report_split("fp16", r16, model)
-    n = to_random_int4(model, 4, 128)
-    r4 = decode(model, ids, args.new, not args.eager)
-    report("gptqkit int4 g128", r4, model_bytes(model))
-    report_split("int4", r4, model)
-    print(f"  {n} QuantLinear layers, kernels {kernel_counts(model)}; lm_head and embeddings stay fp16")
+    r16, r4 = decode_fp16_vs_int4(model, ids, args, 128)
     speed = r16["ms_per_token"] / r4["ms_per_token"]
     print(f"  speedup {speed:.2f}x (target >= 2.5x: {'met' if speed >= 2.5 else 'NOT met'}); eager "
           f"{r16['eager_ms'] / r4['eager_ms']:.2f}x; peak memory {r4['peak_gib'] / r16['peak_gib']:.2f}x of fp16")
@@ -280,20 +290,13 @@ def part_smollm2(args) -> None:
 
 def smollm2_shape_decode(args) -> None:
     """SmolLM2-135M-Instruct's config with random weights: decode speed only (no text to compare)."""
-    from transformers import LlamaConfig
-
-    cfg = LlamaConfig(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
-                      num_key_value_heads=3, vocab_size=49152, max_position_embeddings=8192, rms_norm_eps=1e-5,
-                      rope_theta=100000.0, tie_word_embeddings=True)
+    cfg = llama_config("smollm2")
     torch.manual_seed(0)
     model = random_model(cfg)
     ids = torch.randint(3, cfg.vocab_size, (1, args.prompt), device="cuda")
-    r16 = decode(model, ids, args.new, not args.eager)
-    report("fp16", r16, model_bytes(model))
-    to_random_int4(model, 4, 64)  # 576 is not a multiple of 128: group 64, as the quality benchmarks use
-    r4 = decode(model, ids, args.new, not args.eager)
-    report("gptqkit int4 g64", r4, model_bytes(model))
-    print(f"  kernels {kernel_counts(model)}; speedup {r16['ms_per_token'] / r4['ms_per_token']:.2f}x")
+    # 576 is not a multiple of 128: group 64, as the quality benchmarks use
+    r16, r4 = decode_fp16_vs_int4(model, ids, args, 64)
+    print(f"  speedup {r16['ms_per_token'] / r4['ms_per_token']:.2f}x")
     del model
     torch.cuda.empty_cache()
 

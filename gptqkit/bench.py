@@ -48,6 +48,15 @@ def vm_kib(field: str) -> int | None:
     return None
 
 
+def peak_memory(device: torch.device) -> tuple[int | None, str]:
+    """(bytes, kind): allocated GPU memory since the last torch.cuda.reset_peak_memory_stats on CUDA, else this
+    process's peak resident set (VmHWM), None where there is no /proc."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device), "GPU"
+    hwm = vm_kib("VmHWM")
+    return (None if hwm is None else 1024 * hwm), "RSS"
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .bench import vm_kib
+from .bench import peak_memory
 from .checkpoint import WRITE_ERRNOS, WriteError, check_output_dir, save
 from .config import QuantConfig
 from .sequential import LayerLog, WorkDir, default_compute_dtype, find_blocks, quantize_model
@@ -174,7 +174,7 @@ def quantize(model: str | os.PathLike, out: str | os.PathLike, cfg: QuantConfig 
 
     t0 = time.perf_counter()
     if torch.device(device).type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
+        torch.cuda.reset_peak_memory_stats(device)  # the report's peak is this run's
     for arg, v in (("nsamples", nsamples), ("seqlen", 1 if seqlen is None else seqlen), ("batch_size", batch_size)):
         if not isinstance(v, int) or v < 1:
             raise ValueError(f"{arg}={v!r} is invalid; use a positive integer (--{arg.replace('_', '-')})")
@@ -223,11 +223,7 @@ def quantize(model: str | os.PathLike, out: str | os.PathLike, cfg: QuantConfig 
         raise WriteError(f"{e}; the quantized blocks are kept in {work.path}: rerun with --resume once it is fixed") \
             from e
     shutil.rmtree(work.path, ignore_errors=True)
-    if torch.device(device).type == "cuda":
-        peak, kind = torch.cuda.max_memory_allocated(device), "GPU"
-    else:
-        hwm = vm_kib("VmHWM")
-        peak, kind = (None if hwm is None else 1024 * hwm), "RSS"
+    peak, kind = peak_memory(torch.device(device))
     return QuantizeReport(out=out, config=cfg, layers=logs, seconds=time.perf_counter() - t0,
                           calibration_tokens=int(sum(int(s["attention_mask"].sum()) for s in samples)),
                           peak_memory_bytes=peak, peak_memory_kind=kind)
