@@ -101,12 +101,11 @@ class GatedMLP(nn.Module):
                 return self.down_proj(h)
         if torch.is_grad_enabled() and (g.requires_grad or u.requires_grad):
             return self.down_proj(self.act_fn(g) * u)
-        # Prefill: g and u go before down_proj runs, so three [M, intermediate] tensors fewer are alive at the memory
-        # peak (34 MB on the 1.1B shape at 512 float32 rows).
-        h = self.act_fn(g)
-        del g
-        h.mul_(u)
-        del u
+        # Prefill: silu and the product in place in g (act_fn equals F.silu, _mlp_agrees checked), and u gone before
+        # down_proj runs, so at most two [M, intermediate] tensors are alive (11.5 MB each on the 1.1B shape at 512
+        # float32 rows).
+        h = F.silu(g, inplace=True).mul_(u)
+        del g, u
         return self.down_proj(h)
 
     def reference(self, x: torch.Tensor) -> torch.Tensor:

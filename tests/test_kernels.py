@@ -314,7 +314,8 @@ def test_avx2_against_oracle(group_size, act_order, sym, fmt):
 @pytest.mark.parametrize("group_size,act_order,sym,fmt", AVX2_CASES)
 def test_avx2_dequantize_is_the_reference(group_size, act_order, sym, fmt):
     """The prefill path's C dequantization gives the reference kernel's fp32 values bit for bit (same formula, one
-    rounding), in the kernel's row order, and bf16 as torch rounds them; any 8-row chunk range gives its rows."""
+    rounding), in the kernel's row order, and bf16 as torch rounds them; any 8-row chunk range and column range gives
+    its rows and columns."""
     i = AVX2_CASES.index((group_size, act_order, sym, fmt))
     K, N = (576, 80) if group_size in (64, 128) else (256, 48)
     layer = random_layer(K, N, 4, group_size, act_order, sym, fmt, seed=50 + i)
@@ -325,21 +326,29 @@ def test_avx2_dequantize_is_the_reference(group_size, act_order, sym, fmt):
     assert torch.equal(cpu_avx2.dequantize(layer, 0, K // 8, torch.float32), ref)
     assert torch.equal(cpu_avx2.dequantize(layer, 0, K // 8, torch.bfloat16), ref.to(torch.bfloat16))
     assert torch.equal(cpu_avx2.dequantize(layer, 3, 17, torch.float32), ref[24:136])
+    assert torch.equal(cpu_avx2.dequantize(layer, 3, 17, torch.bfloat16, 16, 40), ref[24:136, 16:40].bfloat16())
+    with pytest.raises(ValueError, match="multiple of 8"):
+        cpu_avx2.dequantize(layer, 0, 1, torch.float32, 4, 40)
     with pytest.raises(ValueError, match="float32 or bfloat16"):
         cpu_avx2.dequantize(layer, 0, 1, torch.float16)
 
 
 @needs_avx2
-def test_avx2_prefill_in_row_blocks(monkeypatch):
-    """A layer larger than DENSE_BYTES is multiplied in several row blocks, with the same result as one block."""
-    layer = random_layer(512, 64, 4, 64, act_order=True, seed=12)
+def test_avx2_prefill_in_column_blocks(monkeypatch):
+    """A layer wider than DENSE_BYTES allows is multiplied in column blocks (the last one short), each written into
+    its columns: the same result as one block, and as the oracle."""
+    layer = random_layer(512, 200, 4, 64, act_order=True, seed=12)
     layer.use_kernel(cpu_avx2)
     x = torch.randn(40, 512)
     with torch.no_grad():
         whole = cpu_avx2.dense_matmul(layer, x)
-        monkeypatch.setattr(cpu_avx2, "DENSE_BYTES", 8 * 64 * 4 * 5)  # 5 chunks of 8 rows per block: 13 blocks
+        monkeypatch.setattr(cpu_avx2, "DENSE_BYTES", 512 * 4 * 64)  # 64 columns per block: 64, 64, 64, 8
         blocks = cpu_avx2.dense_matmul(layer, x)
+        half = cpu_avx2.dense_matmul(layer, x.bfloat16(), torch.float32)
+    assert blocks.shape == (40, 200) and blocks.dtype == half.dtype == torch.float32
     assert rel_err(blocks, whole.double()) < 1e-6 and rel_err(whole, oracle(layer, x)) < FP32_TOL
+    # bf16 in, fp32 out: each block's bf16 product widened, so every value is a bf16 number
+    assert torch.equal(half, half.bfloat16().float()) and rel_err(half, oracle(layer, x)) < 2e-2
 
 
 @needs_avx2

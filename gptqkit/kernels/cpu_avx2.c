@@ -714,10 +714,10 @@ int gptq_q4_matmul_q8(const float *x, int M, int K, int nl, const int32_t *const
    CPU has it) wins, and what is left to do fast is W itself. This writes rows of W with one pass over qw, in place
    of the eight torch ops per chunk the `cpu` kernel's generic path needs.
 
-   out [8 * (c1 - c0), N] row-major, W for the 8-row chunks c0 .. c1-1 of qw (in qw's row order: the caller gathers
-   x the same way for act-order), W[k, n] = scale[g, n] * (q[k, n] - zero[g, n]) in fp32, which is the reference
-   kernel's formula and rounding. bf16 != 0 stores it rounded to bf16 (nearest even), else as fp32. Threads take
-   contiguous blocks of chunks. */
+   out [8 * (c1 - c0), n1 - n0] row-major, W for the 8-row chunks c0 .. c1-1 of qw (in qw's row order: the caller
+   gathers x the same way for act-order) and columns n0 .. n1-1 (n0 a multiple of 8), W[k, n] = scale[g, n] *
+   (q[k, n] - zero[g, n]) in fp32, which is the reference kernel's formula and rounding. bf16 != 0 stores it rounded
+   to bf16 (nearest even), else as fp32. Threads take contiguous blocks of chunks. */
 
 static inline void store_row(void *out, size_t at, __m256 v, int bf16) {
     if (!bf16) {
@@ -735,8 +735,9 @@ static inline void store_row(void *out, size_t at, __m256 v, int bf16) {
 }
 
 int gptq_q4_dequant(const int32_t *qw, int N, const uint16_t *scales, const uint8_t *zeros, const int32_t *runs,
-                    const int32_t *rgroup, int R, int c0, int c1, void *out, int bf16, int threads) {
+                    const int32_t *rgroup, int R, int c0, int c1, int n0, int n1, void *out, int bf16, int threads) {
     if (threads < 1) threads = 1;
+    const size_t ld = (size_t)(n1 - n0);
 #pragma omp parallel num_threads(threads)
     {
         const share_t sh = share_of(c1 - c0);
@@ -748,15 +749,15 @@ int gptq_q4_dequant(const int32_t *qw, int N, const uint16_t *scales, const uint
             const uint16_t *sg = scales + (size_t)rgroup[r] * N;
             const uint8_t *zg = zeros + (size_t)rgroup[r] * N;
             const int32_t *w = qw + (size_t)c * N;
-            const size_t row0 = (size_t)8 * (c - c0) * N;
-            for (int n = 0; n < N; n += 8) {
+            const size_t row0 = (size_t)8 * (c - c0) * ld;
+            for (int n = n0; n < n1; n += 8) {
                 const __m256 sc = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(sg + n)));
                 const __m256 z = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(zg + n))));
                 const __m256i v = _mm256_loadu_si256((const __m256i *)(w + n));
                 for (int j = 0; j < 8; j++) {
                     const __m256 q = _mm256_cvtepi32_ps(
                         _mm256_and_si256(_mm256_srli_epi32(v, 4 * j), _mm256_set1_epi32(15)));
-                    store_row(out, row0 + (size_t)j * N + n, _mm256_mul_ps(_mm256_sub_ps(q, z), sc), bf16);
+                    store_row(out, row0 + (size_t)j * ld + (n - n0), _mm256_mul_ps(_mm256_sub_ps(q, z), sc), bf16);
                 }
             }
         }

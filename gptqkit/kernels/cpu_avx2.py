@@ -63,11 +63,11 @@ VNNI_CPU_FLAGS = {"avx512f", "avx512bw", "avx512vl", "avx512_vnni"}
 # on SmolLM2's 576/1536 layers. On the AVX-512 EPYC the bf16 dense path first beat avx2-q8 at M = 32 (576x1536,
 # 2048x2048) or 64 (2048x5632, 5632x2048).
 M_MAX = 32
-# Prefill dequantizes W into one buffer of at most this many bytes and multiplies once per buffer: a GEMM over all
-# of K ran 1.1-1.5x faster than the same GEMM cut into 256- or 512-row K-chunks (bf16, M = 512, the 1.1B shape's
-# layers). 32 MiB is glibc's largest mmap threshold, so after the first call a buffer this size comes from the heap
-# again instead of fresh zeroed pages (a fresh 23 MB buffer measured 20 ms to fill, a reused one 0.4 ms).
-DENSE_BYTES = 32 << 20
+# Prefill dequantizes W a block of columns at a time, at most this many bytes, and multiplies each block into its
+# columns of the result, so the largest buffer is a few MiB instead of a whole dense layer (23 MiB in bf16 for the
+# 1.1B shape's MLP layers). On the 1.1B shape's layers (bf16, 2 threads, M = 32, 128, 512) 1-8 MiB blocks ran within
+# noise of one whole-layer block and gave the same bits; 1 MiB blocks were up to 20% slower at M = 32.
+DENSE_BYTES = 4 << 20
 
 
 def cache_dir() -> Path:
@@ -128,7 +128,7 @@ def library(vnni: bool = False) -> ctypes.CDLL | str:
     lib.bf16_matmul.restype = ctypes.c_int
     lib.bf16_matmul.argtypes = [P, I, I, P, I, P, I]
     lib.gptq_q4_dequant.restype = ctypes.c_int
-    lib.gptq_q4_dequant.argtypes = [P, I, P, P, P, P, I, I, I, P, I, I]
+    lib.gptq_q4_dequant.argtypes = [P, I, P, P, P, P, I, I, I, I, I, P, I, I]
     L = ctypes.c_long
     lib.pool_forget.restype = None
     lib.pool_forget.argtypes = []
@@ -377,38 +377,45 @@ def forward(layer, x: torch.Tensor, int8: bool = False) -> torch.Tensor:
             y = y.to(x.dtype)
     else:
         dt = cpu_int4.dense_dtype(x.dtype, reduced=int8 and not grad)
-        y = dense_matmul(layer, x.reshape(-1, K).to(dt)).to(x.dtype)
+        y = dense_matmul(layer, x.reshape(-1, K).to(dt), x.dtype)
     y = y.view(*x.shape[:-1], N)
     return y if layer.bias is None else y + layer.bias.to(x.dtype)
 
 
-def dequantize(layer, c0: int, c1: int, dtype: torch.dtype) -> torch.Tensor:
-    """W rows for the 8-row chunks [c0, c1) of the kernel's code order, as [8 * (c1 - c0), N] float32 or bfloat16
-    (the reference kernel's values; bf16 rounded to nearest even)."""
+def dequantize(layer, c0: int, c1: int, dtype: torch.dtype, n0: int = 0, n1: int | None = None) -> torch.Tensor:
+    """W rows for the 8-row chunks [c0, c1) of the kernel's code order and columns [n0, n1) (n0 a multiple of 8;
+    default all), as [8 * (c1 - c0), n1 - n0] float32 or bfloat16 (the reference kernel's values; bf16 rounded to
+    nearest even)."""
     plan: Plan = layer._avx2_plan
     if dtype not in (torch.float32, torch.bfloat16):
         raise ValueError(f"avx2 dequantize writes float32 or bfloat16, not {dtype}")
     N = layer.out_features
-    w = torch.empty(8 * (c1 - c0), N, dtype=dtype)
+    n1 = N if n1 is None else n1
+    if n0 % 8 or not 0 <= n0 < n1 <= N:
+        raise ValueError(f"avx2 dequantize: columns [{n0}, {n1}) are not a range of [0, {N}) starting at a multiple of 8")
+    w = torch.empty(8 * (c1 - c0), n1 - n0, dtype=dtype)
     qw, sc, z = (t.data_ptr() for t in plan.tensors[:3])
     library().gptq_q4_dequant(qw, N, sc, z, layer.avx2_runs.data_ptr(), layer.avx2_rgroup.data_ptr(), plan.runs,
-                              c0, c1, w.data_ptr(), int(dtype == torch.bfloat16), torch.get_num_threads())
+                              c0, c1, n0, n1, w.data_ptr(), int(dtype == torch.bfloat16), torch.get_num_threads())
     return w
 
 
-def dense_matmul(layer, x: torch.Tensor) -> torch.Tensor:
-    """x [M, K] @ W for prefill and autograd: W dequantized in x's dtype (fp32 or bf16) by the C kernel, in as few
-    row blocks as fit DENSE_BYTES (one for every layer of a 1.1B Llama in bf16), one GEMM per block."""
+def dense_matmul(layer, x: torch.Tensor, out_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """x [M, K] @ W -> [M, N] in out_dtype (default x's), for prefill and autograd: W dequantized in x's dtype (fp32
+    or bf16) by the C kernel, DENSE_BYTES of columns at a time, one GEMM per column block written into its columns
+    of the result. Under autograd W is dequantized whole (the GEMM saves it for the backward anyway)."""
     plan: Plan = layer._avx2_plan
     if plan.permuted:
         x = x.index_select(1, layer.avx2_src)
-    C = layer.in_features // 8
-    step = max(1, DENSE_BYTES // (8 * layer.out_features * x.element_size()))
-    y = None
-    for c0 in range(0, C, step):
-        c1 = min(c0 + step, C)
-        w, xs = dequantize(layer, c0, c1, x.dtype), x[:, 8 * c0:8 * c1]
-        y = xs @ w if y is None else y.addmm_(xs, w)
+    K, N, C = layer.in_features, layer.out_features, layer.in_features // 8
+    out_dtype = out_dtype or x.dtype
+    step = max(64, DENSE_BYTES // (K * x.element_size()) // 64 * 64)
+    if step >= N or (x.requires_grad and torch.is_grad_enabled()):
+        return (x @ dequantize(layer, 0, C, x.dtype)).to(out_dtype)
+    y = torch.empty(x.shape[0], N, dtype=out_dtype)
+    for n0 in range(0, N, step):
+        n1 = min(n0 + step, N)
+        y[:, n0:n1] = x @ dequantize(layer, 0, C, x.dtype, n0, n1)  # a bf16 product is rounded, then widened
     return y
 
 
