@@ -94,6 +94,10 @@ class GatedMLP(nn.Module):
         self.gate_proj, self.up_proj, self.down_proj, self.act_fn = gate_proj, up_proj, down_proj, act_fn
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not _c_rows(x, x):
+            y = cpu_avx2.gated_prefill(self.gate_proj, self.up_proj, self.down_proj, x)  # prefill on avx2 kernels
+            if y is not None:
+                return y
         g, u = self.gate_proj(x), self.up_proj(x)
         if _c_rows(g, g, u):
             h = cpu_avx2.silu_mul(g, u)

@@ -352,6 +352,42 @@ def test_avx2_prefill_in_column_blocks(monkeypatch):
 
 
 @needs_avx2
+@pytest.mark.parametrize("kernel,act_order,blocks", [("avx2", False, False), ("avx2-q8", True, True),
+                                                     ("avx2-q8", False, True)])
+def test_avx2_gated_prefill_is_the_layers_own(monkeypatch, kernel, act_order, blocks):
+    """A gated MLP's prefill in column blocks of gate and up (gated_prefill, what fused.GatedMLP runs) gives exactly
+    what the three layers' own prefill calls give, in one block or several; it declines what it cannot do."""
+    from torch.nn import functional as F
+
+    from gptqkit import fused
+
+    k = kernels.load(kernel)
+    gate, up = (random_layer(256, 192, 4, 64, act_order, seed=s) for s in (60, 61))
+    up.g_idx.copy_(gate.g_idx)  # a block's gate and up share their input's row order (act-order sorts by H)
+    down = random_layer(192, 256, 4, 64, act_order, seed=62)
+    for layer in (gate, up, down):
+        layer.use_kernel(k)
+    if blocks:
+        monkeypatch.setattr(cpu_avx2, "DENSE_BYTES", 256 * 2 * 64)  # 64 columns: 3 blocks of gate and up
+    x = torch.randn(2, 40, 256, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        assert cpu_avx2.gated_prefill(gate, up, down, x) is None  # not sharing calls yet
+        assert cpu_avx2.share_input([gate, up]) is None
+        got = fused.GatedMLP(gate, up, down, torch.nn.SiLU())(x)
+        ref = down(F.silu(gate(x)) * up(x))
+        assert got.dtype == torch.float32 and torch.equal(got, ref)
+        assert torch.equal(cpu_avx2.gated_prefill(gate, up, down, x), ref)
+        assert rel_err(got, oracle(down, F.silu(oracle(gate, x)) * oracle(up, x))) < 3e-2
+        handle = down.register_forward_hook(lambda m, a, out: None)
+        assert cpu_avx2.gated_prefill(gate, up, down, x) is None  # a hooked layer is called as itself
+        handle.remove()
+        down.use_kernel(reference)
+        assert cpu_avx2.gated_prefill(gate, up, down, x) is None  # so is a layer on another kernel
+    x.requires_grad_(True)
+    assert cpu_avx2.gated_prefill(gate, up, gate, x) is None  # autograd keeps the layers' own calls
+
+
+@needs_avx2
 def test_avx2_exact_integer_sums():
     """Integer activations and scale 1: every partial sum is an integer below 2^24, so the C kernel is exact."""
     layer = random_layer(1024, 64, 4, 128, sym=False, seed=11)
