@@ -6,6 +6,8 @@ Llama-2-7B-shaped one with --models llama7b).
     python benchmarks/cpu_decode.py --sweep               # per-layer int4-op vs dequantize+GEMM timings by rows M
 
 Every model is measured in its own subprocess (gptqkit.bench.run_measurement): peak RSS is that model's alone.
+"of which the model" is the peak less the process's RSS before loading (interpreter, torch, transformers: the
+same ~240 MiB in every column).
 Columns: dense bf16 (the baseline the issue names), dense fp32 (the fastest dense dtype on a CPU without native
 bf16), gptqkit int4 with group 128 and 64 (bf16 activations), and GPTQModel on the same g128/g64 checkpoints in its
 own virtual environment when benchmarks/peers/setup.sh has made it ($GPTQKIT_PEERS_DIR, default
@@ -59,6 +61,8 @@ spec = json.loads(sys.argv[1])
 import torch
 torch.set_num_threads(spec["threads"])
 from gptqmodel import BACKEND, GPTQModel
+def vm(field): return 1024 * int([ln for ln in open("/proc/self/status") if ln.startswith(field)][0].split()[1])
+rss_start = vm("VmRSS")
 t0 = time.perf_counter()
 m = GPTQModel.load(spec["path"], device="cpu", backend=BACKEND.AUTO, dtype=torch.bfloat16)
 load_s = time.perf_counter() - t0
@@ -82,12 +86,11 @@ with torch.inference_mode():
         out = None; s, out = prefill(ids); pre.append(s)
     dec = [decode(out, spec["new_tokens"]) for _ in range(spec["runs"])]
 kinds = sorted({type(x).__name__ for x in model.modules() if hasattr(x, "qweight")})
-hwm_kib = int([ln for ln in open("/proc/self/status") if ln.startswith("VmHWM")][0].split()[1])
 json.dump({"load_s": load_s, "prefill_s": pre, "decode_s": dec, "kernels": kinds,
            "prefill_tokens_per_s": spec["prompt_len"] / statistics.median(pre),
            "decode_tokens_per_s": spec["new_tokens"] / statistics.median(dec),
            "decode_ms_per_token": 1e3 * statistics.median(dec) / spec["new_tokens"],
-           "peak_rss_bytes": 1024 * hwm_kib,
+           "peak_rss_bytes": vm("VmHWM"), "peak_rss_model_bytes": vm("VmHWM") - rss_start,
            "threads": torch.get_num_threads()}, open(sys.argv[2], "w"))
 '''
 
@@ -283,6 +286,8 @@ def table(title: str, cols: dict[str, dict], bw: float, base: str = "dense bf16"
              row("  x dense bf16", lambda r: r["prefill_tokens_per_s"] / b["prefill_tokens_per_s"], "{:9.2f}x"),
              row("peak RSS MiB", lambda r: r["peak_rss_bytes"] / mib, "{:10.0f}"),
              row("  / dense bf16", lambda r: r["peak_rss_bytes"] / b["peak_rss_bytes"], "{:10.2f}"),
+             row("  of which the model MiB", lambda r: r["peak_rss_model_bytes"] / mib, "{:10.0f}"),
+             row("  / dense bf16", lambda r: r["peak_rss_model_bytes"] / b["peak_rss_model_bytes"], "{:10.2f}"),
              row("size on disk MiB", lambda r: r["size_bytes"] / mib, "{:10.0f}"),
              row("weight MB read / token", lambda r: r["bytes_per_token"] / 1e6, "{:10.1f}"),
              row("roofline tokens/s", lambda r: bw / r["bytes_per_token"], "{:10.1f}"),
@@ -388,7 +393,9 @@ def main() -> int:
     p.add_argument("--prompt-len", type=int, default=512)
     p.add_argument("--new-tokens", type=int, default=32)
     p.add_argument("--runs", type=int, default=3)
-    p.add_argument("--prefill-runs", type=int, default=2)
+    # 5: on SmolLM2 single 512-token prefills ranged over 650-1010 tokens/s in one process, so a median of 2 moved
+    # a column by a third between runs
+    p.add_argument("--prefill-runs", type=int, default=5)
     p.add_argument("--work", default=str(Path(os.environ.get("GPTQKIT_CACHE", Path.home() / ".cache/gptqkit"))
                                          / "bench"))
     p.add_argument("--no-fp32", action="store_true", help="skip the dense fp32 column")

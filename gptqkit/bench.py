@@ -77,6 +77,7 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
         torch.set_num_threads(spec["threads"])
     device = torch.device(spec["device"])
     dtype = getattr(torch, spec["dtype"]) if spec.get("dtype") else None
+    rss_start = vm_kib("VmRSS")  # the interpreter, torch and transformers, before any model: the runtime
     t0 = time.perf_counter()
     if spec["quantized"]:
         model = load(spec["path"], device=device, dtype=dtype, kernel=spec.get("kernel", "auto"),
@@ -137,7 +138,13 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
         # VmHWM: the peak resident set of this process's memory over load and all runs. (ru_maxrss is not used
         # where VmHWM exists: Linux carries it over fork and exec, so it starts at the parent's resident size.)
         "peak_rss_bytes": 1024 * (vm_kib("VmHWM") or resource.getrusage(resource.RUSAGE_SELF).ru_maxrss),
+        "rss_start_bytes": rss_start * 1024 if rss_start else None,
     }
+    if rss_start:
+        # What the model adds to the process. The runtime before it (~240 MiB of interpreter, torch and
+        # transformers here) is in every peak: a quarter of a 4-bit 1.1B model's. Libraries mapped while loading
+        # (libtriton, 64 MiB, where triton is installed: transformers imports torch._dynamo) count as the model's.
+        r["peak_rss_model_bytes"] = r["peak_rss_bytes"] - r["rss_start_bytes"]
     if spec["quantized"]:
         from .qlinear import QuantLinear
 
@@ -226,6 +233,8 @@ def bench(ckpt: str | os.PathLike, baseline: str | os.PathLike | None = None, pr
         result["ratios"] = {
             "size": q["size_bytes"] / b["size_bytes"],
             "peak_memory": q[mem] / b[mem],
+            **({"peak_memory_model": q["peak_rss_model_bytes"] / b["peak_rss_model_bytes"]}
+               if mem == "peak_rss_bytes" and q.get("peak_rss_model_bytes") and b.get("peak_rss_model_bytes") else {}),
             "prefill_speedup": q["prefill_tokens_per_s"] / b["prefill_tokens_per_s"],
             "decode_speedup": q["decode_tokens_per_s"] / b["decode_tokens_per_s"],
         }
@@ -241,6 +250,10 @@ def format_table(r: dict[str, Any]) -> str:
         ("size on disk (MiB)", q["size_bytes"] / mib, b and b["size_bytes"] / mib, "size"),
         ("peak GPU memory (MiB)" if mem == "gpu_peak_bytes" else "peak RSS (MiB)", q[mem] / mib,
          b and b[mem] / mib, "peak_memory"),
+        *([("  of which the model (MiB)", q["peak_rss_model_bytes"] / mib,
+            b["peak_rss_model_bytes"] / mib if b and b.get("peak_rss_model_bytes") else None,
+            "peak_memory_model" if b and "peak_memory_model" in r["ratios"] else None)]
+          if mem == "peak_rss_bytes" and q.get("peak_rss_model_bytes") else []),
         (f"prefill, {r['settings']['prompt_len']} tokens (tokens/s)", q["prefill_tokens_per_s"],
          b and b["prefill_tokens_per_s"], "prefill_speedup"),
         ("decode latency (ms/token)", q["decode_ms_per_token"], b and b["decode_ms_per_token"], None),

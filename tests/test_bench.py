@@ -30,7 +30,8 @@ def test_both_models_measured(result, tmp_path_factory):
         assert len(r["prefill_s"]) == len(r["decode_s"]) == 2
         assert r["prefill_tokens_per_s"] > 0 and r["decode_tokens_per_s"] > 0 and r["threads"] == 1
         assert abs(r["decode_ms_per_token"] * r["decode_tokens_per_s"] - 1000) < 1e-6
-        assert r["peak_rss_bytes"] >= r["rss_loaded_bytes"] > 50 * 2**20  # torch + transformers alone exceed this
+        assert r["peak_rss_bytes"] >= r["rss_loaded_bytes"] > r["rss_start_bytes"] > 50 * 2**20  # torch alone
+        assert r["peak_rss_model_bytes"] == r["peak_rss_bytes"] - r["rss_start_bytes"]
     assert q["quantized"] and not b["quantized"]
     # the CPU defaults: fp32 compute with a bf16 embedding and head, against a bf16 baseline
     assert (q["dtype"], q["dense_dtype"], b["dtype"]) == bench_mod.default_dtypes("cpu")
@@ -44,11 +45,12 @@ def test_both_models_measured(result, tmp_path_factory):
     ratios = result["ratios"]
     assert ratios["size"] == q["size_bytes"] / b["size_bytes"] < 1
     assert ratios["decode_speedup"] == q["decode_tokens_per_s"] / b["decode_tokens_per_s"]
+    assert ratios["peak_memory_model"] == q["peak_rss_model_bytes"] / b["peak_rss_model_bytes"]
 
 
 def test_table_and_cli_json(result, monkeypatch, capsys):
     table = format_table(result)
-    for label in ("size on disk", "peak RSS", "prefill, 40 tokens", "decode latency (ms/token)",
+    for label in ("size on disk", "peak RSS", "of which the model", "prefill, 40 tokens", "decode latency (ms/token)",
                   "decode throughput (tokens/s)", "ratio", "1 threads"):
         assert label in table
     monkeypatch.setattr(bench_mod, "bench", lambda *a, **k: result)
