@@ -8,9 +8,9 @@ the same product in tens of microseconds.
 transformers resolves each attention layer's function by name through `AttentionInterface` (and the mask builder
 through `AttentionMaskInterface`); `use(model)` registers NAME there and switches a model that runs SDPA to it. The
 function takes exactly one case, one new token of batch 1 in float32 with no mask (what transformers passes for
-unpadded decoding), and hands every other call to transformers' own `sdpa_attention_forward` unchanged, with the
-SDPA mask builder: prefill, batches, padding, sliding windows past their width, softcapping and autograd run SDPA as
-before.
+unpadded decoding; the cache in float32 or bfloat16), and hands every other call to transformers' own
+`sdpa_attention_forward` unchanged, with the SDPA mask builder: prefill, batches, padding, sliding windows past
+their width, softcapping and autograd run SDPA as before (a bfloat16 cache widened to the query's dtype first).
 
 Rotary attention modules that gptqkit.fused swaps (Llama, Mistral, Qwen2, Gemma with the avx2 kernels) do their
 one-token step in one C call of their own before they get here, while the model runs NAME; this function then
@@ -44,6 +44,8 @@ def attention_forward(module: nn.Module, query: torch.Tensor, key: torch.Tensor,
                                         scaling if scaling is not None else query.shape[-1] ** -0.5)
         if out is not None:
             return out, None
+    if key.dtype != query.dtype:  # a bf16 GrowingCache under a float32 model: SDPA takes one dtype
+        key, value = key.to(query.dtype), value.to(query.dtype)
     return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                   **kwargs)
 

@@ -20,15 +20,17 @@ from transformers.cache_utils import DynamicCache, DynamicLayer
 HEADROOM = 256  # positions: a new buffer holds its tokens plus this many; a full one doubles
 
 
-def _append(view: torch.Tensor, buf: torch.Tensor | None, new: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(view of buf holding view's tokens then new's, buf) along dim -2; buf is reused when view lies in it."""
+def _append(view: torch.Tensor, buf: torch.Tensor | None, new: torch.Tensor,
+            dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(view of buf holding view's tokens then new's, buf) along dim -2; buf is reused when view lies in it. A new
+    buffer is of `dtype` (default new's)."""
     T = view.shape[-2] if view.dim() == new.dim() else 0  # before the first update view is an empty 1-D tensor
     n = new.shape[-2]
     inside = (buf is not None and T > 0 and view.data_ptr() == buf.data_ptr() and view.stride() == buf.stride()
-              and view.shape[:-2] == new.shape[:-2] and view.dtype == new.dtype)
+              and view.shape[:-2] == new.shape[:-2] and view.dtype == buf.dtype)
     if not inside or T + n > buf.shape[-2]:
         cap = max(T + n + HEADROOM, 2 * buf.shape[-2] if inside else 0)
-        grown = new.new_empty(*new.shape[:-2], cap, new.shape[-1])
+        grown = new.new_empty(*new.shape[:-2], cap, new.shape[-1], dtype=dtype or new.dtype)
         if T:
             grown.narrow(-2, 0, T).copy_(view)
         buf = grown
@@ -47,6 +49,8 @@ class GrowingLayer(DynamicLayer):
     _kview: torch.Tensor | None = None
     _vview: torch.Tensor | None = None
     _length = 0
+    # of the buffers (None: the keys'); GrowingCache(dtype=...) sets it. (DynamicLayer's own `dtype` is the keys'.)
+    buffer_dtype: torch.dtype | None = None
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         if not self.is_initialized:
@@ -58,8 +62,8 @@ class GrowingLayer(DynamicLayer):
             self._vbuf.narrow(-2, T, n).copy_(value_states)
             self.extend(n)
             return self.keys, self.values
-        self.keys, self._kbuf = _append(self.keys, self._kbuf, key_states)
-        self.values, self._vbuf = _append(self.values, self._vbuf, value_states)
+        self.keys, self._kbuf = _append(self.keys, self._kbuf, key_states, self.buffer_dtype)
+        self.values, self._vbuf = _append(self.values, self._vbuf, value_states, self.buffer_dtype)
         self._kview, self._vview, self._length = self.keys, self.values, self.keys.shape[-2]
         return self.keys, self.values
 
@@ -90,11 +94,47 @@ class GrowingCache(DynamicCache):
     layers keep their own type, as DynamicCache does:
 
     >>> out = model(ids, past_key_values=GrowingCache(model.config), use_cache=True)  # doctest: +SKIP
+
+    dtype: what the GrowingLayers store keys and values in (default: the model's). torch.bfloat16 under a float32
+    model halves the cache (the keys and values rounded to bf16, as a bf16 model's are); the keys and values a layer
+    returns are then bf16 views, which gptqkit.attention's decode reads as they are and widens for SDPA
+    (kv_dtype() says when that holds).
     """
 
-    def __init__(self, config=None):
+    def __init__(self, config=None, dtype: torch.dtype | None = None):
         super().__init__(config=config)
+        self.buffer_dtype = dtype
         if self.layers:
-            self.layers = [GrowingLayer() if type(layer) is DynamicLayer else layer for layer in self.layers]
+            self.layers = [self._layer() if type(layer) is DynamicLayer else layer for layer in self.layers]
         else:
-            self.layer_class_to_replicate = GrowingLayer
+            self.layer_class_to_replicate = self._layer
+
+    def _layer(self) -> GrowingLayer:
+        layer = GrowingLayer()
+        layer.buffer_dtype = self.buffer_dtype
+        return layer
+
+
+def kv_dtype(model) -> torch.dtype | None:
+    """The dtype gptqkit's generate and bench keep a model's GrowingCache in: bfloat16 for a CPU model that runs
+    gptqkit.attention (its decode reads a bf16 cache as it is, its prefill widens it to the queries' dtype for SDPA),
+    so a float32 model's cache takes the bytes a bf16 model's does; None (the model's dtype) otherwise: transformers'
+    own attention functions take keys of the queries' dtype only."""
+    from .attention import NAME
+
+    config = getattr(model, "config", None)
+    param = next(model.parameters(), None)
+    if config is None or param is None or getattr(config, "_attn_implementation", None) != NAME:
+        return None
+    return torch.bfloat16 if param.device.type == "cpu" else None
+
+
+KV_CACHE_CHOICES = ("auto", "model")
+
+
+def cache_for(model, kv_cache: str = "auto") -> GrowingCache:
+    """A GrowingCache for model: `auto` keeps it in kv_dtype(model) (bf16 under gptqkit's float32 CPU attention),
+    `model` in the model's own dtype."""
+    if kv_cache not in KV_CACHE_CHOICES:
+        raise ValueError(f"kv_cache must be one of {', '.join(KV_CACHE_CHOICES)}, not {kv_cache!r}")
+    return GrowingCache(model.config, dtype=kv_dtype(model) if kv_cache == "auto" else None)

@@ -170,7 +170,7 @@ def _free_slot(cache: GrowingCache, i: int, window: int | None, x: torch.Tensor,
                sin: torch.Tensor, *inputs: torch.Tensor) -> tuple[GrowingLayer, int] | None:
     """(layer i of the cache, the position T a new token is written at) where x [1, 1, hidden] is one float32 CPU
     token that needs no gradient (nor do `inputs`), layer i is a GrowingLayer with room below the sliding window,
-    and its buffers, cos and sin are contiguous float32; else None."""
+    and its buffers (float32 or bfloat16), cos and sin (float32) are contiguous; else None."""
     layers = cache.layers
     if not (x.numel() == x.shape[-1] and _c_rows(x, x, *inputs) and i < len(layers)):
         return None
@@ -178,8 +178,8 @@ def _free_slot(cache: GrowingCache, i: int, window: int | None, x: torch.Tensor,
     T = layer.free_slot(1) if type(layer) is GrowingLayer else None
     if T is None or (window is not None and T >= window):
         return None
-    if not (layer._kbuf.dtype == cos.dtype == sin.dtype == torch.float32 and cos.is_contiguous()
-            and sin.is_contiguous()):
+    if not (layer._kbuf.dtype in cpu_avx2.KV_DTYPES and cos.dtype == sin.dtype == torch.float32
+            and cos.is_contiguous() and sin.is_contiguous()):
         return None
     return layer, T
 

@@ -21,24 +21,27 @@ def sdpa64(q, k, v, scale):
 
 
 @needs_avx2
+@pytest.mark.parametrize("kv", [torch.float32, torch.bfloat16], ids=["fp32-cache", "bf16-cache"])
 @pytest.mark.parametrize("vnni", [False, True], ids=["avx2", "avx512"])
 @pytest.mark.parametrize("H,Hkv,D,L", [(32, 4, 64, 520), (9, 3, 64, 1), (9, 3, 64, 13), (8, 8, 128, 77),
                                        (4, 1, 80, 300), (6, 2, 8, 9), (2, 2, 192, 40), (12, 2, 96, 33),
                                        (5, 5, 16, 7)])
-def test_decode_attention_matches_sdpa(H, Hkv, D, L, vnni):
+def test_decode_attention_matches_sdpa(H, Hkv, D, L, vnni, kv):
     """GQA ratios 1-8, head sizes 8-192 (a last pass of fewer than 64 dimensions), lengths with and without a
     last partial block of 8 positions, keys and values read through a cache buffer's strides; one very large
     score (a position that takes almost all the weight) so the softmax's max subtraction matters. Both builds: the
     AVX-512 one takes the query heads of a key/value head together (1-4 at a time, a thread's range of heads
-    cutting through a group), the AVX2 one a head at a time."""
+    cutting through a group), the AVX2 one a head at a time. A bf16 cache is read exactly (its values widened):
+    the oracle takes the same bf16 keys and values."""
     if vnni and not cpu_avx2.has_vnni():
         pytest.skip("this CPU has no AVX512-VNNI")
     lib = cpu_avx2.library(vnni=vnni)
     gen = torch.Generator().manual_seed(H * L + D)
     kb, vb = torch.randn(1, Hkv, L + 29, D, generator=gen), torch.randn(1, Hkv, L + 29, D, generator=gen)
-    k, v = kb[:, :, :L], vb[:, :, :L]  # as GrowingCache passes them: views into a larger buffer
     q = torch.randn(1, 1, H, D, generator=gen).transpose(1, 2)  # [1, H, 1, D] as the attention layers make it
-    k[0, 0, L // 2] = q[0, 0, 0] * 30
+    kb[0, 0, L // 2] = q[0, 0, 0] * 30
+    kb, vb = kb.to(kv), vb.to(kv)
+    k, v = kb[:, :, :L], vb[:, :, :L]  # as GrowingCache passes them: views into a larger buffer
     out = cpu_avx2.decode_attention(q, k, v, D ** -0.5, lib=lib)
     assert out.shape == (1, 1, H, D)
     ref = sdpa64(q, k, v, D ** -0.5)
@@ -58,13 +61,16 @@ def test_decode_attention_takes_any_query_layout():
 
 @needs_avx2
 def test_decode_attention_declines_other_shapes():
-    """None (the caller runs SDPA) for what it does not take: several queries, batches, other dtypes, D % 8."""
+    """None (the caller runs SDPA) for what it does not take: several queries, batches, other dtypes (a bf16 query,
+    an fp16 cache, keys and values of two dtypes), D % 8."""
     q, k = torch.randn(1, 4, 1, 64), torch.randn(1, 2, 10, 64)
     assert cpu_avx2.decode_attention(q, k, k, 0.125) is not None
     assert cpu_avx2.decode_attention(torch.randn(1, 4, 3, 64), k, k, 0.125) is None
     assert cpu_avx2.decode_attention(torch.randn(2, 4, 1, 64), torch.randn(2, 2, 10, 64), torch.randn(2, 2, 10, 64),
                                      0.125) is None
     assert cpu_avx2.decode_attention(q.bfloat16(), k.bfloat16(), k.bfloat16(), 0.125) is None
+    assert cpu_avx2.decode_attention(q, k.half(), k.half(), 0.125) is None
+    assert cpu_avx2.decode_attention(q, k, k.bfloat16(), 0.125) is None
     assert cpu_avx2.decode_attention(torch.randn(1, 4, 1, 12), torch.randn(1, 2, 10, 12),
                                      torch.randn(1, 2, 10, 12), 0.125) is None
 

@@ -116,3 +116,48 @@ def test_free_slot_and_extend():
     assert torch.equal(keys, torch.cat([k, k1, k2], -2)) and torch.equal(values, torch.cat([v, v1, v2], -2))
     layer.crop(-1)  # a new view: the next write must go through update's checks
     assert layer.free_slot() is None
+
+
+def test_a_bf16_cache_stores_rounded_keys_and_grows():
+    """dtype=bf16: float32 keys and values are stored rounded (as .to(torch.bfloat16)), through a regrowth, with no
+    new buffer while they fit; layers made from a config and layers made on first use (no config) alike."""
+    from transformers import LlamaConfig
+
+    cfg = LlamaConfig(num_hidden_layers=2, hidden_size=8, intermediate_size=16, num_attention_heads=2,
+                      num_key_value_heads=2, vocab_size=16)
+    for cache in (GrowingCache(dtype=torch.bfloat16), GrowingCache(cfg, dtype=torch.bfloat16)):
+        k, v = kv(300, 7)
+        cache.update(k[:, :, :10], v[:, :, :10], 1)
+        buf = cache.layers[1]._kbuf
+        assert buf.dtype == torch.bfloat16 and buf.shape[-2] == 10 + C.HEADROOM
+        cache.update(k[:, :, 10:20], v[:, :, 10:20], 1)
+        assert cache.layers[1]._kbuf is buf
+        keys, values = cache.update(k[:, :, 20:], v[:, :, 20:], 1)  # 300 > 266: a new buffer, larger than 2 x 266
+        assert cache.layers[1]._kbuf.shape[-2] == 300 + C.HEADROOM and cache.layers[1]._kbuf.dtype == torch.bfloat16
+        assert torch.equal(keys, k.bfloat16()) and torch.equal(values, v.bfloat16())
+        assert [type(a) for a in cache.layers] == [GrowingLayer, GrowingLayer]
+
+
+@pytest.mark.skipif(not STORIES.exists(), reason="shared assets not found")
+def test_cache_for_picks_bf16_under_gptqkit_attention():
+    """cache_for: bf16 only for a float32 model on gptqkit's CPU attention (a plain SDPA model would get keys of
+    another dtype than its queries), the model's dtype with "model"; an unknown choice is refused."""
+    from transformers import AutoModelForCausalLM
+
+    from gptqkit import attention
+    from gptqkit.kernels import cpu_avx2
+
+    model = AutoModelForCausalLM.from_pretrained(STORIES).eval()
+    assert C.kv_dtype(model) is None and C.cache_for(model).buffer_dtype is None
+    if attention.use(model):  # the C library is here
+        assert C.kv_dtype(model) == torch.bfloat16
+        assert C.cache_for(model).buffer_dtype == torch.bfloat16 and C.cache_for(model, "model").buffer_dtype is None
+        ids = torch.tensor([[1, 403, 407, 261, 378, 13]])
+        with torch.inference_mode():
+            a = model.generate(ids, max_new_tokens=40, do_sample=False, past_key_values=C.cache_for(model))
+            b = model.generate(ids, max_new_tokens=40, do_sample=False, past_key_values=C.cache_for(model, "model"))
+        assert torch.equal(a[0, :46], b[0, :46])  # 40 greedy tokens as with the float32 cache (here: 123 of them)
+    else:
+        assert isinstance(cpu_avx2.fast_library(), str)
+    with pytest.raises(ValueError, match="kv_cache must be one of auto, model"):
+        C.cache_for(model, "fp8")

@@ -241,37 +241,43 @@ def test_load_swaps_the_mlps(tmp_path_factory):
     assert torch.equal(fast, slow)
 
 
-def rope_attention64(q, k, v, cos, sin, keys, values, scale):
+def rope_attention64(q, k, v, cos, sin, keys, values, scale, kv=torch.float32):
     """The oracle of one rotary decode step: q [H, D], k, v [Hkv, D], cos, sin [D], keys, values [Hkv, T, D]
-    (the cache so far) -> ([H, D] output in float64, k rotated by transformers' own function in float32)."""
+    (the cache so far) -> ([H, D] output in float64, k rotated by transformers' own function in float32); the
+    rotated k is stored in a `kv` cache (rounded) before it is attended to."""
     from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
     qr, kr = apply_rotary_pos_emb(q[None, :, None], k[None, :, None], cos[None, None], sin[None, None])
     qr, kr = qr[0, :, 0], kr[0, :, 0]
-    K = torch.cat([keys, kr[:, None]], 1).double().repeat_interleave(q.shape[0] // k.shape[0], 0)  # [H, T+1, D]
+    K = torch.cat([keys, kr.to(kv).float()[:, None]], 1).double().repeat_interleave(q.shape[0] // k.shape[0], 0)  # [H, T+1, D]
     V = torch.cat([values, v[:, None]], 1).double().repeat_interleave(q.shape[0] // k.shape[0], 0)
     p = torch.softmax(torch.einsum("hd,htd->ht", qr.double(), K) * scale, -1)
     return torch.einsum("ht,htd->hd", p, V), kr
 
 
 @needs_avx2
-@pytest.mark.parametrize("H,Hkv,D,T", [(32, 4, 64, 0), (32, 4, 64, 300), (9, 3, 96, 17), (4, 4, 16, 5),
-                                       (8, 2, 128, 1), (5, 5, 8, 2)])
-def test_c_rope_decode_attention_matches_the_formula(H, Hkv, D, T):
+@pytest.mark.parametrize("H,Hkv,D,T,kv", [(32, 4, 64, 0, torch.float32), (32, 4, 64, 300, torch.float32),
+                                          (9, 3, 96, 17, torch.float32), (4, 4, 16, 5, torch.float32),
+                                          (8, 2, 128, 1, torch.float32), (5, 5, 8, 2, torch.float32),
+                                          (32, 4, 64, 300, torch.bfloat16), (9, 3, 96, 17, torch.bfloat16),
+                                          (5, 5, 8, 2, torch.bfloat16)])
+def test_c_rope_decode_attention_matches_the_formula(H, Hkv, D, T, kv):
     """The cache gets exactly the key transformers' apply_rotary_pos_emb gives, the value as it is, and the output
-    is float64 attention over the cache and the new position, within float32 rounding."""
+    is float64 attention over the cache and the new position, within float32 rounding. A bf16 cache gets them
+    rounded as torch's .to(torch.bfloat16) rounds (what a bf16 cache's copy_ stores)."""
     g = torch.Generator().manual_seed(H * D + T)
     q, k, v = torch.randn(1, 1, H * D, generator=g), torch.randn(1, 1, Hkv * D, generator=g), \
         torch.randn(1, 1, Hkv * D, generator=g)
     ang = torch.rand(D // 2, generator=g) * 6
     cos, sin = torch.cat([ang, ang]).cos(), torch.cat([ang, ang]).sin()
     cap = T + 7
-    kbuf, vbuf = torch.randn(1, Hkv, cap, D, generator=g), torch.randn(1, Hkv, cap, D, generator=g)
+    kbuf, vbuf = torch.randn(1, Hkv, cap, D, generator=g).to(kv), torch.randn(1, Hkv, cap, D, generator=g).to(kv)
     keys, values = kbuf[0, :, :T].clone(), vbuf[0, :, :T].clone()
     out = cpu_avx2.rope_decode_attention(q, k, v, cos, sin, kbuf, vbuf, T, D ** -0.5)
-    ref, kr = rope_attention64(q.view(H, D), k.view(Hkv, D), v.view(Hkv, D), cos, sin, keys, values, D ** -0.5)
+    ref, kr = rope_attention64(q.view(H, D), k.view(Hkv, D), v.view(Hkv, D).to(kv).float(), cos, sin, keys.float(),
+                               values.float(), D ** -0.5, kv)
     assert out.shape == q.shape and out.dtype == torch.float32
-    assert torch.equal(kbuf[0, :, T], kr) and torch.equal(vbuf[0, :, T], v.view(Hkv, D))
+    assert torch.equal(kbuf[0, :, T], kr.to(kv)) and torch.equal(vbuf[0, :, T], v.view(Hkv, D).to(kv))
     assert torch.equal(kbuf[0, :, :T], keys)  # earlier positions untouched
     assert ((out.view(H, D).double() - ref).abs() <= 2e-6 * ref.abs().max() + 1e-7).all()
 
@@ -458,6 +464,32 @@ def test_load_runs_whole_blocks_in_one_c_call(tmp_path, monkeypatch, arch, whole
         _plain(model)
         slow = prefill_then_decode(model, ids, GrowingCache(model.config))
         assert torch.equal(fast[0], slow[0]) and torch.equal(fast[1], slow[1])
+
+
+@needs_avx2
+def test_bf16_cache_decodes_like_the_float32_one(tmp_path):
+    """A GrowingCache in bf16 under the float32 model: the block's one C call and the per-module path agree bit for
+    bit (the same roundings into the cache), prefill and decode logits are the float32 cache's within bf16's rounding
+    of keys and values, and the cache holds half the bytes. kv_dtype() picks bf16 only where gptqkit's attention
+    runs."""
+    from gptqkit.cache import GrowingCache, kv_dtype
+    from gptqkit.checkpoint import load
+
+    model = load(_random_checkpoint(tmp_path, "llama"), kernel="avx2-q8")
+    assert kv_dtype(model) == torch.bfloat16
+    ids = torch.randint(0, 256, (1, 40), generator=torch.Generator().manual_seed(4))
+    half, full = GrowingCache(model.config, dtype=torch.bfloat16), GrowingCache(model.config)
+    fast, ref = prefill_then_decode(model, ids, half), prefill_then_decode(model, ids, full)
+    assert all(a._kbuf.dtype == a._vbuf.dtype == torch.bfloat16 for a in half.layers)
+    assert all(2 * a._kbuf.nbytes == b._kbuf.nbytes for a, b in zip(half.layers, full.layers))
+    _plain(model)
+    slow = prefill_then_decode(model, ids, GrowingCache(model.config, dtype=torch.bfloat16))
+    assert torch.equal(fast[0], slow[0]) and torch.equal(fast[1], slow[1])
+    for a, b in zip(fast, ref):  # prefill too attends to what the cache returns: bf16 keys and values
+        err = (a - b).abs().max() / b.abs().max()
+        assert 0 < err < 2e-2, err
+    model.set_attn_implementation("sdpa")
+    assert kv_dtype(model) is None  # transformers' SDPA takes one dtype: the model's own cache
 
 
 @needs_avx2

@@ -873,7 +873,8 @@ static void bf_task(void *arg, int t, int T) {
    flash kernel is built for blocks of queries); the work is ~1 MB of reads and ~4 MFLOP, a few tens of us.
 
    q [H, D] and out [H, D] contiguous; key (g, l, d) at k[g * ksh + l * ksl + d], likewise v (the cache's views
-   [Hkv, L, D], unit stride along D). D a multiple of 8. Threads take contiguous ranges of query heads, so the
+   [Hkv, L, D], unit stride along D), fp32, or bf16 where kv16 (a bf16 cache: half the bytes per cached position,
+   widened in registers, exact). D a multiple of 8. Threads take contiguous ranges of query heads, so the
    heads of one key/value head mostly share a thread and its cached K_g, V_g. The AVX-512 build takes those heads
    together (attend_group512): on 22 such layers held in L3 (1.1B shape, 2 threads) a call took 54-64 us against
    81-97 us a head at a time, and 220-280 against 350-430 us at 2048 positions. */
@@ -905,22 +906,51 @@ static inline __m256 hsum8x8(const __m256 *a) {
     return _mm256_add_ps(_mm256_permute2f128_ps(s0, s1, 0x20), _mm256_permute2f128_ps(s0, s1, 0x31));
 }
 
+/* 8 (16) cached floats from element i of a fp32 (kb = 0) or bf16 (kb = 1) cache; bf16 widens exactly (its bits
+   are the high half of the fp32). kb is a constant where inlined. */
+static inline __attribute__((always_inline)) __m256 kv8(const void *p, size_t i, const int kb) {
+    if (kb)
+        return _mm256_castsi256_ps(
+            _mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)((const uint16_t *)p + i))), 16));
+    return _mm256_loadu_ps((const float *)p + i);
+}
+
+static inline __attribute__((always_inline)) float kv1(const void *p, size_t i, const int kb) {
+    if (kb) {
+        const uint32_t u = (uint32_t)((const uint16_t *)p)[i] << 16;
+        float f;
+        memcpy(&f, &u, sizeof f);
+        return f;
+    }
+    return ((const float *)p)[i];
+}
+
+/* fp32 -> bf16 rounded to nearest even, as torch's .to(torch.bfloat16) for finite values (NaN stays a NaN) */
+static inline uint16_t to_bf16(float f) {
+    uint32_t u;
+    memcpy(&u, &f, sizeof u);
+    if ((u & 0x7FFFFFFFu) > 0x7F800000u) return (uint16_t)((u >> 16) | 0x40); /* quiet NaN */
+    return (uint16_t)((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
+}
+
 /* out[h, d0 .. d0+W) = sum_l p[l] v[l, d0 ..] * inv, W = 8 * NC (a constant where inlined, so acc stays in
    registers) */
-static inline void weigh_values(const float *p, int L, const float *vg, long vsl, int d0, int nc, float inv,
-                                float *o) {
+static inline __attribute__((always_inline)) void weigh_values(const float *p, int L, const void *vg, long vsl,
+                                                               int d0, int nc, float inv, float *o, const int kb) {
     __m256 acc[8];
     for (int c = 0; c < nc; c++) acc[c] = _mm256_setzero_ps();
     for (int l = 0; l < L; l++) {
         const __m256 pl = _mm256_broadcast_ss(p + l);
-        const float *vl = vg + (size_t)l * vsl + d0;
-        for (int c = 0; c < nc; c++) acc[c] = _mm256_fmadd_ps(pl, _mm256_loadu_ps(vl + 8 * c), acc[c]);
+        const size_t vl = (size_t)l * vsl + d0;
+        for (int c = 0; c < nc; c++) acc[c] = _mm256_fmadd_ps(pl, kv8(vg, vl + 8 * c, kb), acc[c]);
     }
     for (int c = 0; c < nc; c++) _mm256_storeu_ps(o + d0 + 8 * c, _mm256_mul_ps(acc[c], _mm256_set1_ps(inv)));
 }
 
 typedef struct {
-    const float *q, *k, *v;
+    const float *q;
+    const void *k, *v; /* float, or uint16_t bf16 bits where kv16 */
+    int kv16;
     int H, D, Q, L;
     long ksh, ksl, vsh, vsl;
     float scale;
@@ -931,10 +961,10 @@ typedef struct {
 static void at_task(void *arg, int t, int T);
 
 /* Returns 0, -1 when scratch memory cannot be had, -2 for shapes it does not take (the caller checks first). */
-int decode_attention(const float *q, int H, int D, const float *k, const float *v, int Hkv, int L, long ksh,
-                     long ksl, long vsh, long vsl, float scale, float *out, int threads) {
+int decode_attention(const float *q, int H, int D, const void *k, const void *v, int kv16, int Hkv, int L,
+                     long ksh, long ksl, long vsh, long vsl, float scale, float *out, int threads) {
     if (D % 8 != 0 || Hkv < 1 || H % Hkv != 0 || L < 1) return -2;
-    at_job j = {q, k, v, H, D, H / Hkv, L, ksh, ksl, vsh, vsl, scale, out, 0};
+    at_job j = {q, k, v, kv16 != 0, H, D, H / Hkv, L, ksh, ksl, vsh, vsl, scale, out, 0};
     pool_run(at_task, &j, threads > H ? H : threads, NULL);
     return j.failed ? -1 : 0;
 }
@@ -966,18 +996,26 @@ static float softmax_unnormalised(float *s, int L) {
    and V_g is loaded once for all of them (the per-head loop below reads K_g and V_g once per query head: 8 times
    on the 1.1B shape, 32 query heads over 4). s: scratch [h1 - h0, L]. */
 
+/* kv8's 16 floats */
+static inline __attribute__((always_inline)) __m512 kv16x(const void *p, size_t i, const int kb) {
+    if (kb)
+        return _mm512_castsi512_ps(_mm512_slli_epi32(
+            _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)((const uint16_t *)p + i))), 16));
+    return _mm512_loadu_ps((const float *)p + i);
+}
+
 /* o[hh, d0 .. d0 + 16 NC) = inv[hh] * sum_l p[hh, l] v[l, d0 ..] for NH heads; NH, NC constant where inlined, so
    the NH * NC accumulators stay in registers */
-static inline __attribute__((always_inline)) void weigh_heads(const float *p, int L, const float *vg, long vsl,
+static inline __attribute__((always_inline)) void weigh_heads(const float *p, int L, const void *vg, long vsl,
                                                               int d0, int NH, int NC, const float *inv, float *o,
-                                                              int D) {
+                                                              int D, const int kb) {
     __m512 acc[4][4];
     for (int h = 0; h < NH; h++)
         for (int c = 0; c < NC; c++) acc[h][c] = _mm512_setzero_ps();
     for (int l = 0; l < L; l++) {
-        const float *vl = vg + (size_t)l * vsl + d0;
+        const size_t vl = (size_t)l * vsl + d0;
         __m512 vv[4];
-        for (int c = 0; c < NC; c++) vv[c] = _mm512_loadu_ps(vl + 16 * c);
+        for (int c = 0; c < NC; c++) vv[c] = kv16x(vg, vl + 16 * c, kb);
         for (int h = 0; h < NH; h++) {
             const __m512 pl = _mm512_set1_ps(p[(size_t)h * L + l]);
             for (int c = 0; c < NC; c++) acc[h][c] = _mm512_fmadd_ps(pl, vv[c], acc[h][c]);
@@ -992,9 +1030,11 @@ static inline __m256 fold512(__m512 a) {
     return _mm256_add_ps(_mm512_castps512_ps256(a), _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(a), 1)));
 }
 
-static void attend_group512(const at_job *j, int g, int h0, int h1, float *s) {
+static inline __attribute__((always_inline)) void attend_group512(const at_job *j, int g, int h0, int h1, float *s,
+                                                                  const int kb) {
     const int D = j->D, L = j->L, nh = h1 - h0;
-    const float *kg = j->k + (size_t)g * j->ksh, *vg = j->v + (size_t)g * j->vsh;
+    const size_t kg = (size_t)g * j->ksh, vo = (size_t)g * j->vsh; /* element offsets of K_g, V_g */
+    const void *vg = kb ? (const void *)((const uint16_t *)j->v + vo) : (const void *)((const float *)j->v + vo);
     const long ksl = j->ksl, vsl = j->vsl;
     const __m256 sc = _mm256_set1_ps(j->scale);
     /* scores, 8 positions at a time: their 8 rows of K_g (2 KB at D = 64) stay in L1 across the heads */
@@ -1007,7 +1047,7 @@ static void attend_group512(const at_job *j, int g, int h0, int h1, float *s) {
             for (int d = 0; d < D; d += 16) {
                 const __m512 qd = _mm512_loadu_ps(qh + d);
                 for (int i = 0; i < 8; i++)
-                    a[i] = _mm512_fmadd_ps(qd, _mm512_loadu_ps(kg + (size_t)(l + i) * ksl + d), a[i]);
+                    a[i] = _mm512_fmadd_ps(qd, kv16x(j->k, kg + (size_t)(l + i) * ksl + d, kb), a[i]);
             }
             __m256 b[8];
             for (int i = 0; i < 8; i++) b[i] = fold512(a[i]);
@@ -1018,7 +1058,7 @@ static void attend_group512(const at_job *j, int g, int h0, int h1, float *s) {
             const float *qh = j->q + (size_t)(h0 + h) * D;
             __m512 a = _mm512_setzero_ps();
             for (int d = 0; d < D; d += 16)
-                a = _mm512_fmadd_ps(_mm512_loadu_ps(qh + d), _mm512_loadu_ps(kg + (size_t)l * ksl + d), a);
+                a = _mm512_fmadd_ps(_mm512_loadu_ps(qh + d), kv16x(j->k, kg + (size_t)l * ksl + d, kb), a);
             s[(size_t)h * L + l] = _mm512_reduce_add_ps(a) * j->scale;
         }
     float inv[4];
@@ -1031,21 +1071,21 @@ static void attend_group512(const at_job *j, int g, int h0, int h1, float *s) {
         for (int d0 = 0; d0 < D; d0 += 64) {
             const int NC = (D - d0) / 16 < 4 ? (D - d0) / 16 : 4;
             if (NC == 4) switch (NH) {
-                case 4: weigh_heads(p, L, vg, vsl, d0, 4, 4, inv, o, D); break;
-                case 3: weigh_heads(p, L, vg, vsl, d0, 3, 4, inv, o, D); break;
-                case 2: weigh_heads(p, L, vg, vsl, d0, 2, 4, inv, o, D); break;
-                default: weigh_heads(p, L, vg, vsl, d0, 1, 4, inv, o, D);
+                case 4: weigh_heads(p, L, vg, vsl, d0, 4, 4, inv, o, D, kb); break;
+                case 3: weigh_heads(p, L, vg, vsl, d0, 3, 4, inv, o, D, kb); break;
+                case 2: weigh_heads(p, L, vg, vsl, d0, 2, 4, inv, o, D, kb); break;
+                default: weigh_heads(p, L, vg, vsl, d0, 1, 4, inv, o, D, kb);
             }
-            else weigh_heads(p, L, vg, vsl, d0, NH, NC, inv, o, D);
+            else weigh_heads(p, L, vg, vsl, d0, NH, NC, inv, o, D, kb);
         }
     }
 }
 #endif
 
-/* Thread t's contiguous range of query heads. */
-static void at_task(void *arg, int t, int T) {
-    at_job *j = (at_job *)arg;
-    const float *q = j->q, *k = j->k, *v = j->v;
+/* Thread t's contiguous range of query heads, for a fp32 (kb = 0) or bf16 (kb = 1) cache. */
+static inline __attribute__((always_inline)) void at_range(at_job *j, int t, int T, const int kb) {
+    const float *q = j->q;
+    const void *k = j->k, *v = j->v;
     const int H = j->H, D = j->D, Q = j->Q, L = j->L;
     const long ksh = j->ksh, ksl = j->ksl, vsh = j->vsh, vsl = j->vsl;
     const float scale = j->scale;
@@ -1057,7 +1097,7 @@ static void at_task(void *arg, int t, int T) {
         if (!s) __atomic_store_n(&j->failed, 1, __ATOMIC_RELAXED);
         for (int h0 = sh.lo; s && h0 < sh.hi;) {
             const int g = h0 / Q, h1 = (g + 1) * Q < sh.hi ? (g + 1) * Q : sh.hi;
-            attend_group512(j, g, h0, h1, s);
+            attend_group512(j, g, h0, h1, s, kb);
             h0 = h1;
         }
         free(s);
@@ -1067,7 +1107,9 @@ static void at_task(void *arg, int t, int T) {
     float *s = (float *)malloc(sizeof(float) * (size_t)L);
     if (!s) __atomic_store_n(&j->failed, 1, __ATOMIC_RELAXED);
     for (int h = sh.lo; s && h < sh.hi; h++) {
-        const float *qh = q + (size_t)h * D, *kg = k + (size_t)(h / Q) * ksh, *vg = v + (size_t)(h / Q) * vsh;
+        const float *qh = q + (size_t)h * D;
+        const size_t kg = (size_t)(h / Q) * ksh, vo = (size_t)(h / Q) * vsh;
+        const void *vg = kb ? (const void *)((const uint16_t *)v + vo) : (const void *)((const float *)v + vo);
         /* scores, 8 positions at a time: eight dot products reduced together */
         int l = 0;
         for (; l + 8 <= L; l += 8) {
@@ -1076,22 +1118,30 @@ static void at_task(void *arg, int t, int T) {
             for (int d = 0; d < D; d += 8) {
                 const __m256 qd = _mm256_loadu_ps(qh + d);
                 for (int i = 0; i < 8; i++)
-                    a[i] = _mm256_fmadd_ps(qd, _mm256_loadu_ps(kg + (size_t)(l + i) * ksl + d), a[i]);
+                    a[i] = _mm256_fmadd_ps(qd, kv8(k, kg + (size_t)(l + i) * ksl + d, kb), a[i]);
             }
             _mm256_storeu_ps(s + l, _mm256_mul_ps(hsum8x8(a), _mm256_set1_ps(scale)));
         }
         for (; l < L; l++) {
             float dot = 0.0f;
-            for (int d = 0; d < D; d++) dot += qh[d] * kg[(size_t)l * ksl + d];
+            for (int d = 0; d < D; d++) dot += qh[d] * kv1(k, kg + (size_t)l * ksl + d, kb);
             s[l] = dot * scale;
         }
         const float sum = softmax_unnormalised(s, L);
         /* weighted values, 64 dimensions per pass */
         int d0 = 0;
-        for (; d0 + 64 <= D; d0 += 64) weigh_values(s, L, vg, vsl, d0, 8, 1.0f / sum, out + (size_t)h * D);
-        if (d0 < D) weigh_values(s, L, vg, vsl, d0, (D - d0) / 8, 1.0f / sum, out + (size_t)h * D);
+        for (; d0 + 64 <= D; d0 += 64) weigh_values(s, L, vg, vsl, d0, 8, 1.0f / sum, out + (size_t)h * D, kb);
+        if (d0 < D) weigh_values(s, L, vg, vsl, d0, (D - d0) / 8, 1.0f / sum, out + (size_t)h * D, kb);
     }
     free(s);
+}
+
+static void at_task(void *arg, int t, int T) {
+    at_job *j = (at_job *)arg;
+    if (j->kv16)
+        at_range(j, t, T, 1);
+    else
+        at_range(j, t, T, 0);
 }
 
 /* ---------------------------------------------------------------------------------------------------------------
@@ -1105,7 +1155,8 @@ static void at_task(void *arg, int t, int T) {
    transformers' apply_rotary_pos_emb: y = x * cos + rotate_half(x) * sin, rotate_half(x) = [-x[D/2:], x[:D/2]],
    with the same roundings (a product each, then their sum; this file is built without FMA contraction), so the
    cache holds exactly what the torch ops would write. kc, vc: the cache buffers, key (g, l, d) at
-   kc[g * ksh + l * ksl + d], room for position T. Returns what decode_attention returns. */
+   kc[g * ksh + l * ksl + d], room for position T; fp32, or bf16 where kv16 (the new k and v rounded to nearest
+   even, as the cache's copy_ rounds them). Returns what decode_attention returns. */
 
 static void rope_row(const float *x, const float *cs, const float *sn, int D, float *y) {
     const int h = D / 2;
@@ -1120,17 +1171,26 @@ static void rope_row(const float *x, const float *cs, const float *sn, int D, fl
 }
 
 int rope_decode_attention(const float *q, const float *kn, const float *vn, const float *cs, const float *sn,
-                          int H, int D, int Hkv, float *kc, float *vc, int T, long ksh, long ksl, long vsh,
+                          int H, int D, int Hkv, void *kc, void *vc, int kv16, int T, long ksh, long ksl, long vsh,
                           long vsl, float scale, float *out, int threads) {
     if (D % 8 != 0 || Hkv < 1 || H % Hkv != 0 || T < 0) return -2;
-    float *qr = (float *)malloc(sizeof(float) * (size_t)H * (size_t)D);
+    float *qr = (float *)malloc(sizeof(float) * ((size_t)H + 1) * (size_t)D), *kr = qr + (size_t)H * D;
     if (!qr) return -1;
     for (int h = 0; h < H; h++) rope_row(q + (size_t)h * D, cs, sn, D, qr + (size_t)h * D);
     for (int g = 0; g < Hkv; g++) {
-        rope_row(kn + (size_t)g * D, cs, sn, D, kc + (size_t)g * ksh + (size_t)T * ksl);
-        memcpy(vc + (size_t)g * vsh + (size_t)T * vsl, vn + (size_t)g * D, sizeof(float) * (size_t)D);
+        const size_t ko = (size_t)g * ksh + (size_t)T * ksl, vo = (size_t)g * vsh + (size_t)T * vsl;
+        if (!kv16) {
+            rope_row(kn + (size_t)g * D, cs, sn, D, (float *)kc + ko);
+            memcpy((float *)vc + vo, vn + (size_t)g * D, sizeof(float) * (size_t)D);
+            continue;
+        }
+        rope_row(kn + (size_t)g * D, cs, sn, D, kr);
+        for (int d = 0; d < D; d++) {
+            ((uint16_t *)kc)[ko + d] = to_bf16(kr[d]);
+            ((uint16_t *)vc)[vo + d] = to_bf16(vn[(size_t)g * D + d]);
+        }
     }
-    const int rc = decode_attention(qr, H, D, kc, vc, Hkv, T + 1, ksh, ksl, vsh, vsl, scale, out, threads);
+    const int rc = decode_attention(qr, H, D, kc, vc, kv16, Hkv, T + 1, ksh, ksl, vsh, vsl, scale, out, threads);
     free(qr);
     return rc;
 }
@@ -1221,10 +1281,10 @@ static int mm_call(const mm_args *m, const float *x, float *y, int threads) {
                                                          m->rgroup, m->R, y, threads, m->next, m->nnext);
 }
 
-/* x, y [hidden]; kc, vc, T and strides as rope_decode_attention; cs, sn [D]. Returns 0, -1 when scratch memory
+/* x, y [hidden]; kc, vc, kv16, T and strides as rope_decode_attention; cs, sn [D]. Returns 0, -1 when scratch memory
    cannot be had, -2 for shapes the steps do not take. */
-int decode_layer(const layer_args *L, const float *x, const float *cs, const float *sn, float *kc, float *vc, int T,
-                 long ksh, long ksl, long vsh, long vsl, float *y, int threads) {
+int decode_layer(const layer_args *L, const float *x, const float *cs, const float *sn, void *kc, void *vc, int kv16,
+                 int T, long ksh, long ksl, long vsh, long vsl, float *y, int threads) {
     const int E = L->hidden, QD = L->H * L->D, KD = L->Hkv * L->D, I = L->inter;
     if (L->qkv.width != QD + 2 * KD || L->o.width != E || L->gate_up.width != 2 * I || L->down.width != E)
         return -2;
@@ -1235,8 +1295,8 @@ int decode_layer(const layer_args *L, const float *x, const float *cs, const flo
     int rc;
     rms_norm(x, 1, E, L->w1, L->eps1, h);
     if ((rc = mm_call(&L->qkv, h, qkv, threads))) goto out;
-    if ((rc = rope_decode_attention(qkv, qkv + QD, qkv + QD + KD, cs, sn, L->H, L->D, L->Hkv, kc, vc, T, ksh, ksl,
-                                    vsh, vsl, L->scale, att, threads)))
+    if ((rc = rope_decode_attention(qkv, qkv + QD, qkv + QD + KD, cs, sn, L->H, L->D, L->Hkv, kc, vc, kv16, T, ksh,
+                                    ksl, vsh, vsl, L->scale, att, threads)))
         goto out;
     if ((rc = mm_call(&L->o, att, o, threads))) goto out;
     for (int i = 0; i < E; i++) y[i] = x[i] + o[i];

@@ -68,6 +68,8 @@ M_MAX = 32
 # 1.1B shape's MLP layers). On the 1.1B shape's layers (bf16, 2 threads, M = 32, 128, 512) 1-8 MiB blocks ran within
 # noise of one whole-layer block and gave the same bits; 1 MiB blocks were up to 20% slower at M = 32.
 DENSE_BYTES = 4 << 20
+# KV cache dtypes the C attention reads (a bf16 cache holds half the bytes per position; gptqkit.cache)
+KV_DTYPES = (torch.float32, torch.bfloat16)
 
 
 def cache_dir() -> Path:
@@ -133,15 +135,15 @@ def library(vnni: bool = False) -> ctypes.CDLL | str:
     lib.pool_forget.restype = None
     lib.pool_forget.argtypes = []
     lib.decode_attention.restype = ctypes.c_int
-    lib.decode_attention.argtypes = [P, I, I, P, P, I, I, L, L, L, L, ctypes.c_float, P, I]
+    lib.decode_attention.argtypes = [P, I, I, P, P, I, I, I, L, L, L, L, ctypes.c_float, P, I]
     lib.rope_decode_attention.restype = ctypes.c_int
-    lib.rope_decode_attention.argtypes = [P, P, P, P, P, I, I, I, P, P, I, L, L, L, L, ctypes.c_float, P, I]
+    lib.rope_decode_attention.argtypes = [P, P, P, P, P, I, I, I, P, P, I, I, L, L, L, L, ctypes.c_float, P, I]
     lib.rms_norm.restype = None
     lib.rms_norm.argtypes = [P, I, I, P, ctypes.c_float, P]
     lib.silu_mul.restype = None
     lib.silu_mul.argtypes = [P, P, L, P]
     lib.decode_layer.restype = ctypes.c_int
-    lib.decode_layer.argtypes = [P, P, P, P, P, P, I, L, L, L, L, P, I]
+    lib.decode_layer.argtypes = [P, P, P, P, P, P, I, I, L, L, L, L, P, I]
     return lib
 
 
@@ -392,7 +394,8 @@ def dequantize(layer, c0: int, c1: int, dtype: torch.dtype, n0: int = 0, n1: int
     N = layer.out_features
     n1 = N if n1 is None else n1
     if n0 % 8 or not 0 <= n0 < n1 <= N:
-        raise ValueError(f"avx2 dequantize: columns [{n0}, {n1}) are not a range of [0, {N}) starting at a multiple of 8")
+        raise ValueError(f"avx2 dequantize: columns [{n0}, {n1}) are not a range of [0, {N}) starting at a "
+                         "multiple of 8")
     w = torch.empty(8 * (c1 - c0), n1 - n0, dtype=dtype)
     qw, sc, z = (t.data_ptr() for t in plan.tensors[:3])
     library().gptq_q4_dequant(qw, N, sc, z, layer.avx2_runs.data_ptr(), layer.avx2_rgroup.data_ptr(), plan.runs,
@@ -467,13 +470,15 @@ def bf16_matmul(x: torch.Tensor, w: torch.Tensor, lib: ctypes.CDLL | None = None
 
 def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
                      lib: ctypes.CDLL | None = None) -> torch.Tensor | None:
-    """softmax(scale * q k^T) v for one new token: q [1, H, 1, D], k and v [1, Hkv, L, D] float32 CPU tensors (the
-    KV cache's views: any strides with unit stride along D), H a multiple of Hkv (grouped-query attention), D a
-    multiple of 8 -> [1, 1, H, D] (transformers' attention output layout). None where these do not hold or the C
-    library cannot be had, so the caller takes SDPA. lib: a library() build to use instead of fast_library()."""
+    """softmax(scale * q k^T) v for one new token: q [1, H, 1, D] float32, k and v [1, Hkv, L, D] float32 or both
+    bfloat16 (the KV cache's views: any strides with unit stride along D) on CPU, H a multiple of Hkv (grouped-query
+    attention), D a multiple of 8 -> [1, 1, H, D] float32 (transformers' attention output layout). None where these
+    do not hold or the C library cannot be had, so the caller takes SDPA. lib: a library() build to use instead of
+    fast_library()."""
     (B, H, T, D), (Bk, Hkv, L, Dk), ks, vs = q.shape, k.shape, k.stride(), v.stride()
     if not (B == Bk == 1 and T == 1 and Dk == D and v.shape == k.shape and D % 8 == 0 and H % Hkv == 0 and L > 0
-            and q.dtype == k.dtype == v.dtype == torch.float32 and q.device.type == "cpu" and ks[3] == vs[3] == 1):
+            and q.dtype == torch.float32 and k.dtype == v.dtype in KV_DTYPES and q.device.type == "cpu"
+            and ks[3] == vs[3] == 1):
         return None
     lib = lib if lib is not None else fast_library()
     if isinstance(lib, str):
@@ -482,8 +487,8 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: f
     if qs[1] != D or qs[3] != 1:  # the C function reads q as [H, D] rows; the attention layers' q already is
         q = q.contiguous()
     out = torch.empty(1, 1, H, D)
-    rc = lib.decode_attention(q.data_ptr(), H, D, k.data_ptr(), v.data_ptr(), Hkv, L, ks[1], ks[2], vs[1], vs[2],
-                              scale, out.data_ptr(), torch.get_num_threads())
+    rc = lib.decode_attention(q.data_ptr(), H, D, k.data_ptr(), v.data_ptr(), int(k.dtype == torch.bfloat16), Hkv, L,
+                              ks[1], ks[2], vs[1], vs[2], scale, out.data_ptr(), torch.get_num_threads())
     if rc != 0:
         raise MemoryError(f"avx2 kernel: no scratch memory for attention over {L} positions")
     return out
@@ -493,20 +498,22 @@ def rope_decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos
                           kbuf: torch.Tensor, vbuf: torch.Tensor, T: int, scale: float) -> torch.Tensor | None:
     """One decode step of rotary attention: q [H * D] and k, v [Hkv * D] (the new token's projections, contiguous
     float32, any leading dims of size 1), cos and sin [D] contiguous float32 (its position's). k rotated and v are
-    written at position T of the cache buffers kbuf, vbuf [1, Hkv, capacity > T, D] (unit stride along D), and q
-    rotated attends to positions 0 .. T -> q's shape, float32 (the heads' outputs side by side). The rotation is
-    transformers' apply_rotary_pos_emb, with the same roundings. None where the C library cannot be had or the sizes
-    do not fit the buffers; the caller checks dtypes and contiguity (decode calls this once per layer and token)."""
+    written at position T of the cache buffers kbuf, vbuf [1, Hkv, capacity > T, D] (unit stride along D; float32,
+    or both bfloat16: the new row rounded to nearest even), and q rotated attends to positions 0 .. T -> q's shape,
+    float32 (the heads' outputs side by side). The rotation is transformers' apply_rotary_pos_emb, with the same
+    roundings. None where the C library cannot be had or the sizes do not fit the buffers; the caller checks the
+    inputs' dtypes and contiguity (decode calls this once per layer and token)."""
     lib = fast_library()
     (B, Hkv, cap, D), ks, vs = kbuf.shape, kbuf.stride(), vbuf.stride()
     if (isinstance(lib, str) or B != 1 or not 0 <= T < cap or vbuf.shape != kbuf.shape or ks[3] != 1 or vs[3] != 1
-            or k.numel() != Hkv * D or v.numel() != Hkv * D or q.numel() % (Hkv * D) or cos.numel() != D
-            or sin.numel() != D):
+            or not kbuf.dtype == vbuf.dtype in KV_DTYPES or k.numel() != Hkv * D or v.numel() != Hkv * D
+            or q.numel() % (Hkv * D) or cos.numel() != D or sin.numel() != D):
         return None
     out = torch.empty(q.shape, dtype=torch.float32)
     rc = lib.rope_decode_attention(q.data_ptr(), k.data_ptr(), v.data_ptr(), cos.data_ptr(), sin.data_ptr(),
-                                   q.numel() // D, D, Hkv, kbuf.data_ptr(), vbuf.data_ptr(), T, ks[1], ks[2], vs[1],
-                                   vs[2], scale, out.data_ptr(), torch.get_num_threads())
+                                   q.numel() // D, D, Hkv, kbuf.data_ptr(), vbuf.data_ptr(),
+                                   int(kbuf.dtype == torch.bfloat16), T, ks[1], ks[2], vs[1], vs[2], scale,
+                                   out.data_ptr(), torch.get_num_threads())
     if rc != 0:
         raise MemoryError(f"avx2 kernel: no scratch memory for attention over {T + 1} positions")
     return out
@@ -601,17 +608,19 @@ def decode_layer(args: LayerArgs, x: torch.Tensor, cos: torch.Tensor, sin: torch
                  vbuf: torch.Tensor, T: int) -> torch.Tensor | None:
     """One decoded token through a whole pre-norm block (decode_layer in cpu_avx2.c): x [1, 1, hidden] float32
     contiguous, cos and sin [head_dim] contiguous float32 (its position's); k and v are written at position T of
-    the cache buffers kbuf, vbuf [1, Hkv, capacity > T, head_dim] (unit stride along head_dim). Returns the block's
-    output, a new tensor shaped like x; None where the library cannot be had or the sizes do not fit."""
+    the cache buffers kbuf, vbuf [1, Hkv, capacity > T, head_dim] (unit stride along head_dim; float32 or both
+    bfloat16, as rope_decode_attention). Returns the block's output, a new tensor shaped like x; None where the
+    library cannot be had or the sizes do not fit."""
     lib = fast_library()
     (B, Hkv, cap, D), ks, vs = kbuf.shape, kbuf.stride(), vbuf.stride()
     if (isinstance(lib, str) or B != 1 or not 0 <= T < cap or vbuf.shape != kbuf.shape or ks[3] != 1 or vs[3] != 1
-            or Hkv != args.Hkv or D != args.D or cos.numel() != D or sin.numel() != D or x.numel() != args.hidden
-            or not x.is_contiguous()):
+            or not kbuf.dtype == vbuf.dtype in KV_DTYPES or Hkv != args.Hkv or D != args.D or cos.numel() != D
+            or sin.numel() != D or x.numel() != args.hidden or not x.is_contiguous()):
         return None
     y = torch.empty(x.shape, dtype=torch.float32)
     rc = lib.decode_layer(ctypes.addressof(args), x.data_ptr(), cos.data_ptr(), sin.data_ptr(), kbuf.data_ptr(),
-                          vbuf.data_ptr(), T, ks[1], ks[2], vs[1], vs[2], y.data_ptr(), torch.get_num_threads())
+                          vbuf.data_ptr(), int(kbuf.dtype == torch.bfloat16), T, ks[1], ks[2], vs[1], vs[2],
+                          y.data_ptr(), torch.get_num_threads())
     if rc == -1:
         raise MemoryError(f"avx2 kernel: no scratch memory for a decoder block over {T + 1} positions")
     return y if rc == 0 else None
