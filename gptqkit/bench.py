@@ -70,7 +70,7 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
         raise BenchError(f"{spec['path']} is not a model folder")
     from transformers import AutoModelForCausalLM
 
-    from .cache import GrowingCache
+    from .cache import cache_for
     from .checkpoint import load
 
     if spec.get("threads"):
@@ -87,6 +87,7 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
                                                      low_cpu_mem_usage=True).to(device).eval()
     load_s = time.perf_counter() - t0
     rss_loaded = vm_kib("VmRSS")
+    kv_cache = spec.get("kv_cache", "auto")
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     vocab = model.config.vocab_size
@@ -96,7 +97,7 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
     def prefill(x: torch.Tensor):
         _sync(device)
         t = time.perf_counter()
-        out = model(x, past_key_values=GrowingCache(model.config), use_cache=True, logits_to_keep=1)
+        out = model(x, past_key_values=cache_for(model, kv_cache), use_cache=True, logits_to_keep=1)
         _sync(device)
         return time.perf_counter() - t, out
 
@@ -191,7 +192,7 @@ def bench(ckpt: str | os.PathLike, baseline: str | os.PathLike | None = None, pr
           new_tokens: int = 64, runs: int = 3, device: str = "cpu", threads: int | None = None,
           dtype: str | None = None, baseline_dtype: str | None = None, kernel: str = "auto", warmup: int = 1,
           timeout: float | None = None, prefill_runs: int | None = None,
-          dense_dtype: str | None = None) -> dict[str, Any]:
+          dense_dtype: str | None = None, kv_cache: str = "auto") -> dict[str, Any]:
     """Measure a GPTQ checkpoint and, if given, its dense baseline, each in a fresh subprocess.
 
     dtype (of activations and unquantized tensors) and dense_dtype default to what runs fastest here
@@ -201,7 +202,8 @@ def bench(ckpt: str | os.PathLike, baseline: str | os.PathLike | None = None, pr
     with sizes in bytes and times in seconds; ratios are quantized / baseline (memory, size) and baseline /
     quantized for time (a speed-up above 1 means the checkpoint is faster). dense_dtype: storage of the
     checkpoint's embedding and lm_head when it differs from dtype (see gptqkit.dense), e.g. dtype float32 with
-    dense_dtype bfloat16.
+    dense_dtype bfloat16. kv_cache: as generate's (auto: bf16 under gptqkit's float32 CPU attention, so the cache
+    takes the bytes a bf16 baseline's does; model: the model's dtype).
 
     >>> r = bench("smollm2-gptq-4bit", baseline="SmolLM2-135M-Instruct", threads=2)  # doctest: +SKIP
     >>> r["ratios"]["decode_speedup"]  # doctest: +SKIP
@@ -218,7 +220,8 @@ def bench(ckpt: str | os.PathLike, baseline: str | os.PathLike | None = None, pr
     if not is_checkpoint(ckpt):
         raise BenchError(f"{ckpt} is not a GPTQ checkpoint (no quantize_config.json or quantization_config)")
     settings = {"prompt_len": prompt_len, "new_tokens": new_tokens, "runs": runs, "warmup": warmup,
-                "prefill_runs": prefill_runs or runs, "device": device, "threads": threads, "kernel": kernel}
+                "prefill_runs": prefill_runs or runs, "device": device, "threads": threads, "kernel": kernel,
+                "kv_cache": kv_cache}
     common = {**settings, "seed": 0}
     q = run_measurement({**common, "path": str(ckpt), "quantized": True, "dtype": dtype, "dense_dtype": dense_dtype},
                         timeout)
@@ -278,6 +281,8 @@ def format_table(r: dict[str, Any]) -> str:
 
 
 def add_bench_args(p) -> None:
+    from .generate import add_kv_cache_arg
+
     p.add_argument("ckpt", help="GPTQ checkpoint folder")
     p.add_argument("--baseline", default=None, help="the dense model folder to compare with (e.g. the original)")
     p.add_argument("--prompt-len", type=int, default=128, help="prefill prompt length (default 128)")
@@ -294,6 +299,7 @@ def add_bench_args(p) -> None:
     p.add_argument("--dense-dtype", default=None, help="storage dtype of the checkpoint's embedding and lm_head "
                                                        "(e.g. --dtype float32 --dense-dtype bfloat16, the CPU default)")
     p.add_argument("--kernel", default="auto")
+    add_kv_cache_arg(p)
     p.add_argument("--json", action="store_true", help="print the result as JSON")
 
 
@@ -306,7 +312,7 @@ def run_bench(args) -> int:
     r = bench(args.ckpt, baseline=baseline, prompt_len=args.prompt_len, new_tokens=args.new_tokens,
               runs=args.runs, device=args.device, threads=args.threads, dtype=args.dtype,
               baseline_dtype=args.baseline_dtype, kernel=args.kernel, warmup=args.warmup,
-              prefill_runs=args.prefill_runs, dense_dtype=args.dense_dtype)
+              prefill_runs=args.prefill_runs, dense_dtype=args.dense_dtype, kv_cache=args.kv_cache)
     print(json.dumps(r, indent=2) if args.json else format_table(r))
     return 0
 

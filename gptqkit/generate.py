@@ -194,12 +194,13 @@ def run_generation(model, tokenizer, prompt: str, max_new_tokens: int = 128, tem
                    top_p: float = 1.0, top_k: int = 0, repetition_penalty: float = 1.0,
                    stream: Callable[[str], None] | None = None, chat: bool = False,
                    template: str | os.PathLike | dict | None = None, system: str | None = None,
-                   input: str | None = None, context: str | None = None, seed: int | None = None) -> Generation:
+                   input: str | None = None, context: str | None = None, seed: int | None = None,
+                   kv_cache: str = "auto") -> Generation:
     """Like `generate`, with token counts and time."""
     import torch
     from transformers import StoppingCriteria, StoppingCriteriaList
 
-    from .cache import GrowingCache
+    from .cache import cache_for
 
     if chat and template is not None:
         raise TemplateError("choose either chat (the tokenizer's chat template) or an instruction template")
@@ -241,7 +242,7 @@ def run_generation(model, tokenizer, prompt: str, max_new_tokens: int = 128, tem
     with torch.inference_mode():
         out = model.generate(**enc, max_new_tokens=max_new_tokens, streamer=sink, pad_token_id=pad,
                              stopping_criteria=StoppingCriteriaList([_Stop()]),
-                             past_key_values=GrowingCache(model.config), **kw)
+                             past_key_values=cache_for(model, kv_cache), **kw)
     seconds = time.perf_counter() - t0
     n_prompt = enc["input_ids"].shape[1]
     return Generation(text=sink.text, prompt=text, prompt_tokens=n_prompt, new_tokens=out.shape[1] - n_prompt,
@@ -252,18 +253,21 @@ def generate(model, tokenizer, prompt: str, max_new_tokens: int = 128, temperatu
              top_p: float = 1.0, top_k: int = 0, repetition_penalty: float = 1.0,
              stream: Callable[[str], None] | None = None, chat: bool = False,
              template: str | os.PathLike | dict | None = None, system: str | None = None,
-             input: str | None = None, context: str | None = None, seed: int | None = None) -> str:
+             input: str | None = None, context: str | None = None, seed: int | None = None,
+             kv_cache: str = "auto") -> str:
     """Generate a continuation of `prompt` (greedy when temperature is 0) and return it.
 
     chat: wrap the prompt with the tokenizer's chat template. template: a name in TEMPLATES or a JSON file; the
     prompt is the instruction, `input`/`context` fill the optional sections, and the answer after the response
     marker is returned. stream: called with each new piece of text; the pieces join to the returned string.
+    kv_cache: "auto" keeps the KV cache in bf16 where gptqkit's float32 CPU attention runs (cache.kv_dtype: the
+    bytes a bf16 model's cache takes), "model" in the model's dtype.
 
     >>> model, tok = load_for_inference("smollm2-gptq-4bit")  # doctest: +SKIP
     >>> generate(model, tok, "Resume en una frase.", template="alpaca-es", input=texto)  # doctest: +SKIP
     """
     return run_generation(model, tokenizer, prompt, max_new_tokens, temperature, top_p, top_k, repetition_penalty,
-                          stream, chat, template, system, input, context, seed).text
+                          stream, chat, template, system, input, context, seed, kv_cache).text
 
 
 def is_checkpoint(path: str | os.PathLike) -> bool:
@@ -325,6 +329,15 @@ def add_generate_args(p) -> None:
     p.add_argument("--dtype", default=None, help="float32 (CPU default), bfloat16, float16")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--no-stream", action="store_true", help="print the text at the end instead of streaming")
+    add_kv_cache_arg(p)
+
+
+def add_kv_cache_arg(p) -> None:
+    from .cache import KV_CACHE_CHOICES
+
+    p.add_argument("--kv-cache", choices=KV_CACHE_CHOICES, default="auto",
+                   help="KV cache dtype: auto = bfloat16 under gptqkit's float32 CPU attention (half the bytes, "
+                        "keys and values rounded as a bf16 model's), else the model's; model = the model's dtype")
 
 
 def run_generate(args) -> int:
@@ -345,7 +358,8 @@ def run_generate(args) -> int:
     g = run_generation(model, tok, args.prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                        top_p=args.top_p, top_k=args.top_k, repetition_penalty=args.repetition_penalty,
                        stream=None if args.no_stream else show, chat=args.chat, template=args.template,
-                       system=args.system, input=args.input, context=args.context, seed=args.seed)
+                       system=args.system, input=args.input, context=args.context, seed=args.seed,
+                       kv_cache=args.kv_cache)
     if args.no_stream:
         sys.stdout.write(g.text)
     sys.stdout.write("\n")

@@ -145,5 +145,19 @@ def test_quantized_checkpoint_and_cli(tmp_path_factory, capsys):
     assert run_generate(args) == 0
     out = capsys.readouterr()
     assert out.out == text + "\n" and "tokens/s" in out.err
+    # the default KV cache is bf16 under gptqkit's CPU attention; --kv-cache model keeps the model's float32
+    caches = []
+    real = model.generate
+    model.generate = lambda *a, **k: caches.append(k["past_key_values"].buffer_dtype) or real(*a, **k)
+    same = generate(model, tok, "Once upon a time", max_new_tokens=12, kv_cache="model")
+    model.generate = real
+    assert caches == [None] and len(same) > 10
+    from gptqkit.cache import kv_dtype
+    from gptqkit.kernels import cpu_avx2
+
+    assert kv_dtype(model) == (None if isinstance(cpu_avx2.fast_library(), str) else torch.bfloat16)
+    assert p.parse_args([str(ckpt), "--prompt", "x"]).kv_cache == "auto"
+    with pytest.raises(SystemExit):
+        p.parse_args([str(ckpt), "--prompt", "x", "--kv-cache", "fp8"])
     with torch.no_grad():
         assert model(torch.tensor([[1, 403]])).logits.dtype == torch.float32
