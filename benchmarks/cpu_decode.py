@@ -296,35 +296,53 @@ def table(title: str, cols: dict[str, dict], bw: float, base: str = "dense bf16"
     return "\n".join(lines + errors)
 
 
+def merge_rounds(rs: list[dict], prompt_len: int) -> dict:
+    """One column from its rounds' measurements: the timings pooled and their medians taken again, the highest peak
+    RSS; a failed round fails the column."""
+    if len(rs) == 1 or any("error" in r for r in rs):
+        return next((r for r in rs if "error" in r), rs[0])
+    pre, dec = [t for r in rs for t in r["prefill_s"]], [t for r in rs for t in r["decode_s"]]
+    n = rs[0]["new_tokens"]
+    return {**rs[0], "prefill_s": pre, "decode_s": dec, "prefill_tokens_per_s": prompt_len / statistics.median(pre),
+            "decode_tokens_per_s": n / statistics.median(dec), "decode_ms_per_token": 1e3 * statistics.median(dec) / n,
+            **{k: max(r[k] for r in rs) for k in ("peak_rss_bytes", "peak_rss_model_bytes") if k in rs[0]}}
+
+
 def run_model(name: str, dense: Path, ckpts: dict[str, Path], a) -> tuple[str, dict]:
     # The roofline takes the higher of two bandwidth readings, before and after this model's columns: on this shared
     # VM one reading at the start of a run once came out at 60.7 GB/s against 33-36 GB/s on either side of it.
     bw_before = read_bandwidth()
     log(f"DRAM read bandwidth: {bw_before / 1e9:.2f} GB/s; load average {os.getloadavg()}")
-    cols: dict[str, dict] = {}
-    cols["dense bf16"] = measure(dense, False, "bfloat16", a)
-    cols["dense bf16"]["bytes_per_token"] = weight_bytes_per_token(dense, 2)
+    # (column, measurement, bytes one decode token reads), in the order they run
+    tasks = [("dense bf16", lambda: measure(dense, False, "bfloat16", a), weight_bytes_per_token(dense, 2))]
     if not a.no_fp32:
-        cols["dense fp32"] = measure(dense, False, "float32", a)
-        cols["dense fp32"]["bytes_per_token"] = weight_bytes_per_token(dense, 4)
+        tasks.append(("dense fp32", lambda: measure(dense, False, "float32", a), weight_bytes_per_token(dense, 4)))
     for kernel in a.kernels.split(","):
         for label, ck in ckpts.items():
             for act in a.acts.split(","):
                 # bf16: everything in bf16; fp32: fp32 activations, embedding and lm_head stored in bf16
-                col = f"{kernel} {label}" + (" fp32" if act == "fp32" else "")
-                r = cols[col] = measure(ck, True, {"bf16": "bfloat16", "fp32": "float32"}[act], a, kernel,
-                                        "bfloat16" if act == "fp32" else None)
-                r["bytes_per_token"] = weight_bytes_per_token(ck, 2, kernel)
+                tasks.append((f"{kernel} {label}" + (" fp32" if act == "fp32" else ""),
+                              lambda ck=ck, act=act, kernel=kernel: measure(
+                                  ck, True, {"bf16": "bfloat16", "fp32": "float32"}[act], a, kernel,
+                                  "bfloat16" if act == "fp32" else None),
+                              weight_bytes_per_token(ck, 2, kernel)))
     peer_ok = (PEERS / "gptqmodel" / ".ready").exists() and PEER_PY.exists()
     if peer_ok and not a.no_peer:
         for label, ck in ckpts.items():
-            r = cols[f"GPTQModel {label}"] = measure_peer(ck, a)
-            r["size_bytes"] = B.size_on_disk(ck)
-            r["bytes_per_token"] = weight_bytes_per_token(ck, 2, "cpu")  # it runs the same int4 op
+            tasks.append((f"GPTQModel {label}",
+                          lambda ck=ck: {**measure_peer(ck, a), "size_bytes": B.size_on_disk(ck)},
+                          weight_bytes_per_token(ck, 2, "cpu")))  # it runs the same int4 op as the cpu kernel
+    runs: dict[str, list] = {col: [] for col, _, _ in tasks}
+    for i in range(a.rounds):  # rounds alternate the order, so a slow spell of this shared machine hits all columns
+        for col, run, _ in (tasks if i % 2 == 0 else tasks[::-1]):
+            runs[col].append(run())
+    cols: dict[str, dict] = {col: {**merge_rounds(runs[col], a.prompt_len), "bytes_per_token": nbytes}
+                             for col, _, nbytes in tasks}
     bw_after = read_bandwidth()
     bw = max(bw_before, bw_after)
     title = (f"{name}: {a.threads} threads, prompt {a.prompt_len} tokens, {a.new_tokens} new tokens, median of "
-             f"{a.runs} decodes / {a.prefill_runs} prefills; DRAM read {bw / 1e9:.1f} GB/s (the higher of "
+             f"{a.rounds * a.runs} decodes / {a.rounds * a.prefill_runs} prefills ({a.rounds} rounds of fresh "
+             f"processes); DRAM read {bw / 1e9:.1f} GB/s (the higher of "
              f"{bw_before / 1e9:.1f} before and {bw_after / 1e9:.1f} after these columns)")
     cols["bandwidth_bytes_per_s"] = {"before": bw_before, "after": bw_after}
     text = table(title, {k: v for k, v in cols.items() if k != "bandwidth_bytes_per_s"}, bw)
@@ -393,6 +411,9 @@ def main() -> int:
     p.add_argument("--prompt-len", type=int, default=512)
     p.add_argument("--new-tokens", type=int, default=32)
     p.add_argument("--runs", type=int, default=3)
+    p.add_argument("--rounds", type=int, default=1,
+                   help="measure every column this many times in fresh processes, in alternating order, and pool "
+                        "the timings (the machines here are shared: one round's columns can see different loads)")
     # 5: on SmolLM2 single 512-token prefills ranged over 650-1010 tokens/s in one process, so a median of 2 moved
     # a column by a third between runs
     p.add_argument("--prefill-runs", type=int, default=5)
