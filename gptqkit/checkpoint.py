@@ -432,14 +432,14 @@ def load(path: str | os.PathLike, device: str | torch.device = "cpu", dtype: tor
         model.config.tie_word_embeddings = False
     qbuf = {f"{n}.{b}" for n in qnames for b in ("qweight", "qzeros", "scales", "g_idx", "bias")}
     if dense_dtype is not None:
-        from .dense import dense_names, store_dense
+        from .dense import dense_names, keeps_dtype, store_dense
 
         dense_dtype = getattr(torch, dense_dtype) if isinstance(dense_dtype, str) else dense_dtype
         stored = dense_names(model)  # cast straight to their storage dtype: no transient copy in `dtype`
     else:
         stored = set()
     for k, t in sd.items():
-        if t.is_floating_point() and k not in qbuf:
+        if t.is_floating_point() and k not in qbuf and not (k in stored and keeps_dtype(model, k, t.dtype)):
             sd[k] = t.to(dense_dtype if k in stored else dtype)
     for n in qnames:
         if f"{n}.g_idx" not in sd:  # very old checkpoints omit g_idx: groups are consecutive then

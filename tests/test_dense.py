@@ -43,6 +43,35 @@ def test_untied_head_gets_its_own_copy_and_subclasses_are_left_alone():
     assert type(gemma.get_input_embeddings()) is kind
 
 
+def test_an_untied_half_embedding_keeps_its_own_tensor(tmp_path):
+    """An untied embedding already in fp16 (what most GPTQ checkpoints hold) is kept as it is, no copy, so a loaded
+    checkpoint looks rows up in its memory-mapped tensor; its rows reach the model exactly; the head is still cast to
+    bf16 for the GEMV. A tied one is cast with its head."""
+    from gptqkit.dense import keeps_dtype
+
+    model = random_model("llama")
+    model.config.tie_word_embeddings = False
+    model.lm_head.weight = torch.nn.Parameter(model.lm_head.weight.detach().clone())
+    model.model.embed_tokens.weight = torch.nn.Parameter(model.model.embed_tokens.weight.detach().half())
+    emb = model.model.embed_tokens.weight
+    assert keeps_dtype(model, "model.embed_tokens.weight", torch.float16)
+    assert not keeps_dtype(model, "model.embed_tokens.weight", torch.float32)
+    assert not keeps_dtype(model, "lm_head.weight", torch.float16)
+    saved = store_dense(model, torch.bfloat16, compute=torch.float32)
+    kept = model.get_input_embeddings()
+    assert kept.weight.dtype == torch.float16 and kept.weight.data_ptr() == emb.data_ptr()
+    assert model.lm_head.weight.dtype == torch.bfloat16 and saved == model.lm_head.weight.numel() * 2
+    ids = torch.tensor([[1, 5, 9]])
+    with torch.no_grad():
+        assert torch.equal(kept(ids), emb[ids].float())
+    tied = random_model("llama")
+    tied.model.embed_tokens.weight = torch.nn.Parameter(tied.model.embed_tokens.weight.detach().half())
+    tied.lm_head.weight = tied.model.embed_tokens.weight
+    assert not keeps_dtype(tied, "model.embed_tokens.weight", torch.float16)
+    store_dense(tied, torch.bfloat16)
+    assert tied.get_input_embeddings().weight.dtype == torch.bfloat16
+
+
 def test_decode_rows_of_a_bf16_head_use_the_fp32_gemv():
     """Fewer than GEMV_ROWS fp32 rows against a bf16 head: the avx2 C GEMV (where it builds) sums in fp32, so it
     matches float64 on the bf16 weights to fp32 rounding, for any K (2001: a 16-wide tail), with and without bias;
