@@ -5,7 +5,7 @@ one byte per group zero, unpacks nibbles in registers and accumulates over each 
 0.5 bytes per weight plus 3 bytes per group and column, and no second copy of the codes is kept in memory
 (the `cpu` kernel's int4 op needs its own [N, K/2] layout next to qweight). Activations are fp32 inside.
 Prefill (M >= M_MAX) and autograd dequantize W with the C file's `gptq_q4_dequant` (fp32, or bf16 where
-cpu_int4.dense_dtype picks it) and run one dense GEMM over it.
+cpu_int4.dense_dtype picks it), a few MiB of columns at a time, and run one dense GEMM per block.
 
 The same C file holds the `avx2-q8` kernel's int8-activation matmul (cpu_avx2_q8.py), the bf16 GEMV that
 gptqkit.dense uses for a bf16 lm_head (bf16_matmul below), the one-token attention of gptqkit.attention
@@ -403,6 +403,11 @@ def dequantize(layer, c0: int, c1: int, dtype: torch.dtype, n0: int = 0, n1: int
     return w
 
 
+def _column_step(K: int, dtype: torch.dtype) -> int:
+    """Columns of a [K, N] weight per dequantized block: DENSE_BYTES' worth in dtype, a multiple of 64, at least 64."""
+    return max(64, DENSE_BYTES // (K * dtype.itemsize) // 64 * 64)
+
+
 def dense_matmul(layer, x: torch.Tensor, out_dtype: torch.dtype | None = None) -> torch.Tensor:
     """x [M, K] @ W -> [M, N] in out_dtype (default x's), for prefill and autograd: W dequantized in x's dtype (fp32
     or bf16) by the C kernel, DENSE_BYTES of columns at a time, one GEMM per column block written into its columns
@@ -412,7 +417,7 @@ def dense_matmul(layer, x: torch.Tensor, out_dtype: torch.dtype | None = None) -
         x = x.index_select(1, layer.avx2_src)
     K, N, C = layer.in_features, layer.out_features, layer.in_features // 8
     out_dtype = out_dtype or x.dtype
-    step = max(64, DENSE_BYTES // (K * x.element_size()) // 64 * 64)
+    step = _column_step(K, x.dtype)
     if step >= N or (x.requires_grad and torch.is_grad_enabled()):
         return (x @ dequantize(layer, 0, C, x.dtype)).to(out_dtype)
     y = torch.empty(x.shape[0], N, dtype=out_dtype)
@@ -442,7 +447,7 @@ def gated_prefill(gate, up, down, x: torch.Tensor) -> torch.Tensor | None:
     xs = x.reshape(-1, K).to(dt)
     if shared.plan.permuted:
         xs = xs.index_select(1, gate.avx2_src)
-    step = max(64, DENSE_BYTES // (K * xs.element_size()) // 64 * 64)
+    step = _column_step(K, dt)
     h = torch.empty(xs.shape[0], I, dtype=cpu_int4.dense_dtype(x.dtype, reduced=down.kernel.name == "avx2-q8"))
     for n0 in range(0, I, step):
         n1 = min(n0 + step, I)
