@@ -69,11 +69,16 @@ def dense_names(model: nn.Module) -> set[str]:
     return {f"{n}.weight" for n, m in model.named_modules() if id(m) in wanted}
 
 
+def _keeps(emb: nn.Module, head: nn.Module | None, dtype: torch.dtype) -> bool:
+    """An input embedding `emb` whose weight is (or will be) of `dtype` stays as it is: a plain nn.Embedding that no
+    lm_head shares (a quantized head has no weight), already in a 16-bit float dtype (see the module docstring)."""
+    return type(emb) is nn.Embedding and dtype in HALF and getattr(head, "weight", None) is not emb.weight
+
+
 def keeps_dtype(model: nn.Module, name: str, dtype: torch.dtype) -> bool:
-    """Whether store_dense leaves parameter `name` of `dtype` as it is: the weight of a plain nn.Embedding input
-    embedding that no lm_head shares, already in a 16-bit float dtype (see the module docstring)."""
-    emb, head = model.get_input_embeddings(), model.get_output_embeddings()
-    if type(emb) is not nn.Embedding or dtype not in HALF or getattr(head, "weight", None) is emb.weight:
+    """Whether store_dense leaves parameter `name`, of `dtype`, as it is (the input embedding's weight, see _keeps)."""
+    emb = model.get_input_embeddings()
+    if not _keeps(emb, model.get_output_embeddings(), dtype):
         return False
     return any(m is emb for n, m in model.named_modules() if f"{n}.weight" == name)
 
@@ -86,9 +91,8 @@ def store_dense(model: nn.Module, storage: torch.dtype, compute: torch.dtype | N
     saved = 0
     new_weight = None
     if type(emb) is nn.Embedding:
-        tied = head is not None and getattr(head, "weight", None) is emb.weight  # a quantized head has none
-        keep = not tied and emb.weight.dtype in HALF
-        own = emb.weight.dtype if keep else storage
+        tied = getattr(head, "weight", None) is emb.weight  # a quantized head has none
+        own = emb.weight.dtype if _keeps(emb, head, emb.weight.dtype) else storage
         saved += emb.weight.numel() * (emb.weight.element_size() - torch.finfo(own).bits // 8)
         new_weight = nn.Parameter(emb.weight.detach().to(own), requires_grad=False)
         new = StoredEmbedding(emb.num_embeddings, emb.embedding_dim, emb.padding_idx, emb.max_norm, emb.norm_type,
