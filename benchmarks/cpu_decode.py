@@ -6,8 +6,9 @@ Llama-2-7B-shaped one with --models llama7b).
     python benchmarks/cpu_decode.py --sweep               # per-layer int4-op vs dequantize+GEMM timings by rows M
 
 Every model is measured in its own subprocess (gptqkit.bench.run_measurement): peak RSS is that model's alone.
-"of which the model" is the peak less the process's RSS before loading (interpreter, torch, transformers: the
-same ~240 MiB in every column).
+"of which the model" is the peak less the process's RSS before loading: the runtime, i.e. the interpreter, torch,
+transformers and the model's modeling code (gptqkit.bench.import_architecture; ~400 MiB for a Llama here, the same
+in every column, GPTQModel's included).
 Columns: dense bf16 (the baseline the issue names), dense fp32 (the fastest dense dtype on a CPU without native
 bf16), gptqkit int4 with group 128 and 64 (bf16 activations), and GPTQModel on the same g128/g64 checkpoints in its
 own virtual environment when benchmarks/peers/setup.sh has made it ($GPTQKIT_PEERS_DIR, default
@@ -62,6 +63,9 @@ import torch
 torch.set_num_threads(spec["threads"])
 from gptqmodel import BACKEND, GPTQModel
 def vm(field): return 1024 * int([ln for ln in open("/proc/self/status") if ln.startswith(field)][0].split()[1])
+from transformers import AutoConfig
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+MODEL_FOR_CAUSAL_LM_MAPPING[type(AutoConfig.from_pretrained(spec["path"]))]  # the runtime, as gptqkit.bench counts it
 rss_start = vm("VmRSS")
 t0 = time.perf_counter()
 m = GPTQModel.load(spec["path"], device="cpu", backend=BACKEND.AUTO, dtype=torch.bfloat16)

@@ -50,8 +50,8 @@ def test_both_models_measured(result, tmp_path_factory):
 
 def test_table_and_cli_json(result, monkeypatch, capsys):
     table = format_table(result)
-    for label in ("size on disk", "peak RSS", "of which the model", "prefill, 40 tokens", "decode latency (ms/token)",
-                  "decode throughput (tokens/s)", "ratio", "1 threads"):
+    for label in ("size on disk", "peak RSS", "of which the model", "the model's code", "prefill, 40 tokens",
+                  "decode latency (ms/token)", "decode throughput (tokens/s)", "ratio", "1 threads"):
         assert label in table
     monkeypatch.setattr(bench_mod, "bench", lambda *a, **k: result)
     p = argparse.ArgumentParser()
@@ -73,3 +73,20 @@ def test_refuses_a_dense_model_and_reports_child_failures(tmp_path):
             "runs": 1}
     with pytest.raises(BenchError, match="failed .exit 1.:\n(.|\n)*is not a model folder"):
         bench_mod.run_measurement(spec, timeout=120)
+
+
+def test_runtime_includes_the_models_code(tmp_path):
+    """The RSS measure() calls the runtime is taken after the architecture's modeling code is imported: it is the
+    same for the dense and the quantized process, so "of which the model" leaves it out. Checked in a fresh
+    interpreter, where the Llama module is not yet loaded."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from gptqkit.bench import import_architecture as ia; "
+            "m = 'transformers.models.llama.modeling_llama'; before = m in sys.modules; "
+            f"print(before, ia({str(MODEL)!r}), m in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert out == ["False", "LlamaForCausalLM", "True"]
+    (tmp_path / "config.json").write_text('{"model_type": "no-such-architecture"}')
+    assert bench_mod.import_architecture(tmp_path) is None
+    assert bench_mod.import_architecture(tmp_path / "missing") is None
