@@ -116,16 +116,19 @@ def decode(model, prompt_ids: torch.Tensor, new_tokens: int, graph: bool = True)
     (one per token: what the kernels cost) and once eagerly (what a Python loop such as gptqkit.bench sees)."""
     from transformers import StaticCache
 
+    from gptqkit.cache import cache_kwarg
+
     dev = prompt_ids.device
+    name = cache_kwarg(model)  # `cache` from transformers 5.24 on
     cache = StaticCache(config=model.config, max_cache_len=prompt_ids.shape[1] + new_tokens + 8)
     tok = torch.zeros(1, 1, dtype=torch.long, device=dev)
 
     def step():
-        return model(input_ids=tok, past_key_values=cache, use_cache=True).logits[:, -1:].argmax(-1)
+        return model(input_ids=tok, **{name: cache}, use_cache=True).logits[:, -1:].argmax(-1)
 
     def prefill():
         cache.reset()  # in place: a captured graph keeps pointing at the same tensors
-        tok.copy_(model(input_ids=prompt_ids, past_key_values=cache, use_cache=True).logits[:, -1:].argmax(-1))
+        tok.copy_(model(input_ids=prompt_ids, **{name: cache}, use_cache=True).logits[:, -1:].argmax(-1))
 
     torch.cuda.reset_peak_memory_stats()
     # Warm-up, eagerly: the first call of each shape also picks the Triton kernel's tilings (triton_gptq.plan).

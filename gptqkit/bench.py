@@ -86,7 +86,7 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
         raise BenchError(f"{spec['path']} is not a model folder")
     from transformers import AutoModelForCausalLM
 
-    from .cache import cache_for
+    from .cache import cache_for, cache_kwarg, output_cache
     from .checkpoint import load
 
     if spec.get("threads"):
@@ -105,6 +105,7 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
     load_s = time.perf_counter() - t0
     rss_loaded = vm_kib("VmRSS")
     kv_cache = spec.get("kv_cache", "auto")
+    cache_name = cache_kwarg(model)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     vocab = model.config.vocab_size
@@ -114,19 +115,19 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
     def prefill(x: torch.Tensor):
         _sync(device)
         t = time.perf_counter()
-        out = model(x, past_key_values=cache_for(model, kv_cache), use_cache=True, logits_to_keep=1)
+        out = model(x, **{cache_name: cache_for(model, kv_cache)}, use_cache=True, logits_to_keep=1)
         _sync(device)
         return time.perf_counter() - t, out
 
     def decode(out, n: int) -> float:
         """n greedy steps after the prompt's cache in `out`; the cache is cut back to the prompt afterwards."""
-        past, tok = out.past_key_values, out.logits[:, -1:].argmax(-1)
+        past, tok = output_cache(out), out.logits[:, -1:].argmax(-1)
         prompt_len = past.get_seq_length()
         _sync(device)
         t = time.perf_counter()
         for _ in range(n):
-            step = model(tok, past_key_values=past, use_cache=True)
-            past, tok = step.past_key_values, step.logits[:, -1:].argmax(-1)
+            step = model(tok, **{cache_name: past}, use_cache=True)
+            past, tok = output_cache(step), step.logits[:, -1:].argmax(-1)
         _sync(device)
         seconds = time.perf_counter() - t
         past.crop(prompt_len - past.get_seq_length())  # a negative count drops that many tokens from the end

@@ -14,6 +14,8 @@ update, which then starts a new buffer from it.
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 from transformers.cache_utils import DynamicCache, DynamicLayer
 
@@ -127,6 +129,36 @@ def kv_dtype(model) -> torch.dtype | None:
     if config is None or param is None or getattr(config, "_attn_implementation", None) != NAME:
         return None
     return torch.bfloat16 if param.device.type == "cpu" else None
+
+
+# transformers 5.24 renamed the KV cache argument of models, decoder layers and attention modules from
+# `past_key_values` to `cache` (and the outputs' field likewise); the old names still work, with a FutureWarning, until
+# 5.40. gptqkit supports both: these three helpers are where the name is decided.
+
+
+def cache_kwarg(module) -> str:
+    """The keyword `module`'s forward (a model, decoder layer or attention module) takes its KV cache by."""
+    for cls in type(module).__mro__:  # a gptqkit mix-in's forward(**kwargs) defers to the class it extends
+        forward = cls.__dict__.get("forward")
+        if forward is not None:
+            params = inspect.signature(forward).parameters
+            if "cache" in params:
+                return "cache"
+            if "past_key_values" in params:
+                return "past_key_values"
+    return "past_key_values"
+
+
+def given_cache(kwargs: dict):
+    """The KV cache a forward was called with, by either name (see cache_kwarg); None if neither."""
+    cache = kwargs.get("cache")
+    return cache if cache is not None else kwargs.get("past_key_values")
+
+
+def output_cache(out):
+    """The KV cache of a model output: its `cache` field (transformers >= 5.24), else `past_key_values`."""
+    cache = getattr(out, "cache", None)
+    return cache if cache is not None else out.past_key_values
 
 
 KV_CACHE_CHOICES = ("auto", "model")

@@ -48,7 +48,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import attention
-from .cache import GrowingCache, GrowingLayer
+from .cache import GrowingCache, GrowingLayer, cache_kwarg, given_cache
 from .kernels import cpu_avx2
 
 log = logging.getLogger(__name__)
@@ -194,13 +194,14 @@ class DecodeAttention(nn.Module):
     window: int | None  # positions from which the class's forward runs (a sliding window's width), or None
 
     def forward(self, hidden_states: torch.Tensor, position_embeddings: tuple | None = None,
-                attention_mask: torch.Tensor | None = None, past_key_values=None, **kwargs):
-        if _one_token_call(attention_mask, position_embeddings, past_key_values, self.config):
-            y = self.decode_step(hidden_states, *position_embeddings, past_key_values)
+                attention_mask: torch.Tensor | None = None, **kwargs):
+        cache = given_cache(kwargs)  # `cache` or `past_key_values`, as the installed transformers names it
+        if _one_token_call(attention_mask, position_embeddings, cache, self.config):
+            y = self.decode_step(hidden_states, *position_embeddings, cache)
             if y is not None:
                 return y, None
         return super().forward(hidden_states, position_embeddings=position_embeddings,
-                               attention_mask=attention_mask, past_key_values=past_key_values, **kwargs)
+                               attention_mask=attention_mask, **kwargs)
 
     def decode_step(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                     cache: GrowingCache) -> torch.Tensor | None:
@@ -283,11 +284,12 @@ def _probe(module: nn.Module, new: nn.Module, hidden: int, head_dim: int) -> tup
     x = torch.randn(1, 6, hidden, generator=g)
     cos, sin = (torch.rand(1, 6, head_dim, generator=g) * 2 - 1 for _ in range(2))
     caches = GrowingCache(), GrowingCache()
+    name = cache_kwarg(module)
     try:
         for m, cache in zip((module, new), caches):
-            m(x[:, :5], position_embeddings=(cos[:, :5], sin[:, :5]), attention_mask=None, past_key_values=cache)
+            m(x[:, :5], position_embeddings=(cos[:, :5], sin[:, :5]), attention_mask=None, **{name: cache})
         pos = (cos[:, 5:].contiguous(), sin[:, 5:].contiguous())
-        ref = module(x[:, 5:], position_embeddings=pos, attention_mask=None, past_key_values=caches[0])
+        ref = module(x[:, 5:], position_embeddings=pos, attention_mask=None, **{name: caches[0]})
         got = new.decode_step(x[:, 5:], *pos, caches[1])
     except (RuntimeError, TypeError, ValueError, AttributeError):  # a forward this probe does not fit
         return None, None
@@ -361,14 +363,13 @@ class DecodeLayer(nn.Module):
     _linears: tuple  # ((QuantLinear, kernel, plan, shared), ...) as swapped
 
     def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                position_ids: torch.Tensor | None = None, past_key_values=None, use_cache: bool | None = False,
                 position_embeddings: tuple | None = None, **kwargs):
-        if _one_token_call(attention_mask, position_embeddings, past_key_values, self.self_attn.config):
-            y = self.decode_step(hidden_states, *position_embeddings, past_key_values)
+        cache = given_cache(kwargs)
+        if _one_token_call(attention_mask, position_embeddings, cache, self.self_attn.config):
+            y = self.decode_step(hidden_states, *position_embeddings, cache)
             if y is not None:
                 return y
-        return super().forward(hidden_states, attention_mask=attention_mask, position_ids=position_ids,
-                               past_key_values=past_key_values, use_cache=use_cache,
+        return super().forward(hidden_states, attention_mask=attention_mask,
                                position_embeddings=position_embeddings, **kwargs)
 
     def intact(self) -> bool:

@@ -200,7 +200,7 @@ def run_generation(model, tokenizer, prompt: str, max_new_tokens: int = 128, tem
     import torch
     from transformers import StoppingCriteria, StoppingCriteriaList
 
-    from .cache import cache_for
+    from .cache import cache_for, cache_kwarg
 
     if chat and template is not None:
         raise TemplateError("choose either chat (the tokenizer's chat template) or an instruction template")
@@ -242,7 +242,7 @@ def run_generation(model, tokenizer, prompt: str, max_new_tokens: int = 128, tem
     with torch.inference_mode():
         out = model.generate(**enc, max_new_tokens=max_new_tokens, streamer=sink, pad_token_id=pad,
                              stopping_criteria=StoppingCriteriaList([_Stop()]),
-                             past_key_values=cache_for(model, kv_cache), **kw)
+                             **{cache_kwarg(model): cache_for(model, kv_cache)}, **kw)
     seconds = time.perf_counter() - t0
     n_prompt = enc["input_ids"].shape[1]
     return Generation(text=sink.text, prompt=text, prompt_tokens=n_prompt, new_tokens=out.shape[1] - n_prompt,

@@ -150,7 +150,7 @@ def capture_inputs(model: nn.Module, blocks: nn.ModuleList, batches: list[dict],
     def hook(module, args, kwargs):
         kwargs = dict(kwargs)
         hidden = args[0] if args else kwargs.pop("hidden_states")
-        for k in ("past_key_value", "past_key_values", "layer_past"):
+        for k in ("past_key_value", "past_key_values", "cache", "layer_past"):  # `cache`: transformers >= 5.24
             kwargs.pop(k, None)
         if "use_cache" in kwargs:
             kwargs["use_cache"] = False

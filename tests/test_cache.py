@@ -161,3 +161,40 @@ def test_cache_for_picks_bf16_under_gptqkit_attention():
         assert isinstance(cpu_avx2.fast_library(), str)
     with pytest.raises(ValueError, match="kv_cache must be one of auto, model"):
         C.cache_for(model, "fp8")
+
+
+def test_the_cache_argument_under_either_name():
+    """transformers 5.24 renamed the KV cache argument `past_key_values` to `cache`: cache_kwarg reads which one a
+    forward takes (through a mix-in's forward(**kwargs) to the class it extends), given_cache finds it under either,
+    output_cache reads it back from an output."""
+    import warnings
+    from types import SimpleNamespace
+
+    from torch import nn
+    from transformers import AutoModelForCausalLM
+
+    class New(nn.Module):
+        def forward(self, x, cache=None):
+            return x
+
+    class Old(nn.Module):
+        def forward(self, x, past_key_values=None, **kwargs):
+            return x
+
+    class MixIn(Old):
+        def forward(self, x, **kwargs):
+            return super().forward(x, **kwargs)
+
+    assert [C.cache_kwarg(m) for m in (New(), Old(), MixIn())] == ["cache", "past_key_values", "past_key_values"]
+    c = GrowingCache()
+    assert C.given_cache({"cache": c}) is c and C.given_cache({"past_key_values": c, "x": 1}) is c
+    assert C.given_cache({"use_cache": True}) is None
+    assert C.output_cache(SimpleNamespace(past_key_values=c)) is c and C.output_cache(SimpleNamespace(cache=c)) is c
+    # the installed transformers takes the name cache_kwarg gives without a deprecation warning, and hands the same
+    # cache back
+    model = AutoModelForCausalLM.from_pretrained(STORIES)
+    cache = GrowingCache(model.config)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        out = model(torch.tensor([[1, 2, 3]]), use_cache=True, **{C.cache_kwarg(model): cache})
+    assert C.output_cache(out) is cache and cache.get_seq_length() == 3

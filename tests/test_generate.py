@@ -146,9 +146,11 @@ def test_quantized_checkpoint_and_cli(tmp_path_factory, capsys):
     out = capsys.readouterr()
     assert out.out == text + "\n" and "tokens/s" in out.err
     # the default KV cache is bf16 under gptqkit's CPU attention; --kv-cache model keeps the model's float32
+    from gptqkit.cache import given_cache
+
     caches = []
     real = model.generate
-    model.generate = lambda *a, **k: caches.append(k["past_key_values"].buffer_dtype) or real(*a, **k)
+    model.generate = lambda *a, **k: caches.append(given_cache(k).buffer_dtype) or real(*a, **k)
     same = generate(model, tok, "Once upon a time", max_new_tokens=12, kv_cache="model")
     model.generate = real
     assert caches == [None] and len(same) > 10
