@@ -362,8 +362,9 @@ class DecodeLayer(nn.Module):
     _parts: tuple  # ((owner's _modules, name, module), ...) as swapped: the C call stands for exactly these
     _linears: tuple  # ((QuantLinear, kernel, plan, shared), ...) as swapped
 
-    def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None,
+    def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
                 position_embeddings: tuple | None = None, **kwargs):
+        # keyword-only past the mask: the class's own signature has position_ids and the cache in between
         cache = given_cache(kwargs)
         if _one_token_call(attention_mask, position_embeddings, cache, self.self_attn.config):
             y = self.decode_step(hidden_states, *position_embeddings, cache)
