@@ -84,7 +84,7 @@ def stories_ckpt(tmp_path_factory):
 def test_loaded_model_decodes_like_sdpa(stories_ckpt, monkeypatch):
     """load() switches a CPU model to the C decode attention; teacher-forced decoding gives SDPA's logits to fp32
     rounding, while prefill and a padded batch (which it hands to SDPA) give them exactly."""
-    from gptqkit.cache import GrowingCache
+    from gptqkit.cache import GrowingCache, cache_kwarg, output_cache
     from gptqkit.checkpoint import load
 
     model = load(stories_ckpt, kernel="avx2")  # fp32 activations: no int8 rounding to amplify differences
@@ -93,8 +93,8 @@ def test_loaded_model_decodes_like_sdpa(stories_ckpt, monkeypatch):
 
     def decode():
         with torch.no_grad():
-            out = model(ids[:, :32], past_key_values=GrowingCache(model.config), use_cache=True)
-            steps = [model(ids[:, t:t + 1], past_key_values=out.past_key_values, use_cache=True).logits[0, -1]
+            out = model(ids[:, :32], **{cache_kwarg(model): GrowingCache(model.config)}, use_cache=True)
+            steps = [model(ids[:, t:t + 1], **{cache_kwarg(model): output_cache(out)}, use_cache=True).logits[0, -1]
                      for t in range(32, 96)]
             batch = torch.stack([ids[0, :40], ids[0, 40:80]])
             mask = torch.ones_like(batch)

@@ -92,7 +92,7 @@ def test_generate_gives_the_same_tokens_as_dynamic_cache():
     cache = GrowingCache(model.config)
     with torch.inference_mode():
         a = model.generate(ids, max_new_tokens=300, do_sample=False)  # crosses a doubling at 6 + 256 tokens
-        b = model.generate(ids, max_new_tokens=300, do_sample=False, past_key_values=cache)
+        b = model.generate(ids, max_new_tokens=300, do_sample=False, **{C.cache_kwarg(model): cache})
     assert torch.equal(a, b)
     assert all(type(layer) is GrowingLayer for layer in cache.layers)
     assert cache.layers[0]._kbuf.shape[-2] == 2 * (6 + C.HEADROOM) >= cache.get_seq_length() == 305
@@ -154,8 +154,9 @@ def test_cache_for_picks_bf16_under_gptqkit_attention():
         assert C.cache_for(model).buffer_dtype == torch.bfloat16 and C.cache_for(model, "model").buffer_dtype is None
         ids = torch.tensor([[1, 403, 407, 261, 378, 13]])
         with torch.inference_mode():
-            a = model.generate(ids, max_new_tokens=40, do_sample=False, past_key_values=C.cache_for(model))
-            b = model.generate(ids, max_new_tokens=40, do_sample=False, past_key_values=C.cache_for(model, "model"))
+            a = model.generate(ids, max_new_tokens=40, do_sample=False, **{C.cache_kwarg(model): C.cache_for(model)})
+            b = model.generate(ids, max_new_tokens=40, do_sample=False,
+                               **{C.cache_kwarg(model): C.cache_for(model, "model")})
         assert torch.equal(a[0, :46], b[0, :46])  # 40 greedy tokens as with the float32 cache (here: 123 of them)
     else:
         assert isinstance(cpu_avx2.fast_library(), str)

@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from gptqkit import attention, fused
+from gptqkit.cache import cache_kwarg
 from gptqkit.kernels import cpu_avx2
 from conftest import random_model, stories_checkpoint
 
@@ -21,8 +22,8 @@ def prefill_then_decode(model, ids, cache=None, prompt=32):
 
     with torch.no_grad():
         cache = cache if cache is not None else DynamicCache(config=model.config)
-        out = model(ids[:, :prompt], past_key_values=cache, use_cache=True)
-        steps = [model(ids[:, t:t + 1], past_key_values=cache, use_cache=True).logits[0, -1]
+        out = model(ids[:, :prompt], **{cache_kwarg(model): cache}, use_cache=True)
+        steps = [model(ids[:, t:t + 1], **{cache_kwarg(model): cache}, use_cache=True).logits[0, -1]
                  for t in range(prompt, ids.shape[1])]
     return out.logits, torch.stack(steps)
 
@@ -390,8 +391,8 @@ def test_attention_step_leaves_training_to_torch():
     model.model.layers[0].self_attn.q_proj.weight.requires_grad_(True)
     cache = GrowingCache(model.config)
     with torch.no_grad():
-        model(torch.tensor([[1, 2, 3]]), past_key_values=cache, use_cache=True)
-    out = model(torch.tensor([[4]]), past_key_values=cache, use_cache=True)
+        model(torch.tensor([[1, 2, 3]]), **{cache_kwarg(model): cache}, use_cache=True)
+    out = model(torch.tensor([[4]]), **{cache_kwarg(model): cache}, use_cache=True)
     out.logits.sum().backward()
     assert model.model.layers[0].self_attn.q_proj.weight.grad is not None
     assert model.model.layers[0].self_attn.q_proj.weight.grad.abs().sum() > 0
@@ -410,11 +411,13 @@ def test_load_swaps_the_attention(tmp_path_factory, monkeypatch):
     ids = torch.randint(3, model.config.vocab_size, (1, 8), generator=torch.Generator().manual_seed(0))
     calls = count_rope_calls(monkeypatch)
     with torch.no_grad():
-        fast = model.generate(ids, max_new_tokens=24, do_sample=False, past_key_values=GrowingCache(model.config))
+        fast = model.generate(ids, max_new_tokens=24, do_sample=False,
+                               **{cache_kwarg(model): GrowingCache(model.config)})
         assert len(calls) == 23 * model.config.num_hidden_layers  # every token after the first, every layer
         for m in swapped:
             m.decode_step = lambda *a: None
-        slow = model.generate(ids, max_new_tokens=24, do_sample=False, past_key_values=GrowingCache(model.config))
+        slow = model.generate(ids, max_new_tokens=24, do_sample=False,
+                               **{cache_kwarg(model): GrowingCache(model.config)})
     assert torch.equal(fast, slow)
 
 

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from gptqkit import kernels
+from gptqkit.cache import cache_kwarg, output_cache
 from gptqkit.kernels import cpu_avx2, cpu_avx2_q8, cpu_int4, reference
 from gptqkit.qlinear import QuantLinear
 from gptqkit.quant import QuantResult
@@ -506,8 +507,8 @@ def test_avx2_q8_decodes_a_real_model(stories_ckpt):
         for name, m in (("fast", fast), ("ref", ref)):
             past, logits = None, []
             for t in range(ids.shape[1]):
-                out = m(ids[:, t:t + 1], past_key_values=past, use_cache=True)
-                past = out.past_key_values
+                out = m(ids[:, t:t + 1], **{cache_kwarg(m): past}, use_cache=True)
+                past = output_cache(out)
                 logits.append(out.logits[:, -1])
             nll[name] = torch.cat(logits).double()
     a, b = nll["fast"], nll["ref"]
@@ -576,8 +577,8 @@ def teacher_forced_logits(model, ids, prompt=8):
     choices), stacked."""
     with torch.no_grad():
         out = model(ids[:, :prompt], use_cache=True)
-        return torch.stack([model(ids[:, t:t + 1], past_key_values=out.past_key_values, use_cache=True).logits[0, -1]
-                            for t in range(prompt, ids.shape[1])])
+        return torch.stack([model(ids[:, t:t + 1], **{cache_kwarg(model): output_cache(out)}, use_cache=True)
+                            .logits[0, -1] for t in range(prompt, ids.shape[1])])
 
 
 def test_shared_input_probe_failure_is_only_logged(stories_ckpt, caplog):
