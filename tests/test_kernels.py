@@ -334,10 +334,64 @@ def test_avx2_dequantize_is_the_reference(group_size, act_order, sym, fmt):
         cpu_avx2.dequantize(layer, 0, 1, torch.float16)
 
 
+needs_gemm_bf16 = pytest.mark.skipif(isinstance(cpu_avx2.library(), str) or not cpu_avx2.has_gemm_bf16(),
+                                     reason="the bf16 prefill GEMM needs the avx2 build and an AVX512-BF16 CPU")
+# (K, N, M, group, act-order, sym, fmt): N % 64 leaves 16/32/48-column panels; M % 6 leaves short tiles, M > 512 a
+# second pass of rows; K = 584 is not a multiple of the 256-row panels; 576 / 128 has a 64-row last group
+GEMM_CASES = [(256, 64, 6, 64, False, True, "gptq"), (576, 80, 13, 128, False, False, "gptq"),
+              (584, 208, 37, 8, True, False, "gptq_v2"), (512, 176, 520, 32, True, True, "gptq"),
+              (1024, 96, 1, -1, False, False, "gptq"), (320, 16, 11, 64, True, True, "gptq_v2")]
+
+
+@needs_gemm_bf16
+@pytest.mark.parametrize("K,N,M,group,act,sym,fmt", GEMM_CASES)
+def test_avx2_gemm_bf16_is_the_dequantized_product(K, N, M, group, act, sym, fmt):
+    """gptq_q4_gemm_bf16 multiplies by the bf16 weight that gptq_q4_dequant writes (the reference kernel's values
+    rounded to bf16), with fp32 sums: against the float64 product of the same operands only the sums' rounding
+    is left. Its gated form is silu(gate) * up of its plain products, and its bf16 output that rounded."""
+    from torch.nn import functional as F
+
+    i = GEMM_CASES.index((K, N, M, group, act, sym, fmt))
+    gate, up = (random_layer(K, N, 4, group, act, sym, fmt, seed=70 + 2 * i + j) for j in (0, 1))
+    up.g_idx.copy_(gate.g_idx)
+    for layer in (gate, up):
+        layer.use_kernel(cpu_avx2)
+    x = torch.randn(M, K, generator=torch.Generator().manual_seed(i)).bfloat16()
+    w = cpu_avx2.dequantize(gate, 0, K // 8, torch.bfloat16)  # in the kernel's row order, as x must be
+    y = cpu_avx2.gemm_bf16(gate, x)
+    assert y.dtype == torch.float32 and y.shape == (M, N)
+    assert rel_err(y, x.double() @ w.double()) < 1e-6
+    if act:  # the layer's own prefill call gathers x into that order
+        with torch.no_grad():
+            assert torch.equal(cpu_avx2.dense_matmul(gate, x[:, torch.argsort(gate.avx2_src)], torch.float32), y)
+    u = cpu_avx2.gemm_bf16(up, x)
+    h = cpu_avx2.gemm_bf16(gate, x, up)
+    assert h.dtype == torch.float32 and rel_err(h, (F.silu(y) * u).double()) < 1e-6
+    assert torch.equal(cpu_avx2.gemm_bf16(gate, x, up, torch.bfloat16), h.bfloat16())
+
+
+@needs_avx2
+def test_avx2_gemm_bf16_declines(monkeypatch):
+    """Where the CPU lacks AVX512-BF16, or N is not a multiple of 16, gemm_bf16 says None and bf16 prefill goes
+    through dequantized column blocks: every value a widened bf16 product."""
+    layer = random_layer(256, 40, 4, 64, seed=13)
+    layer.use_kernel(cpu_avx2)
+    x = torch.randn(33, 256).bfloat16()
+    assert cpu_avx2.gemm_bf16(layer, x) is None  # 40 columns
+    layer = random_layer(256, 48, 4, 64, seed=13)
+    layer.use_kernel(cpu_avx2)
+    monkeypatch.setattr(cpu_avx2, "_cpu_flags", lambda: {"avx2", "fma", "f16c", "avx512f"})
+    assert cpu_avx2.gemm_bf16(layer, x) is None
+    with torch.no_grad():
+        y = cpu_avx2.dense_matmul(layer, x, torch.float32)
+    assert torch.equal(y, y.bfloat16().float()) and rel_err(y, oracle(layer, x)) < 2e-2
+
+
 @needs_avx2
 def test_avx2_prefill_in_column_blocks(monkeypatch):
     """A layer wider than DENSE_BYTES allows is multiplied in column blocks (the last one short), each written into
-    its columns: the same result as one block, and as the oracle."""
+    its columns: the same result as one block, and as the oracle. (200 columns: not the bf16 GEMM's, which takes
+    multiples of 16.)"""
     layer = random_layer(512, 200, 4, 64, act_order=True, seed=12)
     layer.use_kernel(cpu_avx2)
     x = torch.randn(40, 512)
@@ -353,11 +407,13 @@ def test_avx2_prefill_in_column_blocks(monkeypatch):
 
 
 @needs_avx2
-@pytest.mark.parametrize("kernel,act_order,blocks", [("avx2", False, False), ("avx2-q8", True, True),
-                                                     ("avx2-q8", False, True)])
-def test_avx2_gated_prefill_is_the_layers_own(monkeypatch, kernel, act_order, blocks):
-    """A gated MLP's prefill in column blocks of gate and up (gated_prefill, what fused.GatedMLP runs) gives exactly
-    what the three layers' own prefill calls give, in one block or several; it declines what it cannot do."""
+@pytest.mark.parametrize("kernel,act_order,path", [("avx2", False, "whole"), ("avx2-q8", True, "gemm"),
+                                                   ("avx2-q8", True, "blocks"), ("avx2-q8", False, "blocks")])
+def test_avx2_gated_prefill_is_the_layers_own(monkeypatch, kernel, act_order, path):
+    """A gated MLP's prefill (gated_prefill, what fused.GatedMLP runs) gives what the three layers' own prefill calls
+    give: exactly, in one block or several of dequantized columns; within the bf16 rounding of silu(gate) * up where
+    the one-pass bf16 GEMM computes it with the C silu ("gemm", on an AVX512-BF16 CPU; "blocks" hides the CPU's
+    flag). It declines what it cannot do."""
     from torch.nn import functional as F
 
     from gptqkit import fused
@@ -368,16 +424,32 @@ def test_avx2_gated_prefill_is_the_layers_own(monkeypatch, kernel, act_order, bl
     down = random_layer(192, 256, 4, 64, act_order, seed=62)
     for layer in (gate, up, down):
         layer.use_kernel(k)
-    if blocks:
+    if path == "blocks":
         monkeypatch.setattr(cpu_avx2, "DENSE_BYTES", 256 * 2 * 64)  # 64 columns: 3 blocks of gate and up
+        monkeypatch.setattr(cpu_avx2, "has_gemm_bf16", lambda: False)
+    elif path == "gemm" and not cpu_avx2.has_gemm_bf16():
+        pytest.skip("this CPU lacks AVX512-BF16")
+    gated_calls = []  # whether each gemm_bf16 call computed silu(gate) * up
+    gemm = cpu_avx2.gemm_bf16
+
+    def spy(*args):
+        y = gemm(*args)
+        gated_calls.append(len(args) > 2 and y is not None)
+        return y
+
+    monkeypatch.setattr(cpu_avx2, "gemm_bf16", spy)
     x = torch.randn(2, 40, 256, generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         assert cpu_avx2.gated_prefill(gate, up, down, x) is None  # not sharing calls yet
         assert cpu_avx2.share_input([gate, up]) is None
         got = fused.GatedMLP(gate, up, down, torch.nn.SiLU())(x)
         ref = down(F.silu(gate(x)) * up(x))
-        assert got.dtype == torch.float32 and torch.equal(got, ref)
-        assert torch.equal(cpu_avx2.gated_prefill(gate, up, down, x), ref)
+        assert got.dtype == torch.float32 and torch.equal(cpu_avx2.gated_prefill(gate, up, down, x), got)
+        if path == "gemm":
+            assert rel_err(got, ref.double()) < 1e-3
+        else:
+            assert torch.equal(got, ref)
+        assert any(gated_calls) == (path == "gemm")
         assert rel_err(got, oracle(down, F.silu(oracle(gate, x)) * oracle(up, x))) < 3e-2
         handle = down.register_forward_hook(lambda m, a, out: None)
         assert cpu_avx2.gated_prefill(gate, up, down, x) is None  # a hooked layer is called as itself

@@ -1248,6 +1248,168 @@ void silu_mul(const float *g, const float *u, long n, float *y) {
 }
 
 /* ---------------------------------------------------------------------------------------------------------------
+   Prefill GEMM on CPUs with AVX512-BF16 (Zen 4 and later, Cooper Lake, Sapphire Rapids):
+
+       y[M, N] = x[M, K] @ W                                    (gptq_q4_gemm_bf16, qw2 == NULL)
+       y[M, N] = silu(x @ W) * (x @ W2)                         (the gated MLP's gate and up, qw2 != NULL)
+
+   x bf16 row-major; y fp32, or bf16 (rounded to nearest even) where ybf16; sums in fp32. The codes are
+   dequantized straight into the GEMM's packed panels, so W never exists as a dense matrix in memory: a dense bf16
+   GEMM (oneDNN) packs its B operand into the same kind of panel from the bf16 weight; here the panel is filled from
+   the 4-bit codes instead, and the GEMM that follows is the same work. Against dequantize + torch.mm that saves the
+   dense block's trip through memory, the GEMM's own packing of it, and the bf16 result's widening to fp32.
+
+   Panels (gb_pack): W rows [k0, k0 + KC) and 64 columns [n, n + 64), in VNNI pairs, the layout vdpbf16ps takes:
+   b[p * 64 + i] = bf16(W[k0 + 2p, n + i]) | bf16(W[k0 + 2p + 1, n + i]) << 16, 128 pairs x 64 columns x 4 bytes
+   = 32 KiB (in L1). W[k, n] = scale * (q - zero) in fp32 is exact (a 4-bit times an fp16), then rounded to bf16
+   as gptq_q4_dequant rounds it, so the operands are those of dequantize + torch.mm.
+
+   Tiles (gb_tile): MR = 6 rows of x by 64 columns: 24 zmm accumulators of 16 fp32, per pair of k 4 panel loads
+   and 6 broadcasts of x's two bf16 (one 32-bit word) for 24 vdpbf16ps.
+
+   Loops: threads split the 64-column panels; per panel, the rows of x in passes of MC = 512 (the fp32 result panel
+   512 x 64 = 128 KiB stays in L2 while K is walked), per pass K in steps of KC: pack, then every tile of the pass.
+   Each panel is dequantized once per pass, i.e. once for prompts up to 512 tokens. The gated form computes the
+   gate's and the up's panels into scratch and writes silu(g) * u (silu_mul8's formula) into y. */
+
+#define GB_KC 256
+#define GB_MC 512
+#define GB_MR 6
+#define GB_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16")))
+
+static GB_TARGET void gb_pack(const int32_t *qw, int N, const uint16_t *scales, const uint8_t *zeros,
+                              const int32_t *runs, const int32_t *rgroup, int c0, int c1, int n, int nv, uint32_t *b) {
+    /* cvtne2ps_pbh(f1, f0) holds bf16(f0) in words 0..15 and bf16(f1) in 16..31; word 2i of a pair lane takes i,
+       word 2i + 1 takes 16 + i */
+    static const uint16_t order[32] = {0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23,
+                                       8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31};
+    const __m512i perm = _mm512_loadu_si512(order), m15 = _mm512_set1_epi32(15);
+    int r = 0;
+    while (runs[r + 1] <= c0) r++;
+    for (int c = c0; c < c1; c++) {
+        while (runs[r + 1] <= c) r++;
+        const uint16_t *sg = scales + (size_t)rgroup[r] * N + n;
+        const uint8_t *zg = zeros + (size_t)rgroup[r] * N + n;
+        const int32_t *w = qw + (size_t)c * N + n;
+        uint32_t *bp = b + (size_t)(c - c0) * 4 * 64; /* a chunk of 8 rows is 4 pairs */
+        for (int v = 0; v < nv; v++) {
+            const __m512 sc = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(sg + 16 * v)));
+            const __m512 zs = _mm512_mul_ps(
+                _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(zg + 16 * v)))), sc);
+            const __m512i wv = _mm512_loadu_si512(w + 16 * v);
+            for (int j = 0; j < 4; j++) {
+                /* q * scale - zero * scale: both products exact, so one rounding of the exact (q - zero) * scale,
+                   which fp32 holds exactly (4 + 11 significant bits) */
+                const __m512 f0 = _mm512_fmsub_ps(
+                    _mm512_cvtepi32_ps(_mm512_and_si512(_mm512_srli_epi32(wv, 8 * j), m15)), sc, zs);
+                const __m512 f1 = _mm512_fmsub_ps(
+                    _mm512_cvtepi32_ps(_mm512_and_si512(_mm512_srli_epi32(wv, 8 * j + 4), m15)), sc, zs);
+                const __m512i h = (__m512i)_mm512_cvtne2ps_pbh(f1, f0);
+                _mm512_store_si512(bp + j * 64 + 16 * v, _mm512_permutexvar_epi16(perm, h));
+            }
+        }
+    }
+}
+
+/* c[i, 16 v + l] (+)= sum over the P pairs of a's row i with the panel's column, i < mr, v < nv; c is zeroed first
+   where first. */
+static inline __attribute__((always_inline)) GB_TARGET void gb_tile(const uint16_t *a, size_t lda, const uint32_t *b,
+                                                                     int P, float *c, size_t ldc, int first,
+                                                                     const int mr, const int nv) {
+    __m512 acc[GB_MR][4];
+#pragma GCC unroll 6
+    for (int i = 0; i < mr; i++)
+#pragma GCC unroll 4
+        for (int v = 0; v < nv; v++) acc[i][v] = first ? _mm512_setzero_ps() : _mm512_loadu_ps(c + i * ldc + 16 * v);
+    for (int p = 0; p < P; p++) {
+        __m512bh bv[4];
+#pragma GCC unroll 4
+        for (int v = 0; v < nv; v++) bv[v] = (__m512bh)_mm512_load_si512(b + (size_t)p * 64 + 16 * v);
+#pragma GCC unroll 6
+        for (int i = 0; i < mr; i++) {
+            int32_t pair;
+            memcpy(&pair, a + i * lda + 2 * p, sizeof pair);
+            const __m512bh ai = (__m512bh)_mm512_set1_epi32(pair);
+#pragma GCC unroll 4
+            for (int v = 0; v < nv; v++) acc[i][v] = _mm512_dpbf16_ps(acc[i][v], ai, bv[v]);
+        }
+    }
+#pragma GCC unroll 6
+    for (int i = 0; i < mr; i++)
+#pragma GCC unroll 4
+        for (int v = 0; v < nv; v++) _mm512_storeu_ps(c + i * ldc + 16 * v, acc[i][v]);
+}
+
+#define GB_TILE(MR, NV) \
+    case (MR) * 8 + (NV): gb_tile(a, lda, b, P, c, ldc, first, MR, NV); break
+#define GB_TILES(MR) GB_TILE(MR, 1); GB_TILE(MR, 2); GB_TILE(MR, 3); GB_TILE(MR, 4)
+
+static GB_TARGET void gb_tiles(const uint16_t *a, size_t lda, const uint32_t *b, int P, float *c, size_t ldc,
+                               int first, int mr, int nv) {
+    switch (mr * 8 + nv) {
+        GB_TILES(1); GB_TILES(2); GB_TILES(3); GB_TILES(4); GB_TILES(5); GB_TILES(6);
+    }
+}
+
+/* The same rounding to bf16 as store_row, on 16 floats */
+static inline GB_TARGET void gb_store(void *y, size_t at, __m512 v, int bf16) {
+    if (bf16)
+        _mm256_storeu_si256((__m256i *)((uint16_t *)y + at), (__m256i)_mm512_cvtneps_pbh(v));
+    else
+        _mm512_storeu_ps((float *)y + at, v);
+}
+
+/* Returns 0, -1 when scratch memory cannot be had, -2 for what it does not take (N % 16, K % 8, a bf16 y without
+   qw2). */
+GB_TARGET int gptq_q4_gemm_bf16(const uint16_t *x, int M, int K, int N, const int32_t *qw, const uint16_t *scales,
+                                const uint8_t *zeros, const int32_t *qw2, const uint16_t *scales2,
+                                const uint8_t *zeros2, const int32_t *runs, const int32_t *rgroup, void *y, int ybf16,
+                                int threads) {
+    if (N % 16 || K % 8 || (ybf16 && !qw2)) return -2;
+    if (threads < 1) threads = 1;
+    const int gated = qw2 != NULL, panels = (N + 63) / 64;
+    int failed = 0;
+#pragma omp parallel num_threads(threads) reduction(| : failed)
+    {
+        const share_t sh = share_of(panels);
+        void *b = NULL, *scratch = NULL; /* the panel, and the gate's and up's result panels */
+        if (posix_memalign(&b, 64, (size_t)GB_KC / 2 * 64 * 4) ||
+            (gated && posix_memalign(&scratch, 64, (size_t)2 * GB_MC * 64 * 4)))
+            failed = 1;
+        for (int m0 = 0; m0 < M && !failed; m0 += GB_MC) {
+            const int mc = M - m0 < GB_MC ? M - m0 : GB_MC;
+            for (int pn = sh.lo; pn < sh.hi; pn++) {
+                const int n = 64 * pn, nv = (N - n) / 16 < 4 ? (N - n) / 16 : 4;
+                for (int l = 0; l <= gated; l++) {
+                    float *c = gated ? (float *)scratch + (size_t)l * GB_MC * 64 : (float *)y + (size_t)m0 * N + n;
+                    const size_t ldc = gated ? 64 : (size_t)N;
+                    for (int k0 = 0; k0 < K; k0 += GB_KC) {
+                        const int kc = K - k0 < GB_KC ? K - k0 : GB_KC;
+                        gb_pack(l ? qw2 : qw, N, l ? scales2 : scales, l ? zeros2 : zeros, runs, rgroup, k0 / 8,
+                                (k0 + kc) / 8, n, nv, (uint32_t *)b);
+                        for (int i = 0; i < mc; i += GB_MR)
+                            gb_tiles(x + (size_t)(m0 + i) * K + k0, (size_t)K, (const uint32_t *)b, kc / 2, c + (size_t)i * ldc, ldc,
+                                     k0 == 0, mc - i < GB_MR ? mc - i : GB_MR, nv);
+                    }
+                }
+                if (!gated) continue;
+                for (int i = 0; i < mc; i++)
+                    for (int v = 0; v < nv; v++) {
+                        const float *g = (float *)scratch + (size_t)i * 64 + 16 * v, *u = g + (size_t)GB_MC * 64;
+                        const __m256 lo = silu_mul8(_mm256_load_ps(g), _mm256_load_ps(u));
+                        const __m256 hi = silu_mul8(_mm256_load_ps(g + 8), _mm256_load_ps(u + 8));
+                        gb_store(y, (size_t)(m0 + i) * N + n + 16 * v,
+                                 _mm512_insertf32x8(_mm512_castps256_ps512(lo), hi, 1), ybf16);
+                    }
+            }
+        }
+        free(b);
+        free(scratch);
+    }
+    return failed ? -1 : 0;
+}
+
+/* ---------------------------------------------------------------------------------------------------------------
    A whole pre-norm decoder block for one decoded token (gptqkit.fused.DecodeLayer): Llama's, Mistral's
 
        h = x + o_proj(attention(rope(q), rope(k), v)),  q|k|v = qkv_proj(rms_norm(x))

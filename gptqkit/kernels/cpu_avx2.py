@@ -4,8 +4,11 @@ Decode (M < M_MAX rows) calls `gptq_q4_matmul` in cpu_avx2.c. It reads qweight [
 one byte per group zero, unpacks nibbles in registers and accumulates over each group in fp32, so a token reads
 0.5 bytes per weight plus 3 bytes per group and column, and no second copy of the codes is kept in memory
 (the `cpu` kernel's int4 op needs its own [N, K/2] layout next to qweight). Activations are fp32 inside.
-Prefill (M >= M_MAX) and autograd dequantize W with the C file's `gptq_q4_dequant` (fp32, or bf16 where
-cpu_int4.dense_dtype picks it), a few MiB of columns at a time, and run one dense GEMM per block.
+Prefill (M >= M_MAX) in bf16 (where cpu_int4.dense_dtype picks it) on a CPU with AVX512-BF16 runs the C file's
+own GEMM, `gptq_q4_gemm_bf16`, which dequantizes the codes straight into its packed panels (no dense W in memory,
+fp32 results), and for a gated MLP computes silu(gate) * up in the same pass (gated_prefill). Otherwise prefill
+and autograd dequantize W with `gptq_q4_dequant` (fp32 or bf16), a few MiB of columns at a time, and run one torch
+GEMM per block.
 
 The same C file holds the `avx2-q8` kernel's int8-activation matmul (cpu_avx2_q8.py), the bf16 GEMV that
 gptqkit.dense uses for a bf16 lm_head (bf16_matmul below), the one-token attention of gptqkit.attention
@@ -58,6 +61,8 @@ FLAGS = ("-O3", "-shared", "-fPIC", "-pthread", "-fopenmp", "-mavx2", "-mfma", "
 # product becomes vpdpbusd over 16 columns (see piece_q8 in the C file); everything else is the same code.
 VNNI_FLAGS = FLAGS + ("-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni")
 VNNI_CPU_FLAGS = {"avx512f", "avx512bw", "avx512vl", "avx512_vnni"}
+# The bf16 prefill GEMM's instructions (vdpbf16ps, vcvtne2ps2bf16): Zen 4 and later, Cooper Lake, Sapphire Rapids.
+GEMM_BF16_CPU_FLAGS = {"avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_bf16"}
 # Rows from which the call goes to dequantize + GEMM instead. `benchmarks/cpu_decode.py --sweep` on the 2-core
 # AVX2 EPYC: the dense path first won at M = 24 (2048x2048), 32 (5632x2048), 64 (2048x5632) and never below 64
 # on SmolLM2's 576/1536 layers. On the AVX-512 EPYC the bf16 dense path first beat avx2-q8 at M = 32 (576x1536,
@@ -91,6 +96,12 @@ def _cpu_flags() -> set[str]:
 
 def has_vnni() -> bool:
     return VNNI_CPU_FLAGS <= _cpu_flags()
+
+
+def has_gemm_bf16() -> bool:
+    """Whether this CPU runs gptq_q4_gemm_bf16 (compiled into every build under a target attribute, called only
+    where the CPU has the instructions)."""
+    return GEMM_BF16_CPU_FLAGS <= _cpu_flags()
 
 
 @functools.lru_cache(maxsize=None)
@@ -131,6 +142,8 @@ def library(vnni: bool = False) -> ctypes.CDLL | str:
     lib.bf16_matmul.argtypes = [P, I, I, P, I, P, I]
     lib.gptq_q4_dequant.restype = ctypes.c_int
     lib.gptq_q4_dequant.argtypes = [P, I, P, P, P, P, I, I, I, I, I, P, I, I]
+    lib.gptq_q4_gemm_bf16.restype = ctypes.c_int
+    lib.gptq_q4_gemm_bf16.argtypes = [P, I, I, I, P, P, P, P, P, P, P, P, P, I, I]
     L = ctypes.c_long
     lib.pool_forget.restype = None
     lib.pool_forget.argtypes = []
@@ -408,17 +421,41 @@ def _column_step(K: int, dtype: torch.dtype) -> int:
     return max(64, DENSE_BYTES // (K * dtype.itemsize) // 64 * 64)
 
 
+def gemm_bf16(layer, x: torch.Tensor, up=None, out_dtype: torch.dtype = torch.float32) -> torch.Tensor | None:
+    """x [M, K] bf16 (in the kernel's row order) @ W -> [M, N] float32 by gptq_q4_gemm_bf16: the codes dequantized
+    into the GEMM's own panels, sums in fp32. With `up` (a layer of the same shape and row order): silu(x @ W) *
+    (x @ W_up) in out_dtype (float32 or bfloat16). None where the CPU lacks AVX512-BF16 or N is not a multiple of 16
+    (the caller dequantizes in blocks instead)."""
+    K, N = layer.in_features, layer.out_features
+    if not has_gemm_bf16() or N % 16 or isinstance(library(), str):
+        return None
+    x = x.contiguous()
+    y = torch.empty(x.shape[0], N, dtype=out_dtype if up is not None else torch.float32)
+    qw, sc, z = (t.data_ptr() for t in layer._avx2_plan.tensors[:3])
+    qw2, sc2, z2 = (t.data_ptr() for t in up._avx2_plan.tensors[:3]) if up is not None else (None, None, None)
+    rc = library().gptq_q4_gemm_bf16(x.data_ptr(), x.shape[0], K, N, qw, sc, z, qw2, sc2, z2,
+                                     layer.avx2_runs.data_ptr(), layer.avx2_rgroup.data_ptr(), y.data_ptr(),
+                                     int(y.dtype == torch.bfloat16), torch.get_num_threads())
+    if rc == -1:
+        raise MemoryError("avx2 kernel: no memory for the bf16 GEMM's panels")
+    return y
+
+
 def dense_matmul(layer, x: torch.Tensor, out_dtype: torch.dtype | None = None) -> torch.Tensor:
-    """x [M, K] @ W -> [M, N] in out_dtype (default x's), for prefill and autograd: W dequantized in x's dtype (fp32
-    or bf16) by the C kernel, DENSE_BYTES of columns at a time, one GEMM per column block written into its columns
-    of the result. Under autograd W is dequantized whole (the GEMM saves it for the backward anyway)."""
+    """x [M, K] @ W -> [M, N] in out_dtype (default x's), for prefill and autograd. bf16 x on an AVX512-BF16 CPU:
+    gemm_bf16. Otherwise W dequantized in x's dtype (fp32 or bf16) by the C kernel, DENSE_BYTES of columns at a time,
+    one torch GEMM per column block written into its columns of the result. Under autograd W is dequantized whole
+    (the GEMM saves it for the backward anyway)."""
     plan: Plan = layer._avx2_plan
     if plan.permuted:
         x = x.index_select(1, layer.avx2_src)
     K, N, C = layer.in_features, layer.out_features, layer.in_features // 8
     out_dtype = out_dtype or x.dtype
+    grad = x.requires_grad and torch.is_grad_enabled()
+    if x.dtype == torch.bfloat16 and not grad and (y := gemm_bf16(layer, x)) is not None:
+        return y.to(out_dtype)
     step = _column_step(K, x.dtype)
-    if step >= N or (x.requires_grad and torch.is_grad_enabled()):
+    if step >= N or grad:
         return (x @ dequantize(layer, 0, C, x.dtype)).to(out_dtype)
     y = torch.empty(x.shape[0], N, dtype=out_dtype)
     for n0 in range(0, N, step):
@@ -431,7 +468,9 @@ def gated_prefill(gate, up, down, x: torch.Tensor) -> torch.Tensor | None:
     """down(silu(gate(x)) * up(x)) for prefill rows x [..., K] float32, without the two [M, I] float32 outputs of
     gate and up (23 MB on the 1.1B shape at 512 rows): one block of DENSE_BYTES of columns of each weight at a time,
     the product written into h [M, I] in the dtype down's prefill GEMM takes (dense_dtype: bf16 for avx2-q8 where the
-    CPU has it). The values are those of the three layers' own prefill calls with the product in float32.
+    CPU has it). The values are those of the three layers' own prefill calls with the product in float32; where
+    gemm_bf16 runs (bf16 on an AVX512-BF16 CPU) it computes h in one pass, silu by the C formula of the decode path
+    (silu_mul8, within 1e-6 of torch's), so h may differ from the layers' calls by one bf16 rounding step.
     None (the caller runs the layers) where gate and up do not share decode calls (share_input: same kernel, input
     and g_idx), a layer is not on the avx2 kernels, has a bias or a hook, or gradients are needed."""
     shared = getattr(gate, "_avx2_shared", None)
@@ -447,8 +486,13 @@ def gated_prefill(gate, up, down, x: torch.Tensor) -> torch.Tensor | None:
     xs = x.reshape(-1, K).to(dt)
     if shared.plan.permuted:
         xs = xs.index_select(1, gate.avx2_src)
+    hdt = cpu_int4.dense_dtype(x.dtype, reduced=down.kernel.name == "avx2-q8")
+    h = gemm_bf16(gate, xs, up, hdt) if dt == torch.bfloat16 else None
+    if h is not None:
+        del xs
+        return dense_matmul(down, h, x.dtype).view(*x.shape[:-1], down.out_features)
     step = _column_step(K, dt)
-    h = torch.empty(xs.shape[0], I, dtype=cpu_int4.dense_dtype(x.dtype, reduced=down.kernel.name == "avx2-q8"))
+    h = torch.empty(xs.shape[0], I, dtype=hdt)
     for n0 in range(0, I, step):
         n1 = min(n0 + step, I)
         g = (xs @ dequantize(gate, 0, K // 8, dt, n0, n1)).float()
