@@ -368,6 +368,11 @@ def test_avx2_gemm_bf16_is_the_dequantized_product(K, N, M, group, act, sym, fmt
     h = cpu_avx2.gemm_bf16(gate, x, up)
     assert h.dtype == torch.float32 and rel_err(h, (F.silu(y) * u).double()) < 1e-6
     assert torch.equal(cpu_avx2.gemm_bf16(gate, x, up, torch.bfloat16), h.bfloat16())
+    with pytest.raises(ValueError, match="gate's shape"):
+        cpu_avx2.gemm_bf16(gate, x, random_layer(K, N + 16, 4, group, act, sym, fmt))
+    if group != -1:  # up's rows in another order
+        with pytest.raises(ValueError, match="and g_idx"):
+            cpu_avx2.gemm_bf16(gate, x, random_layer(K, N, 4, group, not act, sym, fmt, seed=90 + i))
 
 
 @needs_avx2

@@ -2,7 +2,8 @@
 /* 4-bit GPTQ matmul for few rows (decode) on x86-64 with AVX2, FMA and F16C.
 
    Entry points: gptq_q4_matmul (fp32 activations, the `avx2` kernel), gptq_q4_matmul_q8 (activations rounded to
-   int8, `avx2-q8`), gptq_q4_dequant (W for the prefill GEMM of both), bf16_matmul (a dense bf16 GEMV for an
+   int8, `avx2-q8`), gptq_q4_gemm_bf16 (their bf16 prefill GEMM on AVX512-BF16 CPUs, compiled under a target
+   attribute), gptq_q4_dequant (W for the prefill GEMM elsewhere), bf16_matmul (a dense bf16 GEMV for an
    lm_head kept in bf16, gptqkit.dense), decode_attention (gptqkit.attention), and rope_decode_attention,
    rms_norm and silu_mul (gptqkit.fused).
 

@@ -427,6 +427,9 @@ def gemm_bf16(layer, x: torch.Tensor, up=None, out_dtype: torch.dtype = torch.fl
     (x @ W_up) in out_dtype (float32 or bfloat16). None where the CPU lacks AVX512-BF16 or N is not a multiple of 16
     (the caller dequantizes in blocks instead)."""
     K, N = layer.in_features, layer.out_features
+    if up is not None and ((up.in_features, up.out_features) != (K, N) or not torch.equal(up.g_idx, layer.g_idx)):
+        raise ValueError(f"gemm_bf16: up ({up.in_features} x {up.out_features}) must have gate's shape ({K} x {N}) "
+                         "and g_idx, as gate_proj and up_proj of one MLP do")
     if not has_gemm_bf16() or N % 16 or isinstance(library(), str):
         return None
     x = x.contiguous()
