@@ -1389,8 +1389,8 @@ GB_TARGET int gptq_q4_gemm_bf16(const uint16_t *x, int M, int K, int N, const in
                         gb_pack(l ? qw2 : qw, N, l ? scales2 : scales, l ? zeros2 : zeros, runs, rgroup, k0 / 8,
                                 (k0 + kc) / 8, n, nv, (uint32_t *)b);
                         for (int i = 0; i < mc; i += GB_MR)
-                            gb_tiles(x + (size_t)(m0 + i) * K + k0, (size_t)K, (const uint32_t *)b, kc / 2, c + (size_t)i * ldc, ldc,
-                                     k0 == 0, mc - i < GB_MR ? mc - i : GB_MR, nv);
+                            gb_tiles(x + (size_t)(m0 + i) * K + k0, (size_t)K, (const uint32_t *)b, kc / 2,
+                                     c + (size_t)i * ldc, ldc, k0 == 0, mc - i < GB_MR ? mc - i : GB_MR, nv);
                     }
                 }
                 if (!gated) continue;

@@ -432,15 +432,16 @@ def gemm_bf16(layer, x: torch.Tensor, up=None, out_dtype: torch.dtype = torch.fl
     if up is not None and ((up.in_features, up.out_features) != (K, N) or not torch.equal(up.g_idx, layer.g_idx)):
         raise ValueError(f"gemm_bf16: up ({up.in_features} x {up.out_features}) must have gate's shape ({K} x {N}) "
                          "and g_idx, as gate_proj and up_proj of one MLP do")
-    if not has_gemm_bf16() or N % 16 or isinstance(library(), str):
+    lib = library()
+    if not has_gemm_bf16() or N % 16 or isinstance(lib, str):
         return None
     x = x.contiguous()
     y = torch.empty(x.shape[0], N, dtype=out_dtype if up is not None else torch.float32)
     qw, sc, z = (t.data_ptr() for t in layer._avx2_plan.tensors[:3])
     qw2, sc2, z2 = (t.data_ptr() for t in up._avx2_plan.tensors[:3]) if up is not None else (None, None, None)
-    rc = library().gptq_q4_gemm_bf16(x.data_ptr(), x.shape[0], K, N, qw, sc, z, qw2, sc2, z2,
-                                     layer.avx2_runs.data_ptr(), layer.avx2_rgroup.data_ptr(), y.data_ptr(),
-                                     int(y.dtype == torch.bfloat16), torch.get_num_threads())
+    rc = lib.gptq_q4_gemm_bf16(x.data_ptr(), x.shape[0], K, N, qw, sc, z, qw2, sc2, z2, layer.avx2_runs.data_ptr(),
+                               layer.avx2_rgroup.data_ptr(), y.data_ptr(), int(y.dtype == torch.bfloat16),
+                               torch.get_num_threads())
     if rc == -1:
         raise MemoryError("avx2 kernel: no memory for the bf16 GEMM's panels")
     return y
