@@ -597,11 +597,12 @@ def test_avx2_q8_decodes_a_real_model(stories_ckpt):
 
 @needs_avx2
 @pytest.mark.skipif(not cpu_avx2.has_vnni(), reason="this CPU has no AVX512-VNNI")
-@pytest.mark.parametrize("group_size,act_order,K,N", [(128, False, 576, 80), (32, True, 264, 48), (-1, False, 512, 64),
-                                                      (64, False, 1024, 1040)])
+@pytest.mark.parametrize("group_size,act_order,K,N", [(128, False, 576, 80), (32, True, 264, 48), (-1, False, 512, 72),
+                                                      (64, False, 1024, 1040), (128, True, 576, 88)])
 def test_avx2_q8_vnni_build_is_bit_identical(group_size, act_order, K, N):
     """Both builds sum the same integers exactly and then take the same fp32 steps: equal bit for bit, including
-    column counts that leave an 8-wide tail after the 16-wide VNNI loop (80, 48, 1040)."""
+    column counts that leave a 16-wide tail (80, 48, 1040), an 8-wide one (72) or both (88) after the 32-wide VNNI
+    loop, and runs of one piece (group 32) or cut by segments (group -1)."""
     vnni = cpu_avx2.library(vnni=True)
     assert not isinstance(vnni, str), vnni
     layer = random_layer(K, N, 4, group_size, act_order, sym=False, fmt="gptq", bias=False, seed=K + N)
