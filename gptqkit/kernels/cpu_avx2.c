@@ -327,7 +327,7 @@ typedef struct {
 } acts_t;
 
 static void run_q8(const acts_t *a, int M, int C, const int32_t *qw, int N, int a0, int a1, float *acc, float *sx,
-                   float *y, const uint16_t *sg, const uint8_t *zg);
+                   float *y, int fresh, const uint16_t *sg, const uint8_t *zg);
 static void q8_prepare(const acts_t *a, int M, int K, int b0, int b1);
 
 /* Decode's matmuls split the rows (K) into SEGMENTS segments of whole units (one 8-row chunk, or for the int8 path
@@ -446,18 +446,19 @@ static void mm_task(void *arg, int t, int T) {
         const int c0 = u0 * j->unit, c1 = u1 * j->unit < C ? u1 * j->unit : C;
         if (a->q8) q8_prepare(a, M, K, u0, u1);
         float *yl = partial(j, sg);
-        memset(yl, 0, sizeof(float) * j->MS);
+        if (!a->q8) memset(yl, 0, sizeof(float) * j->MS); /* the int8 path's first run of a layer writes it */
         for (int l = 0; l < j->nl; yl += (size_t)M * j->Ns[l], l++) {
             const int32_t *qw = j->qws[l];
             const int N = j->Ns[l];
             const size_t MN = (size_t)M * N;
             int r = 0;
             while (r < j->R && j->runs[r + 1] <= c0) r++;
-            for (; r < j->R && j->runs[r] < c1; r++) {
+            for (const int r0 = r; r < j->R && j->runs[r] < c1; r++) {
                 const int a0 = j->runs[r] > c0 ? j->runs[r] : c0, a1 = j->runs[r + 1] < c1 ? j->runs[r + 1] : c1;
                 const int g = j->rgroup[r];
                 if (a->q8) { /* flushes its own pieces */
-                    run_q8(a, M, C, qw, N, a0, a1, acc, sx, yl, j->scs[l] + (size_t)g * N, j->zs[l] + (size_t)g * N);
+                    run_q8(a, M, C, qw, N, a0, a1, acc, sx, yl, r == r0, j->scs[l] + (size_t)g * N,
+                           j->zs[l] + (size_t)g * N);
                     continue;
                 }
                 memset(acc, 0, sizeof(float) * MN);
@@ -548,6 +549,7 @@ int gptq_q4_matmul(const float *x, int M, int K, int nl, const int32_t *const *q
    and flush pass take (see piece_q8 for what it gained). */
 typedef struct {
     int first, last; /* the run's first / last piece */
+    int fresh;       /* y holds nothing yet (the segment's first run of this layer): y = 0 + ... */
     float *y;        /* the row's output [N] */
     const uint16_t *sg;
     const uint8_t *zg; /* the group's scales and zeros [N] */
@@ -563,8 +565,8 @@ static inline void piece_end8(float *facc, __m256 f, float d, const piece_end *e
     }
     const __m256 sc = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(e->sg + n)));
     const __m256 z = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(e->zg + n))));
-    _mm256_storeu_ps(e->y + n,
-                     _mm256_fmadd_ps(sc, _mm256_fnmadd_ps(z, _mm256_set1_ps(e->sx), f), _mm256_loadu_ps(e->y + n)));
+    const __m256 y = e->fresh ? _mm256_setzero_ps() : _mm256_loadu_ps(e->y + n);
+    _mm256_storeu_ps(e->y + n, _mm256_fmadd_ps(sc, _mm256_fnmadd_ps(z, _mm256_set1_ps(e->sx), f), y));
 }
 
 /* Piece of nc <= 4 chunks from c0 for one row, its sums going where e says (facc: the row's acc). xl/xh: per chunk
@@ -591,7 +593,8 @@ static inline void piece_end16(float *facc, __m512i s, __m512 dv, __m512 sxv, co
     }
     const __m512 sc = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(e->sg + n)));
     const __m512 z = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(e->zg + n))));
-    _mm512_storeu_ps(e->y + n, _mm512_fmadd_ps(sc, _mm512_fnmadd_ps(z, sxv, f), _mm512_loadu_ps(e->y + n)));
+    const __m512 y = e->fresh ? _mm512_setzero_ps() : _mm512_loadu_ps(e->y + n);
+    _mm512_storeu_ps(e->y + n, _mm512_fmadd_ps(sc, _mm512_fnmadd_ps(z, sxv, f), y));
 }
 
 static inline void piece_q8(const int32_t *qw, int N, int c0, int nc, const int32_t *xl, const int32_t *xh,
@@ -660,10 +663,11 @@ static inline void piece_q8(const int32_t *qw, int N, int c0, int nc, const int3
 }
 #endif
 
-/* A run's chunks a0 .. a1-1 of group g (sg, zg its scales and zeros) cut at block edges, added into y [M, N]:
+/* A run's chunks a0 .. a1-1 of group g (sg, zg its scales and zeros) cut at block edges, added into y [M, N]
+   (written instead where fresh):
    acc [M, N] holds the sums scaled by d[b] between pieces, sx [M] the same for the sum of x. */
 static void run_q8(const acts_t *a, int M, int C, const int32_t *qw, int N, int a0, int a1, float *acc, float *sx,
-                   float *y, const uint16_t *sg, const uint8_t *zg) {
+                   float *y, int fresh, const uint16_t *sg, const uint8_t *zg) {
     for (int m = 0; m < M; m++) {
         float t = 0.0f;
         for (int p0 = a0; p0 < a1;) {
@@ -681,7 +685,7 @@ static void run_q8(const acts_t *a, int M, int C, const int32_t *qw, int N, int 
         for (int m = 0; m < M; m++) {
             const float db = a->d[(size_t)m * a->B + b];
             const int32_t *l = a->xl + (size_t)m * C, *h = a->xh + (size_t)m * C;
-            const piece_end e = {p0 == a0, p1 == a1, y + (size_t)m * N, sg, zg, sx[m]};
+            const piece_end e = {p0 == a0, p1 == a1, fresh, y + (size_t)m * N, sg, zg, sx[m]};
             /* the whole-block call gets a constant count, so the compiler unrolls it */
             if (p1 - p0 == QB_CHUNKS)
                 piece_q8(qw, N, p0, QB_CHUNKS, l, h, db, acc + (size_t)m * N, &e);
