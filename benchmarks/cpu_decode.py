@@ -15,10 +15,13 @@ own virtual environment when benchmarks/peers/setup.sh has made it ($GPTQKIT_PEE
 ~/.cache/gptqkit/peers). The quantized checkpoints use
 round-to-nearest (gptqkit quantize --method rtn): speed does not depend on how the codes were chosen.
 
-Roofline: DRAM read bandwidth (a sum over a 1 GiB fp32 tensor, best of 5, same threads; read before and after each
-model's columns, the higher taken) divided by the weight bytes one decode token must read (every Linear and
-lm_head, in the layout the kernel reads: int4 codes plus bf16 scale/zero pairs for gptqkit; bf16 or fp32 for
-dense), ignoring the KV cache and activations.
+Roofline: DRAM read bandwidth (a sum over a 1 GiB fp32 tensor, best of 5, same threads) divided by the weight bytes
+one decode token must read (every Linear and lm_head, in the layout the kernel reads: int4 codes plus bf16
+scale/zero pairs for gptqkit; bf16 or fp32 for dense), ignoring the KV cache and activations. The bandwidth is read
+between every two runs (a run: one column's fresh process), and each run is held against the higher of the readings
+on either side of it; a column's fraction is the median over its runs. On the shared VMs here the reading moves
+between levels (46-78 GB/s on one 2-core machine, each level lasting minutes), so a single reading at the start of a
+model's columns can be minutes and a level away from a run it is held against.
 """
 
 from __future__ import annotations
@@ -267,7 +270,7 @@ def measure_peer(path: Path, a) -> dict:
         return {**json.loads(out.read_text()), "new_tokens": a.new_tokens}
 
 
-def table(title: str, cols: dict[str, dict], bw: float, base: str = "dense bf16") -> str:
+def table(title: str, cols: dict[str, dict], base: str = "dense bf16") -> str:
     mib = 2**20
     b = cols.get(base, {})
 
@@ -294,29 +297,35 @@ def table(title: str, cols: dict[str, dict], bw: float, base: str = "dense bf16"
              row("  / dense bf16", lambda r: r["peak_rss_model_bytes"] / b["peak_rss_model_bytes"], "{:10.2f}"),
              row("size on disk MiB", lambda r: r["size_bytes"] / mib, "{:10.0f}"),
              row("weight MB read / token", lambda r: r["bytes_per_token"] / 1e6, "{:10.1f}"),
-             row("roofline tokens/s", lambda r: bw / r["bytes_per_token"], "{:10.1f}"),
-             row("  fraction achieved", lambda r: r["decode_tokens_per_s"] * r["bytes_per_token"] / bw, "{:10.2f}")]
+             row("DRAM read GB/s at its runs", lambda r: statistics.median(r["run_bandwidth"]) / 1e9, "{:10.1f}"),
+             row("roofline tokens/s", lambda r: statistics.median(r["run_bandwidth"]) / r["bytes_per_token"],
+                 "{:10.1f}"),
+             row("  fraction achieved", lambda r: statistics.median(r["run_fraction"]), "{:10.2f}"),
+             row("  lowest, highest run", lambda r: f"{min(r['run_fraction']):.2f}-{max(r['run_fraction']):.2f}",
+                 "{:>10s}")]
     errors = [f"  {k}: {r['error']}" for k, r in cols.items() if "error" in r]
     return "\n".join(lines + errors)
 
 
-def merge_rounds(rs: list[dict], prompt_len: int) -> dict:
+def merge_rounds(rs: list[dict], prompt_len: int, nbytes: int) -> dict:
     """One column from its rounds' measurements: the timings pooled and their medians taken again, the highest peak
-    RSS; a failed round fails the column."""
-    if len(rs) == 1 or any("error" in r for r in rs):
-        return next((r for r in rs if "error" in r), rs[0])
+    RSS, and per run the bandwidth it is held against (r["bandwidth"]) and the roofline fraction its decodes reached
+    (nbytes: weight bytes read per token); a failed round fails the column."""
+    failed = next((r for r in rs if "error" in r), None)
+    if failed is not None:
+        return failed
     pre, dec = [t for r in rs for t in r["prefill_s"]], [t for r in rs for t in r["decode_s"]]
     n = rs[0]["new_tokens"]
     return {**rs[0], "prefill_s": pre, "decode_s": dec, "prefill_tokens_per_s": prompt_len / statistics.median(pre),
             "decode_tokens_per_s": n / statistics.median(dec), "decode_ms_per_token": 1e3 * statistics.median(dec) / n,
-            **{k: max(r[k] for r in rs) for k in ("peak_rss_bytes", "peak_rss_model_bytes") if k in rs[0]}}
+            **{k: max(r[k] for r in rs) for k in ("peak_rss_bytes", "peak_rss_model_bytes") if k in rs[0]},
+            "bytes_per_token": nbytes, "run_bandwidth": [r["bandwidth"] for r in rs],
+            "run_fraction": [n / statistics.median(r["decode_s"]) * nbytes / r["bandwidth"] for r in rs]}
 
 
 def run_model(name: str, dense: Path, ckpts: dict[str, Path], a) -> tuple[str, dict]:
-    # The roofline takes the higher of two bandwidth readings, before and after this model's columns: on this shared
-    # VM one reading at the start of a run once came out at 60.7 GB/s against 33-36 GB/s on either side of it.
-    bw_before = read_bandwidth()
-    log(f"DRAM read bandwidth: {bw_before / 1e9:.2f} GB/s; load average {os.getloadavg()}")
+    readings = [read_bandwidth()]
+    log(f"DRAM read bandwidth: {readings[0] / 1e9:.2f} GB/s; load average {os.getloadavg()}")
     # (column, measurement, bytes one decode token reads), in the order they run
     tasks = [("dense bf16", lambda: measure(dense, False, "bfloat16", a), weight_bytes_per_token(dense, 2))]
     if not a.no_fp32:
@@ -339,19 +348,16 @@ def run_model(name: str, dense: Path, ckpts: dict[str, Path], a) -> tuple[str, d
     runs: dict[str, list] = {col: [] for col, _, _ in tasks}
     for i in range(a.rounds):  # rounds alternate the order, so a slow spell of this shared machine hits all columns
         for col, run, _ in (tasks if i % 2 == 0 else tasks[::-1]):
-            runs[col].append(run())
-    cols: dict[str, dict] = {col: {**merge_rounds(runs[col], a.prompt_len), "bytes_per_token": nbytes}
-                             for col, _, nbytes in tasks}
-    bw_after = read_bandwidth()
-    bw = max(bw_before, bw_after)
+            r = run()
+            readings.append(read_bandwidth())
+            runs[col].append({**r, "bandwidth": max(readings[-2:])})
+    cols: dict[str, dict] = {col: merge_rounds(runs[col], a.prompt_len, nbytes) for col, _, nbytes in tasks}
     title = (f"{name}: {a.threads} threads, prompt {a.prompt_len} tokens, {a.new_tokens} new tokens, median of "
              f"{a.rounds * a.runs} decodes / {a.rounds * a.prefill_runs} prefills ({a.rounds} rounds of fresh "
-             f"processes); DRAM read {bw / 1e9:.1f} GB/s (the higher of "
-             f"{bw_before / 1e9:.1f} before and {bw_after / 1e9:.1f} after these columns)")
-    cols["bandwidth_bytes_per_s"] = {"before": bw_before, "after": bw_after}
-    text = table(title, {k: v for k, v in cols.items() if k != "bandwidth_bytes_per_s"}, bw)
-    if min(bw_before, bw_after) < 0.8 * bw:
-        text += "\n  the two bandwidth readings differ by more than 20%: the roofline fractions are not reliable"
+             f"processes); DRAM read {min(readings) / 1e9:.1f}-{max(readings) / 1e9:.1f} GB/s over "
+             f"{len(readings)} readings, one between every two runs")
+    text = table(title, cols)
+    cols["bandwidth_bytes_per_s"] = readings
     if not peer_ok:
         text += f"\nGPTQModel: not installed at {PEER_PY.parent.parent}"
     return text, cols
