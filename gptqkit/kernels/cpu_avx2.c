@@ -346,10 +346,13 @@ static void q8_prepare(const acts_t *a, int M, int K, int b0, int b1);
    fewer leave a thread idle longer at the end, more add partials to sum. */
 #define SEGMENTS 8
 /* Bytes read ahead after each call. The reads evict what the caller's Python keeps in the shared L3 (a pointer chase
-   over 4 MB went from 20 to 150 ns per hop with the other core streaming), so more is not better: in one process,
-   interleaved against 8 MB, 2-3 MB gave the matmuls 16.9 ms per token against 16.2 and the rest of the token 10.7-11.1
-   ms against 12.3. */
-#define READ_AHEAD_BYTES (3L << 20)
+   over 4 MB went from 20 to 150 ns per hop with the other core streaming), so more is not always better: on the
+   2-core AVX2 EPYC of the first measurements, in one process, interleaved against 8 MB, 2-3 MB gave the matmuls
+   16.9 ms per token against 16.2 and the rest of the token 10.7-11.1 ms against 12.3. On a Zen 5 EPYC with a 32 MiB
+   L3, 6 MB took 1.2-3% less time per token than 3 MB on the 1.1B shape (three A/B runs in one process each; 10 and
+   16 MB no better than 6, none at all 2% worse than 3). Most calls ask for less anyway: at most 60% of each of the
+   next two calls is planned (plan_read_ahead), so the budget binds before gate/up and lm_head. */
+#define READ_AHEAD_BYTES (6L << 20)
 
 static void segments(int U, int threads, int *S, int *seg) {
     const int want = threads > 1 ? (U < SEGMENTS ? U : SEGMENTS) : 1;
