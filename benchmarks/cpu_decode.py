@@ -20,8 +20,8 @@ one decode token must read (every Linear and lm_head, in the layout the kernel r
 scale/zero pairs for gptqkit; bf16 or fp32 for dense), ignoring the KV cache and activations. The bandwidth is read
 between every two runs (a run: one column's fresh process), and each run is held against the higher of the readings
 on either side of it; a column's fraction is the median over its runs. On the shared VMs here the reading moves
-between levels (46-78 GB/s on one 2-core machine, each level lasting minutes), so a single reading at the start of a
-model's columns can be minutes and a level away from a run it is held against.
+between levels (39-48 and 74-80 GB/s on one 2-core machine, a level lasting seconds to minutes), so a single reading
+at the start of a model's columns can be minutes and a level away from a run it is held against.
 """
 
 from __future__ import annotations
