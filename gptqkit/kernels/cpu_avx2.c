@@ -680,22 +680,14 @@ static inline void piece_q8(const int32_t *qw, int N, int c0, int nc, const int3
    acc [M, N] holds the sums scaled by d[b] between pieces, sx [M] the same for the sum of x. */
 static void run_q8(const acts_t *a, int M, int C, const int32_t *qw, int N, int a0, int a1, float *acc, float *sx,
                    float *y, int fresh, const uint16_t *sg, const uint8_t *zg) {
-    for (int m = 0; m < M; m++) {
-        float t = 0.0f;
-        for (int p0 = a0; p0 < a1;) {
-            const int edge = (p0 / QB_CHUNKS + 1) * QB_CHUNKS, p1 = edge < a1 ? edge : a1;
-            int s = 0;
-            for (int c = p0; c < p1; c++) s += a->sb[(size_t)m * C + c];
-            t += a->d[(size_t)m * a->B + p0 / QB_CHUNKS] * (float)s;
-            p0 = p1;
-        }
-        sx[m] = t;
-    }
     for (int p0 = a0; p0 < a1;) {
         const int edge = (p0 / QB_CHUNKS + 1) * QB_CHUNKS, p1 = edge < a1 ? edge : a1;
         const int b = p0 / QB_CHUNKS;
         for (int m = 0; m < M; m++) {
             const float db = a->d[(size_t)m * a->B + b];
+            int s = 0;
+            for (int c = p0; c < p1; c++) s += a->sb[(size_t)m * C + c];
+            sx[m] = (p0 == a0 ? 0.0f : sx[m]) + db * (float)s; /* the whole run's by its last piece, which needs it */
             const int32_t *l = a->xl + (size_t)m * C, *h = a->xh + (size_t)m * C;
             const piece_end e = {p0 == a0, p1 == a1, fresh, y + (size_t)m * N, sg, zg, sx[m]};
             /* the whole-block call gets a constant count, so the compiler unrolls it */
