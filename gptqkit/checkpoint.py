@@ -463,6 +463,7 @@ def load(path: str | os.PathLike, device: str | torch.device = "cpu", dtype: tor
     if device.type == "cpu":
         attention.use(model)
         fused.use_layers(model)  # blocks whose swapped parts (use_kernels) and attention allow one C call each
+        fused.use_stack(model)  # and a stack of such blocks: one C call per token
     return model
 
 

@@ -435,7 +435,13 @@ def _random_checkpoint(tmp_path, arch: str):
 
 
 def _plain(model) -> None:
-    """Put every DecodeLayer of model back to its own class (what the C block call is compared with)."""
+    """Put the DecodeStack and every DecodeLayer of model back to their own classes (what the C calls are compared
+    with)."""
+    for name, m in list(model.named_modules()):
+        if isinstance(m, fused.DecodeStack):
+            cls, state = m.__reduce_ex__(2)[1]
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent) if parent else model, child, fused._plain_copy(cls, state))
     for blocks in [m for m in model.modules() if isinstance(m, nn.ModuleList)]:
         for i, b in enumerate(blocks):
             if isinstance(b, fused.DecodeLayer):
@@ -443,30 +449,99 @@ def _plain(model) -> None:
                 blocks[i] = fused._plain_copy(cls, state)
 
 
+def count_c_calls(monkeypatch) -> dict:
+    """{"layer": [...], "stack": [...]}: one entry per cpu_avx2.decode_layer / decode_stack call from here on."""
+    calls = {"layer": [], "stack": []}
+    for kind in calls:
+        real = getattr(cpu_avx2, f"decode_{kind}")
+        monkeypatch.setattr(cpu_avx2, f"decode_{kind}", lambda *a, real=real, kind=kind: calls[kind].append(1)
+                            or real(*a))
+    return calls
+
+
 @needs_avx2
 @pytest.mark.parametrize("arch,whole", [("llama", True), ("mistral", True), ("qwen2", False)])
 def test_load_runs_whole_blocks_in_one_c_call(tmp_path, monkeypatch, arch, whole):
-    """Llama's and Mistral's blocks run a decoded token in one C call per block and give the per-module path's logits
-    bit for bit; Qwen2's q/k/v biases keep its blocks on the per-module path."""
+    """Llama's and Mistral's stacks run a decoded token in one C call (every block, then the norm) and give the
+    per-module path's logits bit for bit; Qwen2's q/k/v biases keep its blocks and stack on the per-module path."""
     from gptqkit.cache import GrowingCache
     from gptqkit.checkpoint import load
 
     ckpt = _random_checkpoint(tmp_path, arch)
-    calls = []
-    real = cpu_avx2.decode_layer
-    monkeypatch.setattr(cpu_avx2, "decode_layer", lambda *a: calls.append(1) or real(*a))
+    calls = count_c_calls(monkeypatch)
     for kernel in ("avx2", "avx2-q8"):
         model = load(ckpt, kernel=kernel)
         blocks = [b for b in model.model.layers if isinstance(b, fused.DecodeLayer)]
         assert len(blocks) == (model.config.num_hidden_layers if whole else 0)
         assert all(isinstance(b, type(model.model.layers[0]).__bases__[1]) for b in blocks)
-        calls.clear()
+        assert isinstance(model.model, fused.DecodeStack) == whole
+        assert isinstance(model.model, type(model.model).__bases__[-1])  # still the model's own stack class
+        calls["layer"].clear(), calls["stack"].clear()
         ids = torch.randint(0, 256, (1, 40), generator=torch.Generator().manual_seed(4))
         fast = prefill_then_decode(model, ids, GrowingCache(model.config))
-        assert len(calls) == (8 * model.config.num_hidden_layers if whole else 0)
+        assert (len(calls["stack"]), len(calls["layer"])) == ((8, 0) if whole else (0, 0))
         _plain(model)
+        assert not any(isinstance(m, (fused.DecodeStack, fused.DecodeLayer)) for m in model.modules())
         slow = prefill_then_decode(model, ids, GrowingCache(model.config))
         assert torch.equal(fast[0], slow[0]) and torch.equal(fast[1], slow[1])
+
+
+@needs_avx2
+def test_stack_leaves_the_c_call_where_its_forward_would_differ(tmp_path, monkeypatch):
+    """The one C call per token steps aside, and the stack's own forward runs (its blocks each in their C call),
+    for what it does not stand for: hidden states asked for (recorded as the class's forward records them), a
+    padded position, a hook on the final norm, a sliding window's last position; transformers' generate() with its
+    attention mask of ones takes it."""
+    from gptqkit.cache import GrowingCache
+    from gptqkit.checkpoint import load
+
+    ckpt = _random_checkpoint(tmp_path, "llama")
+    model, plain = load(ckpt, kernel="avx2-q8"), load(ckpt, kernel="avx2-q8")
+    _plain(plain)
+    assert isinstance(model.model, fused.DecodeStack) and type(plain.model).__name__ == "LlamaModel"
+    calls = count_c_calls(monkeypatch)
+    name = cache_kwarg(model)
+    ids = torch.randint(0, 256, (1, 12), generator=torch.Generator().manual_seed(6))
+
+    def step(m, **kw):
+        cache = GrowingCache(m.config)
+        with torch.no_grad():
+            m(ids[:, :10], **{name: cache}, use_cache=True)
+            return m(ids[:, 10:11], **{name: cache}, use_cache=True, **kw)
+
+    calls["stack"].clear()
+    step(model, attention_mask=torch.tensor([[0] + [1] * 10]))
+    assert not calls["stack"]
+    step(model, attention_mask=torch.ones(1, 11, dtype=torch.long))
+    assert len(calls["stack"]) == 1
+
+    seen = []
+    handle = model.model.norm.register_forward_hook(lambda m, a, out: seen.append(out.shape))
+    calls["stack"].clear()
+    hooked = step(model)
+    assert not calls["stack"] and len(seen) == 2 and torch.equal(hooked.logits, step(plain).logits)
+    handle.remove()
+
+    model.model._window = 10  # as a sliding window of 10: position 10 is past it
+    calls["stack"].clear(), calls["layer"].clear()
+    step(model)
+    assert not calls["stack"] and len(calls["layer"]) == 2
+    model.model._window = None
+
+    calls["stack"].clear()
+    with torch.no_grad():
+        out = model.generate(ids[:, :8], max_new_tokens=4, do_sample=False, **{name: GrowingCache(model.config)})
+        ref_out = plain.generate(ids[:, :8], max_new_tokens=4, do_sample=False,
+                                 **{name: GrowingCache(plain.config)})
+    assert len(calls["stack"]) == 3 and torch.equal(out, ref_out)
+
+    ref = step(plain, output_hidden_states=True)
+    calls["layer"].clear(), calls["stack"].clear()
+    got = step(model, output_hidden_states=True)  # last: the recording hooks stay on the blocks from now on
+    assert (len(calls["stack"]), len(calls["layer"])) == (0, 0)
+    assert len(got.hidden_states) == len(ref.hidden_states) == 3
+    assert all(torch.equal(a, b) for a, b in zip(got.hidden_states, ref.hidden_states))
+    assert torch.equal(got.logits, ref.logits)
 
 
 @needs_avx2
@@ -503,26 +578,25 @@ def test_a_changed_block_leaves_the_c_call(tmp_path, monkeypatch):
     from gptqkit.kernels import reference
 
     model = load(_random_checkpoint(tmp_path, "llama"), kernel="avx2")
-    calls = []
-    real = cpu_avx2.decode_layer
-    monkeypatch.setattr(cpu_avx2, "decode_layer", lambda *a: calls.append(1) or real(*a))
+    calls = count_c_calls(monkeypatch)
     ids = torch.randint(0, 256, (1, 34), generator=torch.Generator().manual_seed(5))
     ref = prefill_then_decode(model, ids, GrowingCache(model.config))
-    assert len(calls) == 2 * 2
+    assert (len(calls["stack"]), len(calls["layer"])) == (2, 0)  # two steps, the whole stack in one call each
     block = model.model.layers[1]
     seen = []
     handle = block.mlp.down_proj.register_forward_hook(lambda m, a, out: seen.append(out.shape))
-    calls.clear()
+    calls["stack"].clear()
     got = prefill_then_decode(model, ids, GrowingCache(model.config))
-    assert len(calls) == 2 and len(seen) == 3  # block 0 in C; block 1 runs its parts: prefill and two steps
+    assert not calls["stack"]
+    assert len(calls["layer"]) == 2 and len(seen) == 3  # block 0 in C; block 1 runs its parts: prefill and two steps
     assert torch.equal(got[1], ref[1])
     handle.remove()
-    block.mlp.down_proj.use_kernel(reference)  # another kernel: the block's C call no longer stands for it
-    calls.clear()
+    block.mlp.down_proj.use_kernel(reference)  # another kernel: the C calls no longer stand for it
+    calls["layer"].clear()
     got = prefill_then_decode(model, ids, GrowingCache(model.config))
-    assert len(calls) == 2
+    assert not calls["stack"] and len(calls["layer"]) == 2
     torch.testing.assert_close(got[1], ref[1], rtol=1e-4, atol=1e-4)
     block.mlp.down_proj = nn.Linear(128, 64)  # replaced outright
-    calls.clear()
+    calls["layer"].clear()
     prefill_then_decode(model, ids, GrowingCache(model.config))
-    assert len(calls) == 2
+    assert not calls["stack"] and len(calls["layer"]) == 2

@@ -159,6 +159,8 @@ def library(vnni: bool = False) -> ctypes.CDLL | str:
     lib.silu_mul.argtypes = [P, P, L, P]
     lib.decode_layer.restype = ctypes.c_int
     lib.decode_layer.argtypes = [P, P, P, P, P, P, I, I, L, L, L, L, P, I]
+    lib.decode_stack.restype = ctypes.c_int
+    lib.decode_stack.argtypes = [P, I, P, P, P, P, P, I, I, L, L, L, L, P, ctypes.c_float, P, I]
     return lib
 
 
@@ -659,6 +661,16 @@ def layer_args(w1: torch.Tensor, eps1: float, w2: torch.Tensor, eps2: float, qkv
     return args
 
 
+def _step_fits(args: LayerArgs, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kbuf: torch.Tensor,
+               vbuf: torch.Tensor, T: int) -> bool:
+    """decode_layer's sizes: x [1, 1, hidden] float32 contiguous, cos and sin [head_dim], cache buffers
+    [1, Hkv, capacity > T, head_dim] with unit stride along head_dim, float32 or both bfloat16."""
+    (B, Hkv, cap, D), ks, vs = kbuf.shape, kbuf.stride(), vbuf.stride()
+    return (B == 1 and 0 <= T < cap and vbuf.shape == kbuf.shape and ks[3] == 1 and vs[3] == 1
+            and kbuf.dtype == vbuf.dtype in KV_DTYPES and Hkv == args.Hkv and D == args.D and cos.numel() == D
+            and sin.numel() == D and x.numel() == args.hidden and x.is_contiguous())
+
+
 def decode_layer(args: LayerArgs, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kbuf: torch.Tensor,
                  vbuf: torch.Tensor, T: int) -> torch.Tensor | None:
     """One decoded token through a whole pre-norm block (decode_layer in cpu_avx2.c): x [1, 1, hidden] float32
@@ -667,15 +679,48 @@ def decode_layer(args: LayerArgs, x: torch.Tensor, cos: torch.Tensor, sin: torch
     bfloat16, as rope_decode_attention). Returns the block's output, a new tensor shaped like x; None where the
     library cannot be had or the sizes do not fit."""
     lib = fast_library()
-    (B, Hkv, cap, D), ks, vs = kbuf.shape, kbuf.stride(), vbuf.stride()
-    if (isinstance(lib, str) or B != 1 or not 0 <= T < cap or vbuf.shape != kbuf.shape or ks[3] != 1 or vs[3] != 1
-            or not kbuf.dtype == vbuf.dtype in KV_DTYPES or Hkv != args.Hkv or D != args.D or cos.numel() != D
-            or sin.numel() != D or x.numel() != args.hidden or not x.is_contiguous()):
+    if isinstance(lib, str) or not _step_fits(args, x, cos, sin, kbuf, vbuf, T):
         return None
+    ks, vs = kbuf.stride(), vbuf.stride()
     y = torch.empty(x.shape, dtype=torch.float32)
     rc = lib.decode_layer(ctypes.addressof(args), x.data_ptr(), cos.data_ptr(), sin.data_ptr(), kbuf.data_ptr(),
                           vbuf.data_ptr(), int(kbuf.dtype == torch.bfloat16), T, ks[1], ks[2], vs[1], vs[2],
                           y.data_ptr(), torch.get_num_threads())
     if rc == -1:
         raise MemoryError(f"avx2 kernel: no scratch memory for a decoder block over {T + 1} positions")
+    return y if rc == 0 else None
+
+
+def stack_args(layers: list[LayerArgs]) -> ctypes.Array:
+    """decode_stack's first argument: the blocks' decode_layer arguments (layer_args()), in call order."""
+    arr = (ctypes.c_void_p * len(layers))(*map(ctypes.addressof, layers))
+    arr.keep = tuple(layers)
+    return arr
+
+
+def decode_stack(stack: ctypes.Array, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kbufs: list,
+                 vbufs: list, T: int, w: torch.Tensor, eps: float) -> torch.Tensor | None:
+    """One decoded token through a decoder stack's blocks (stack_args(), every block's fixed arguments) and its
+    final RMSNorm of weight w [hidden] (decode_stack in cpu_avx2.c): x, cos, sin and T as decode_layer; block i's
+    k and v are written into kbufs[i], vbufs[i], which all have the first's shape, strides and dtype. Returns the
+    norm's output, a new tensor shaped like x; None where the library cannot be had or the sizes do not fit."""
+    lib = fast_library()
+    k0, v0 = kbufs[0], vbufs[0]
+    if (isinstance(lib, str) or not len(kbufs) == len(vbufs) == len(stack)
+            or not _step_fits(stack.keep[0], x, cos, sin, k0, v0, T)
+            or not (w.shape == (x.numel(),) and w.dtype == torch.float32 and w.is_contiguous())):
+        return None
+    ks, vs = k0.stride(), v0.stride()
+    for k, v in zip(kbufs, vbufs):
+        if not (k.shape == v.shape == k0.shape and k.stride() == ks and v.stride() == vs and k.dtype == v.dtype
+                == k0.dtype):
+            return None
+    P = ctypes.c_void_p * len(stack)
+    y = torch.empty(x.shape, dtype=torch.float32)
+    rc = lib.decode_stack(stack, len(stack), x.data_ptr(), cos.data_ptr(), sin.data_ptr(),
+                          P(*[k.data_ptr() for k in kbufs]), P(*[v.data_ptr() for v in vbufs]),
+                          int(k0.dtype == torch.bfloat16), T, ks[1], ks[2], vs[1], vs[2], w.data_ptr(), eps,
+                          y.data_ptr(), torch.get_num_threads())
+    if rc == -1:
+        raise MemoryError(f"avx2 kernel: no scratch memory for a decoder stack over {T + 1} positions")
     return y if rc == 0 else None
