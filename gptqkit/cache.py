@@ -45,14 +45,44 @@ class GrowingLayer(DynamicLayer):
 
     _kbuf: torch.Tensor | None = None
     _vbuf: torch.Tensor | None = None
-    # The views the last update returned and their length. While `keys` and `values` are still those very objects,
-    # nothing has cropped or reordered them, and a decode step that fits skips _append's checks: ~20 torch calls
-    # per layer per token, each several microseconds when the caches are cold between two matmuls.
+    _length = 0
+    # `keys` / `values` are properties. While "live" they are the first _length positions of the buffers, a view made
+    # when first read after a write (and kept until the next): a decode step writes every layer's next position and
+    # counts it without making two views per layer that nothing may read (2 torch calls, 7-8 us per layer per token
+    # when the caches are cold between two matmuls). Anything transformers assigns to them (crop, reorder, batch
+    # selection, device moves) is kept as it is and ends the live state, so the next update goes through _append's
+    # checks.
+    _klive = _vlive = False
     _kview: torch.Tensor | None = None
     _vview: torch.Tensor | None = None
-    _length = 0
+    _kset: torch.Tensor | None = None
+    _vset: torch.Tensor | None = None
     # of the buffers (None: the keys'); GrowingCache(dtype=...) sets it. (DynamicLayer's own `dtype` is the keys'.)
     buffer_dtype: torch.dtype | None = None
+
+    @property
+    def keys(self) -> torch.Tensor | None:
+        if not self._klive:
+            return self._kset
+        if self._kview is None:
+            self._kview = self._kbuf.narrow(-2, 0, self._length)
+        return self._kview
+
+    @keys.setter
+    def keys(self, value: torch.Tensor | None) -> None:
+        self._kset, self._klive, self._kview = value, False, None
+
+    @property
+    def values(self) -> torch.Tensor | None:
+        if not self._vlive:
+            return self._vset
+        if self._vview is None:
+            self._vview = self._vbuf.narrow(-2, 0, self._length)
+        return self._vview
+
+    @values.setter
+    def values(self, value: torch.Tensor | None) -> None:
+        self._vset, self._vlive, self._vview = value, False, None
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         if not self.is_initialized:
@@ -64,16 +94,17 @@ class GrowingLayer(DynamicLayer):
             self._vbuf.narrow(-2, T, n).copy_(value_states)
             self.extend(n)
             return self.keys, self.values
-        self.keys, self._kbuf = _append(self.keys, self._kbuf, key_states, self.buffer_dtype)
-        self.values, self._vbuf = _append(self.values, self._vbuf, value_states, self.buffer_dtype)
-        self._kview, self._vview, self._length = self.keys, self.values, self.keys.shape[-2]
-        return self.keys, self.values
+        kview, self._kbuf = _append(self.keys, self._kbuf, key_states, self.buffer_dtype)
+        vview, self._vbuf = _append(self.values, self._vbuf, value_states, self.buffer_dtype)
+        self._length = kview.shape[-2]
+        self._kview, self._vview, self._klive, self._vlive = kview, vview, True, True
+        return kview, vview
 
     def free_slot(self, n: int = 1) -> int | None:
         """The cached length T if n new positions can be written straight into the buffers at T .. T + n - 1 (room
-        is left and nothing has cropped or reordered `keys` / `values` since the last update), else None. A caller
-        that writes them there then calls extend(n); gptqkit.fused's decode attention does."""
-        if self._kbuf is not None and self.keys is self._kview and self.values is self._vview:
+        is left and nothing has assigned `keys` / `values` since the last update), else None. A caller that writes
+        them there then calls extend(n); gptqkit.fused's decode steps do."""
+        if self._klive and self._vlive:
             T = self._length
             if T + n <= self._kbuf.shape[-2]:
                 return T
@@ -81,13 +112,11 @@ class GrowingLayer(DynamicLayer):
 
     def extend(self, n: int) -> None:
         """Count n positions written at free_slot() into the cache."""
-        T = self._length + n
-        self.keys = self._kview = self._kbuf.narrow(-2, 0, T)
-        self.values = self._vview = self._vbuf.narrow(-2, 0, T)
-        self._length = T
+        self._length += n
+        self._kview = self._vview = None
 
     def reset(self) -> None:
-        self._kbuf = self._vbuf = self._kview = self._vview = None
+        self._kbuf = self._vbuf = None
         super().reset()
 
 
