@@ -98,6 +98,7 @@ class GrowingLayer(DynamicLayer):
         vview, self._vbuf = _append(self.values, self._vbuf, value_states, self.buffer_dtype)
         self._length = kview.shape[-2]
         self._kview, self._vview, self._klive, self._vlive = kview, vview, True, True
+        self._kset = self._vset = None  # may be a view into a buffer just replaced: not kept alive
         return kview, vview
 
     def free_slot(self, n: int = 1) -> int | None:

@@ -116,6 +116,12 @@ def test_free_slot_and_extend():
     assert torch.equal(keys, torch.cat([k, k1, k2], -2)) and torch.equal(values, torch.cat([v, v1, v2], -2))
     layer.crop(-1)  # a new view: the next write must go through update's checks
     assert layer.free_slot() is None
+    k3, v3 = kv(cap, 3)  # more than the buffer holds: a new one
+    old = layer._kbuf
+    keys, values = layer.update(k3, v3)
+    assert layer._kbuf is not old and torch.equal(keys, torch.cat([k, k1, k3], -2))
+    assert layer.free_slot() == 4 + cap
+    assert layer._kset is None and layer._vset is None  # the cropped views of the old buffers are not kept
 
 
 def test_a_bf16_cache_stores_rounded_keys_and_grows():
