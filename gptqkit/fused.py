@@ -523,7 +523,8 @@ class DecodeStack(nn.Module):
                 and not kw.get("output_hidden_states", getattr(config, "output_hidden_states", False))
                 and not kw.get("output_attentions", getattr(config, "output_attentions", False))
                 and not torch.is_grad_enabled() and config._attn_implementation == attention.NAME
-                and len(cache.layers) == len(self._blocks) and self.intact()):
+                and len(cache.layers) == len(self._blocks) == config.num_hidden_layers
+                and len(self._modules.get("layers", ())) == len(self._blocks) and self.intact()):
             return None
         layers = cache.layers
         T = layers[0].free_slot(1) if type(layers[0]) is GrowingLayer else None

@@ -490,8 +490,8 @@ def test_load_runs_whole_blocks_in_one_c_call(tmp_path, monkeypatch, arch, whole
 def test_stack_leaves_the_c_call_where_its_forward_would_differ(tmp_path, monkeypatch):
     """The one C call per token steps aside, and the stack's own forward runs (its blocks each in their C call),
     for what it does not stand for: hidden states asked for (recorded as the class's forward records them), a
-    padded position, a hook on the final norm, a sliding window's last position; transformers' generate() with its
-    attention mask of ones takes it."""
+    padded position, a hook on the final norm, fewer blocks in the config, a sliding window's last position;
+    transformers' generate() with its attention mask of ones takes it."""
     from gptqkit.cache import GrowingCache
     from gptqkit.checkpoint import load
 
@@ -521,6 +521,15 @@ def test_stack_leaves_the_c_call_where_its_forward_would_differ(tmp_path, monkey
     hooked = step(model)
     assert not calls["stack"] and len(seen) == 2 and torch.equal(hooked.logits, step(plain).logits)
     handle.remove()
+
+    cache = GrowingCache(model.config)
+    with torch.no_grad():
+        model(ids[:, :10], **{name: cache}, use_cache=True)
+        model.config.num_hidden_layers = 1  # the stack's own forward now runs only its first block
+        calls["stack"].clear(), calls["layer"].clear()
+        model(ids[:, 10:11], **{name: cache}, use_cache=True)
+    assert not calls["stack"] and len(calls["layer"]) == 1
+    model.config.num_hidden_layers = 2
 
     model.model._window = 10  # as a sliding window of 10: position 10 is past it
     calls["stack"].clear(), calls["layer"].clear()
