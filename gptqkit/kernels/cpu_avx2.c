@@ -63,11 +63,11 @@ static inline share_t share_of(int n) {
 }
 
 /* ---------------------------------------------------------------------------------------------------------------
-   The pool: T - 1 worker threads, the caller being thread 0. pool_run(fn, arg, T, pf) runs fn(arg, t, T) on every
-   thread and returns when all are done, like an OpenMP parallel region; then worker 1 goes on to read the regions
-   in pf (the next calls' codes, see q4_matmul) into the cache while the caller is back in Python, one 16 KB step at
-   a time, looking for the next job between steps. OpenMP cannot do that: a parallel region ends when all its
-   threads do.
+   The pool: T - 1 worker threads, the caller being thread 0. pool_run(fn, arg, T, pf, own) runs fn(arg, t, T) on
+   every thread and returns when all are done, like an OpenMP parallel region; then worker 1 goes on to read the
+   regions in pf (the next calls' codes, see q4_matmul) into the cache while the caller is back in Python, one 16 KB
+   step at a time, looking for the next job between steps. A caller done before the workers reads `own` the same
+   way while it waits. OpenMP cannot do that: a parallel region ends when all its threads do.
 
    On the 1.1B shape (2 threads, avx2-q8 g128) decode spends 8-10 ms per token outside its 88 matmul calls
    (Python, small torch ops, attention, lm_head), in gaps of 30-150 us. Measured in fresh processes, 4 alternating
@@ -118,6 +118,18 @@ static long now_ns(void) {
     return (long)ts.tv_sec * 1000000000L + ts.tv_nsec;
 }
 
+/* Reads the next PF_STEP bytes of list pf from region *pi, offset *po, and moves them on. Loads, not prefetch hints:
+   _MM_HINT_T0 / T1 left the matmuls 1.2-2.3 ms per token slower. */
+static void read_step(const prefetch_t *pf, int *pi, size_t *po) {
+    const char *b = pf->p[*pi] + *po;
+    const size_t len = pf->n[*pi] - *po < PF_STEP ? pf->n[*pi] - *po : PF_STEP;
+    __m256i acc = _mm256_setzero_si256();
+    for (size_t i = 0; i < len; i += 64) acc = _mm256_or_si256(acc, _mm256_loadu_si256((const __m256i *)(b + i)));
+    __asm__ volatile("" : : "x"(acc)); /* keep the loads */
+    *po += len;
+    if (*po >= pf->n[*pi]) ++*pi, *po = 0;
+}
+
 static void *worker_main(void *arg) {
     const int me = (int)(long)arg;
     unsigned long last = pool.start_seq[me]; /* the job being posted when it was started is its first */
@@ -139,16 +151,8 @@ static void *worker_main(void *arg) {
                     __atomic_store_n(&pool.reading, 0, __ATOMIC_SEQ_CST);
                     continue;
                 }
-                /* loads, not prefetch hints: _MM_HINT_T0 / T1 left the matmuls 1.2-2.3 ms per token slower */
-                const char *b = pf.p[pi] + po;
-                const size_t len = pf.n[pi] - po < PF_STEP ? pf.n[pi] - po : PF_STEP;
-                __m256i acc = _mm256_setzero_si256();
-                for (size_t i = 0; i < len; i += 64)
-                    acc = _mm256_or_si256(acc, _mm256_loadu_si256((const __m256i *)(b + i)));
-                __asm__ volatile("" : : "x"(acc)); /* keep the loads */
+                read_step(&pf, &pi, &po);
                 __atomic_store_n(&pool.reading, 0, __ATOMIC_RELEASE);
-                po += len;
-                if (po >= pf.n[pi]) pi++, po = 0;
                 idle_since = now_ns();
                 continue;
             }
@@ -192,8 +196,9 @@ void pool_forget(void) {
     while (__atomic_load_n(&pool.reading, __ATOMIC_SEQ_CST)) _mm_pause();
 }
 
-/* Returns the number of threads that ran fn. */
-static int pool_run(task_fn fn, void *arg, int T, const prefetch_t *pf) {
+/* Returns the number of threads that ran fn. own: what the caller reads while it waits for the workers to finish
+   (may be NULL). */
+static int pool_run(task_fn fn, void *arg, int T, const prefetch_t *pf, const prefetch_t *own) {
     if (T > MAX_THREADS) T = MAX_THREADS;
     if (T <= 1 || __atomic_exchange_n(&pool.busy, 1, __ATOMIC_ACQUIRE)) {
         fn(arg, 0, 1);
@@ -225,7 +230,14 @@ static int pool_run(task_fn fn, void *arg, int T, const prefetch_t *pf) {
         pthread_mutex_unlock(&pool.mu);
     }
     fn(arg, 0, T);
-    while (__atomic_load_n(&pool.pending, __ATOMIC_ACQUIRE) > 0) _mm_pause();
+    int pi = 0;
+    size_t po = 0;
+    while (__atomic_load_n(&pool.pending, __ATOMIC_ACQUIRE) > 0) {
+        if (own && pi < own->count)
+            read_step(own, &pi, &po);
+        else
+            _mm_pause();
+    }
     __atomic_store_n(&pool.busy, 0, __ATOMIC_RELEASE);
     return T;
 }
@@ -353,6 +365,11 @@ static void q8_prepare(const acts_t *a, int M, int K, int b0, int b1);
    16 MB no better than 6, none at all 2% worse than 3). Most calls ask for less anyway: at most 60% of each of the
    next two calls is planned (plan_read_ahead), so the budget binds before gate/up and lm_head. */
 #define READ_AHEAD_BYTES (6L << 20)
+/* What the caller reads of the next call's front segments, the ones it takes first, while it waits for the workers
+   to finish theirs at the end of a call: that wait was ~1 ms per 1.1B token (88 calls) on the Zen 5 EPYC, and
+   reading up to 1 MB there (its L2) took 1.5-2.2% off each token (three A/B runs in one process, 12-16 rounds;
+   512 KB the same). */
+#define CALLER_READ_BYTES (1L << 20)
 
 static void segments(int U, int threads, int *S, int *seg) {
     const int want = threads > 1 ? (U < SEGMENTS ? U : SEGMENTS) : 1;
@@ -368,14 +385,16 @@ typedef struct {
     const int *Ns;
 } next_t;
 
-/* Append to pf the back segments of call g (those workers take first), segment by segment, each with its layers'
-   rows in call order, up to 60% of the call and `budget` bytes; returns the bytes added. */
-static long plan_read_ahead(const next_t *g, int threads, prefetch_t *pf, long budget) {
+/* Append to pf the segments of call g that the workers take first, the back ones (front = 0: from the last down,
+   60% of the call), or those the caller takes first (front = 1: from the first up, the other 40%), segment by
+   segment, each with its layers' rows in call order, up to `budget` bytes; returns the bytes added. */
+static long plan_read_ahead(const next_t *g, int threads, int front, prefetch_t *pf, long budget) {
     const int C = g->K / 8, unit = g->q8 ? QB_CHUNKS : 1, U = (C + unit - 1) / unit;
     int S, seg;
     segments(U, threads, &S, &seg);
+    const int split = S * 4 / 10, step = front ? 1 : -1;
     long used = 0;
-    for (int sg = S - 1; sg >= S * 4 / 10 && used < budget; sg--) {
+    for (int sg = front ? 0 : S - 1; (front ? sg < split : sg >= split) && used < budget; sg += step) {
         const int c0 = sg * seg * unit, c1 = (sg + 1) * seg * unit < C ? (sg + 1) * seg * unit : C;
         for (int l = 0; l < g->nl && used < budget && pf->count < PF_MAX; l++) {
             pf->p[pf->count] = (const char *)(g->qws[l] + (size_t)c0 * g->Ns[l]);
@@ -508,8 +527,10 @@ static int q4_matmul(const acts_t *a, int M, int K, int nl, const int32_t *const
     if (j.S == 0) memset(y, 0, sizeof(float) * j.MS);
     prefetch_t pf = {0};
     long budget = READ_AHEAD_BYTES;
-    for (int i = 0; i < nnext && budget > 0; i++) budget -= plan_read_ahead(&next[i], threads, &pf, budget);
-    pool_run(mm_task, &j, threads, &pf);
+    for (int i = 0; i < nnext && budget > 0; i++) budget -= plan_read_ahead(&next[i], threads, 0, &pf, budget);
+    prefetch_t own = {0};
+    if (nnext > 0) plan_read_ahead(&next[0], threads, 1, &own, CALLER_READ_BYTES);
+    pool_run(mm_task, &j, threads, &pf, &own);
     free(j.part);
     return j.failed ? -1 : 0;
 }
@@ -888,7 +909,7 @@ int bf16_matmul(const float *x, int M, int K, const uint16_t *w, int N, float *y
             xo[(size_t)m * K16 / 2 + k / 2] = x[(size_t)m * K + k + 1];
         }
     bf_job j = {x, xe, xo, M, K, K16, N, w, y};
-    pool_run(bf_task, &j, threads, NULL);
+    pool_run(bf_task, &j, threads, NULL, NULL);
     free(xe);
     return 0;
 }
@@ -1086,7 +1107,7 @@ int decode_attention(const float *q, int H, int D, const void *k, const void *v,
                      long ksh, long ksl, long vsh, long vsl, float scale, float *out, int threads) {
     if (D % 8 != 0 || Hkv < 1 || H % Hkv != 0 || L < 1) return -2;
     at_job j = {q, k, v, kv16 != 0, H, D, H / Hkv, L, ksh, ksl, vsh, vsl, scale, out, 0};
-    pool_run(at_task, &j, threads > H ? H : threads, NULL);
+    pool_run(at_task, &j, threads > H ? H : threads, NULL, NULL);
     return j.failed ? -1 : 0;
 }
 
