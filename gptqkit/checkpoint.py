@@ -8,6 +8,7 @@ floating point. Writing goes to a temporary sibling folder that is renamed into 
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import json
 import logging
@@ -15,6 +16,7 @@ import os
 import pickle
 import re
 import shutil
+import sys
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -22,7 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import attention, fused, kernels
+from . import attention, fused, kernels, memory
 from .kernels import cpu_avx2, cpu_avx2_q8
 from .config import ConfigError, QuantConfig
 from .qlinear import QuantLinear
@@ -287,14 +289,51 @@ def weight_files(path: Path, cfg_dict: dict | None = None, allow_pickle: bool = 
     raise CheckpointError(f"{path} has no weight files (*.safetensors); the checkpoint is incomplete")
 
 
-def read_tensors(files: list[Path]) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
+# The safetensors header's dtype names (format facts: 8-byte little-endian header length, JSON header, then the data;
+# each tensor's "data_offsets" count from the end of the header).
+SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                      "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+                      "U16": torch.uint16, "U32": torch.uint32, "U64": torch.uint64, "BOOL": torch.bool,
+                      "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
 
+
+def read_safetensors(f: Path) -> dict[str, torch.Tensor]:
+    """A safetensors file's tensors: the quantized layers' read into memory of their own, one mapping on huge pages
+    (gptqkit.memory), since decode streams all of them every token; the rest as safetensors.torch.load_file gives
+    them, views of the memory-mapped file (an embedding then costs only the pages of the rows looked up).
+    safetensors itself checks the header against the file's size."""
+    from safetensors import safe_open
+
+    with safe_open(str(f), "pt") as st:  # raises for a truncated or corrupt file
+        names = list(st.keys())
+        with open(f, "rb") as fh:
+            n = int.from_bytes(fh.read(8), "little")
+            header = json.loads(fh.read(n))
+        layers = {k[: -len(".qweight")] for k in names if k.endswith(".qweight")}
+        # (file order: one sequential read; QuantLinear keeps these tensors as they are, so they live and die together)
+        kept = sorted((k for k in names if k.rpartition(".")[0] in layers), key=lambda k: header[k]["data_offsets"][0])
+        if sys.byteorder != "little" or any(header[k]["dtype"] not in SAFETENSORS_DTYPES for k in kept):
+            kept = []  # safetensors swaps bytes and knows every dtype
+        sd = {k: st.get_tensor(k) for k in names if k not in kept}
+    sd.update(zip(kept, memory.empty_many([(header[k]["shape"], SAFETENSORS_DTYPES[header[k]["dtype"]])
+                                           for k in kept])))
+    with open(f, "rb") as fh:
+        for k in kept:
+            b0, b1 = header[k]["data_offsets"]
+            if b1 > b0:
+                fh.seek(8 + n + b0)
+                got = fh.readinto((ctypes.c_char * (b1 - b0)).from_address(sd[k].data_ptr()))
+                if got != b1 - b0:
+                    raise ValueError(f"{k} ends {b1 - b0 - got} bytes past the end of the file")
+    return {k: sd[k] for k in names}
+
+
+def read_tensors(files: list[Path]) -> dict[str, torch.Tensor]:
     sd: dict[str, torch.Tensor] = {}
     for f in files:
         try:
             if f.suffix == ".safetensors":
-                part = load_file(str(f))
+                part = read_safetensors(f)
             else:
                 part = torch.load(f, map_location="cpu", weights_only=True)  # never unpickles code
         except pickle.UnpicklingError as e:

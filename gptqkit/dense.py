@@ -23,6 +23,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from . import memory
 from .kernels import cpu_avx2
 
 log = logging.getLogger(__name__)
@@ -83,6 +84,16 @@ def keeps_dtype(model: nn.Module, name: str, dtype: torch.dtype) -> bool:
     return any(m is emb for n, m in model.named_modules() if f"{n}.weight" == name)
 
 
+def _streamed(w: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """w in `dtype`, on CPU in memory of its own on huge pages (gptqkit.memory): an lm_head reads all of it every
+    token, where a cast copy would be on 4 KiB pages and a same-dtype one a view of the memory-mapped checkpoint."""
+    if w.device.type != "cpu":
+        return w.to(dtype)
+    out = memory.empty(list(w.shape), dtype)
+    out.copy_(w)
+    return out
+
+
 def store_dense(model: nn.Module, storage: torch.dtype, compute: torch.dtype | None = None) -> int:
     """Keep the input embedding and lm_head of a transformers model in `storage`, computing in `compute` (default:
     the embedding's current dtype); an untied embedding already 16-bit keeps its own tensor. Returns the bytes
@@ -94,7 +105,8 @@ def store_dense(model: nn.Module, storage: torch.dtype, compute: torch.dtype | N
         tied = getattr(head, "weight", None) is emb.weight  # a quantized head has none
         own = emb.weight.dtype if _keeps(emb, head, emb.weight.dtype) else storage
         saved += emb.weight.numel() * (emb.weight.element_size() - torch.finfo(own).bits // 8)
-        new_weight = nn.Parameter(emb.weight.detach().to(own), requires_grad=False)
+        new_weight = nn.Parameter(_streamed(emb.weight.detach(), own) if tied else emb.weight.detach().to(own),
+                                  requires_grad=False)
         new = StoredEmbedding(emb.num_embeddings, emb.embedding_dim, emb.padding_idx, emb.max_norm, emb.norm_type,
                               emb.scale_grad_by_freq, emb.sparse, _weight=new_weight)
         new.weight = new_weight  # _weight is wrapped in a fresh Parameter; a tied head must share this one
@@ -107,7 +119,7 @@ def store_dense(model: nn.Module, storage: torch.dtype, compute: torch.dtype | N
         if not tied:
             saved += head.weight.numel() * (head.weight.element_size() - torch.finfo(storage).bits // 8)
         lin = StoredLinear(head.in_features, head.out_features, bias=head.bias is not None, device="meta")
-        lin.weight = new_weight if tied else nn.Parameter(head.weight.detach().to(storage), requires_grad=False)
+        lin.weight = new_weight if tied else nn.Parameter(_streamed(head.weight.detach(), storage), requires_grad=False)
         if head.bias is not None:
             lin.bias = nn.Parameter(head.bias.detach(), requires_grad=False)
         model.set_output_embeddings(lin)

@@ -1,0 +1,85 @@
+"""gptqkit.memory (big tensors in mappings of their own, on huge pages) and reading a checkpoint's quantized layers
+into one such mapping."""
+
+import gc
+import mmap
+import os
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from gptqkit import memory
+from gptqkit.checkpoint import read_safetensors
+
+pytestmark = pytest.mark.skipif(not (os.path.exists("/proc/self/smaps") and hasattr(mmap, "MADV_HUGEPAGE")),
+                                reason="needs Linux's /proc/self/smaps and madvise")
+
+
+def mappings(lo: int, hi: int) -> list[tuple[str, dict[str, int]]]:
+    """The /proc/self/smaps entries overlapping [lo, hi): each first line, and fields in bytes. (madvise over part of
+    a mapping splits it into entries.)"""
+    out, cur = [], None
+    for line in open("/proc/self/smaps"):
+        head = line.split()
+        if "-" in head[0] and not head[0].endswith(":"):
+            a, b = (int(x, 16) for x in head[0].split("-"))
+            cur = (line.strip(), {}) if a < hi and lo < b else None
+            if cur:
+                out.append(cur)
+        elif cur and len(head) == 3 and head[2] == "kB":
+            cur[1][head[0].rstrip(":")] = int(head[1]) * 1024
+    return out
+
+
+def anonymous(head: str) -> bool:
+    return head.split()[3:5] == ["00:00", "0"] and len(head.split()) == 5
+
+
+def test_empty_many_packs_aligned_tensors_resident_no_more_than_their_bytes():
+    specs = [([5 << 18], torch.int32), ([3, 7], torch.float16), ([1 << 20], torch.bfloat16), ([0], torch.float32)]
+    ts = memory.empty_many(specs)
+    assert [(list(t.shape), t.dtype) for t in ts] == specs
+    assert ts[0].data_ptr() % memory.HUGE == 0
+    assert all(t.data_ptr() % memory.ALIGN == 0 for t in ts[:3])
+    ends = [(t.data_ptr(), t.data_ptr() + t.nbytes) for t in ts[:3]]
+    assert all(a[1] <= b[0] for a, b in zip(ends, ends[1:]))  # in order, disjoint
+    for i, t in enumerate(ts):
+        t.fill_(i + 1)
+    assert [t.unique().tolist() for t in ts[:3]] == [[1], [2], [3]]  # no tensor wrote over another
+    total = ends[-1][1] - ends[0][0]  # 7 MiB and 128 bytes
+    entries = mappings(ends[0][0], ends[-1][1])
+    assert all(anonymous(h) for h, _ in entries)
+    rss, huge = (sum(f[k] for _, f in entries) for k in ("Rss", "AnonHugePages"))
+    assert rss <= -(-total // 4096) * 4096  # the slack before the aligned start and the tail page untouched
+    assert huge <= total // memory.HUGE * memory.HUGE  # the partial last page is never a huge one
+    addr = ts[0].data_ptr()
+    del ts, t
+    gc.collect()
+    assert mappings(addr, addr + total) == []  # unmapped with the last tensor
+
+
+def test_read_safetensors_reads_quantized_layers_into_one_mapping(tmp_path):
+    g = torch.Generator().manual_seed(0)
+    tensors = {
+        "layer.qweight": torch.randint(-2**31, 2**31 - 1, (64, 1 << 14), dtype=torch.int32, generator=g),  # 4 MiB
+        "layer.qzeros": torch.randint(0, 2**31 - 1, (4, 1 << 11), dtype=torch.int32, generator=g),
+        "layer.scales": torch.rand(4, 1 << 14, generator=g).half(),
+        "layer.g_idx": torch.arange(512, dtype=torch.int32) // 128,
+        "layer.bias": torch.rand(1 << 14, generator=g).half(),
+        "embed.weight": torch.rand(1024, 1024, generator=g).bfloat16(),  # 2 MiB
+        "mask": torch.rand(7, generator=g) > 0.5,
+        "scalar": torch.tensor(3.5),
+        "nothing": torch.zeros(0),
+    }
+    f = tmp_path / "model.safetensors"
+    save_file(tensors, str(f))
+    got, want = read_safetensors(f), load_file(str(f))
+    assert got.keys() == want.keys() == tensors.keys()
+    for k, t in want.items():
+        assert got[k].dtype == t.dtype and got[k].shape == t.shape and torch.equal(got[k], t), k
+    layer = sorted(((got[k].data_ptr(), got[k].nbytes) for k in tensors if k.startswith("layer.")))
+    assert all(a + n <= b < a + n + memory.ALIGN for (a, n), (b, _) in zip(layer, layer[1:]))  # packed in one range
+    assert all(anonymous(h) for h, _ in mappings(layer[0][0], layer[-1][0] + layer[-1][1]))
+    e = got["embed.weight"].data_ptr()
+    assert [str(f) in h for h, _ in mappings(e, e + 1)] == [True]  # the rest stay views of the file, as load_file's
