@@ -297,11 +297,12 @@ SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.f
                       "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
 
 
-def read_safetensors(f: Path) -> dict[str, torch.Tensor]:
-    """A safetensors file's tensors: the quantized layers' read into memory of their own, one mapping on huge pages
-    (gptqkit.memory), since decode streams all of them every token; the rest as safetensors.torch.load_file gives
-    them, views of the memory-mapped file (an embedding then costs only the pages of the rows looked up).
-    safetensors itself checks the header against the file's size."""
+def read_safetensors(f: Path, streamed: set[str] = frozenset()) -> dict[str, torch.Tensor]:
+    """A safetensors file's tensors. Decode reads the quantized layers' and the `streamed` ones (an untied dense
+    lm_head) whole every token, so they are read into memory of their own on huge pages (gptqkit.memory): the
+    quantized layers' into one mapping, since QuantLinear keeps them as they are. The rest are what
+    safetensors.torch.load_file gives, views of the memory-mapped file: an embedding then costs only the pages of the
+    rows looked up, and a tensor cast at load is read once. safetensors checks the header against the file's size."""
     from safetensors import safe_open
 
     with safe_open(str(f), "pt") as st:  # raises for a truncated or corrupt file
@@ -310,15 +311,19 @@ def read_safetensors(f: Path) -> dict[str, torch.Tensor]:
             n = int.from_bytes(fh.read(8), "little")
             header = json.loads(fh.read(n))
         layers = {k[: -len(".qweight")] for k in names if k.endswith(".qweight")}
-        # (file order: one sequential read; QuantLinear keeps these tensors as they are, so they live and die together)
-        kept = sorted((k for k in names if k.rpartition(".")[0] in layers), key=lambda k: header[k]["data_offsets"][0])
-        if sys.byteorder != "little" or any(header[k]["dtype"] not in SAFETENSORS_DTYPES for k in kept):
-            kept = []  # safetensors swaps bytes and knows every dtype
-        sd = {k: st.get_tensor(k) for k in names if k not in kept}
-    sd.update(zip(kept, memory.empty_many([(header[k]["shape"], SAFETENSORS_DTYPES[header[k]["dtype"]])
-                                           for k in kept])))
+        kept = [k for k in names if k.rpartition(".")[0] in layers]
+        read = [k for k in names if k in streamed and k not in kept]
+        if sys.byteorder != "little" or any(header[k]["dtype"] not in SAFETENSORS_DTYPES for k in kept + read):
+            kept = read = []  # safetensors swaps bytes and knows every dtype
+        sd = {k: st.get_tensor(k) for k in names if k not in kept and k not in read}
+
+    def spec(k: str) -> tuple[list[int], torch.dtype]:
+        return header[k]["shape"], SAFETENSORS_DTYPES[header[k]["dtype"]]
+
+    sd.update(zip(kept, memory.empty_many([spec(k) for k in kept])))
+    sd.update((k, memory.empty(*spec(k))) for k in read)
     with open(f, "rb") as fh:
-        for k in kept:
+        for k in sorted(kept + read, key=lambda k: header[k]["data_offsets"][0]):  # the file's order
             b0, b1 = header[k]["data_offsets"]
             if b1 > b0:
                 fh.seek(8 + n + b0)
@@ -328,12 +333,13 @@ def read_safetensors(f: Path) -> dict[str, torch.Tensor]:
     return {k: sd[k] for k in names}
 
 
-def read_tensors(files: list[Path]) -> dict[str, torch.Tensor]:
+def read_tensors(files: list[Path], streamed: set[str] = frozenset()) -> dict[str, torch.Tensor]:
+    """The tensors of a checkpoint's weight files; safetensors ones as read_safetensors gives them."""
     sd: dict[str, torch.Tensor] = {}
     for f in files:
         try:
             if f.suffix == ".safetensors":
-                part = read_safetensors(f)
+                part = read_safetensors(f, streamed)
             else:
                 part = torch.load(f, map_location="cpu", weights_only=True)  # never unpickles code
         except pickle.UnpicklingError as e:
@@ -440,14 +446,16 @@ def load(path: str | os.PathLike, device: str | torch.device = "cpu", dtype: tor
     raw = _read_json(Path(cfg_file))
     raw = raw.get("quantization_config", raw) if Path(cfg_file).name == "config.json" else raw
     files = weight_files(path, raw, allow_pickle)
-    sd = read_tensors(files)
+    with init_empty_weights():
+        model = AutoModelForCausalLM.from_config(hf_config, trust_remote_code=trust_remote_code, dtype=dtype)
+    head = model.get_output_embeddings()
+    untied = type(head) is nn.Linear and not getattr(hf_config, "tie_word_embeddings", False)
+    sd = read_tensors(files, {f"{n}.weight" for n, m in model.named_modules() if m is head} if untied else set())
     hint = files[0].name if len(files) == 1 else f"{path.name}/*.safetensors"
     infer_group = "group_size" not in raw
     if infer_group:
         log.warning("%s has no 'group_size'; taking each layer's group size from its scales", cfg_file)
 
-    with init_empty_weights():
-        model = AutoModelForCausalLM.from_config(hf_config, trust_remote_code=trust_remote_code, dtype=dtype)
     qnames = [k[: -len(".qweight")] for k in sd if k.endswith(".qweight")]
     if not qnames:
         raise CheckpointError(f"{hint} has no qweight tensors although {cfg_file} declares GPTQ; the weights are not "
@@ -471,15 +479,15 @@ def load(path: str | os.PathLike, device: str | torch.device = "cpu", dtype: tor
         model.config.tie_word_embeddings = False
     qbuf = {f"{n}.{b}" for n in qnames for b in ("qweight", "qzeros", "scales", "g_idx", "bias")}
     if dense_dtype is not None:
-        from .dense import dense_names, keeps_dtype, store_dense
+        from .dense import dense_names, store_dense
 
         dense_dtype = getattr(torch, dense_dtype) if isinstance(dense_dtype, str) else dense_dtype
-        stored = dense_names(model)  # cast straight to their storage dtype: no transient copy in `dtype`
+        stored = dense_names(model)  # left as read: store_dense casts them once, straight into their storage
     else:
         stored = set()
     for k, t in sd.items():
-        if t.is_floating_point() and k not in qbuf and not (k in stored and keeps_dtype(model, k, t.dtype)):
-            sd[k] = t.to(dense_dtype if k in stored else dtype)
+        if t.is_floating_point() and k not in qbuf and k not in stored:
+            sd[k] = t.to(dtype)
     for n in qnames:
         if f"{n}.g_idx" not in sd:  # very old checkpoints omit g_idx: groups are consecutive then
             ql = model.get_submodule(n)

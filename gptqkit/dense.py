@@ -76,18 +76,10 @@ def _keeps(emb: nn.Module, head: nn.Module | None, dtype: torch.dtype) -> bool:
     return type(emb) is nn.Embedding and dtype in HALF and getattr(head, "weight", None) is not emb.weight
 
 
-def keeps_dtype(model: nn.Module, name: str, dtype: torch.dtype) -> bool:
-    """Whether store_dense leaves parameter `name`, of `dtype`, as it is (the input embedding's weight, see _keeps)."""
-    emb = model.get_input_embeddings()
-    if not _keeps(emb, model.get_output_embeddings(), dtype):
-        return False
-    return any(m is emb for n, m in model.named_modules() if f"{n}.weight" == name)
-
-
 def _streamed(w: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """w in `dtype`, on CPU in memory of its own on huge pages (gptqkit.memory): an lm_head reads all of it every
-    token, where a cast copy would be on 4 KiB pages and a same-dtype one a view of the memory-mapped checkpoint."""
-    if w.device.type != "cpu":
+    """w cast to `dtype`, on CPU into memory of its own on huge pages (gptqkit.memory), since an lm_head's GEMV reads
+    all of it every token; w itself when it has that dtype (load() reads an untied head into such memory)."""
+    if w.dtype == dtype or w.device.type != "cpu":
         return w.to(dtype)
     out = memory.empty(list(w.shape), dtype)
     out.copy_(w)

@@ -59,7 +59,7 @@ def test_empty_many_packs_aligned_tensors_resident_no_more_than_their_bytes():
     assert mappings(addr, addr + total) == []  # unmapped with the last tensor
 
 
-def test_read_safetensors_reads_quantized_layers_into_one_mapping(tmp_path):
+def test_read_safetensors_reads_quantized_layers_into_one_mapping_and_a_streamed_tensor_into_its_own(tmp_path):
     g = torch.Generator().manual_seed(0)
     tensors = {
         "layer.qweight": torch.randint(-2**31, 2**31 - 1, (64, 1 << 14), dtype=torch.int32, generator=g),  # 4 MiB
@@ -68,18 +68,45 @@ def test_read_safetensors_reads_quantized_layers_into_one_mapping(tmp_path):
         "layer.g_idx": torch.arange(512, dtype=torch.int32) // 128,
         "layer.bias": torch.rand(1 << 14, generator=g).half(),
         "embed.weight": torch.rand(1024, 1024, generator=g).bfloat16(),  # 2 MiB
+        "head.weight": torch.rand(1024, 1024, generator=g).half(),
         "mask": torch.rand(7, generator=g) > 0.5,
         "scalar": torch.tensor(3.5),
         "nothing": torch.zeros(0),
     }
     f = tmp_path / "model.safetensors"
     save_file(tensors, str(f))
-    got, want = read_safetensors(f), load_file(str(f))
+    got, want = read_safetensors(f, {"head.weight"}), load_file(str(f))
     assert got.keys() == want.keys() == tensors.keys()
     for k, t in want.items():
         assert got[k].dtype == t.dtype and got[k].shape == t.shape and torch.equal(got[k], t), k
     layer = sorted(((got[k].data_ptr(), got[k].nbytes) for k in tensors if k.startswith("layer.")))
     assert all(a + n <= b < a + n + memory.ALIGN for (a, n), (b, _) in zip(layer, layer[1:]))  # packed in one range
     assert all(anonymous(h) for h, _ in mappings(layer[0][0], layer[-1][0] + layer[-1][1]))
+    h = got["head.weight"]
+    assert h.data_ptr() % memory.HUGE == 0 and all(anonymous(x) for x, _ in mappings(h.data_ptr(), h.data_ptr() + 1))
     e = got["embed.weight"].data_ptr()
     assert [str(f) in h for h, _ in mappings(e, e + 1)] == [True]  # the rest stay views of the file, as load_file's
+
+
+def test_load_reads_an_untied_head_and_quantized_layers_and_maps_the_embedding(tmp_path):
+    from conftest import random_model, random_samples
+    from gptqkit.checkpoint import load, save
+    from gptqkit.config import QuantConfig
+    from gptqkit.sequential import quantize_model
+
+    model = random_model("llama")
+    model.config.tie_word_embeddings = False
+    model.lm_head.weight = torch.nn.Parameter(model.lm_head.weight.detach().clone())
+    cfg = QuantConfig(bits=4, group_size=32)
+    quantize_model(model, random_samples(4, 32), cfg, progress=False)
+    out = save(model, tmp_path / "ckpt", cfg, dtype="bfloat16")
+    loaded = load(out, kernel="torch", dense_dtype=torch.bfloat16)
+    f = str(out / "model.safetensors")
+    assert load_file(f)["lm_head.weight"].dtype == torch.bfloat16  # stored as it is kept: no cast copy at load
+
+    def in_file(t):
+        return [f in h for h, _ in mappings(t.data_ptr(), t.data_ptr() + 1)] == [True]
+
+    assert in_file(loaded.model.embed_tokens.weight)  # looked up by rows: a view of the file
+    assert loaded.lm_head.weight.dtype == torch.bfloat16 and not in_file(loaded.lm_head.weight)
+    assert not any(in_file(b) for n, b in loaded.named_buffers() if n.endswith(("qweight", "scales")))
