@@ -297,13 +297,18 @@ SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.f
                       "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
 
 
-def read_safetensors(f: Path, streamed: set[str] = frozenset()) -> dict[str, torch.Tensor]:
+def read_safetensors(f: Path, streamed: set[str] = frozenset(), copy: bool = True) -> dict[str, torch.Tensor]:
     """A safetensors file's tensors. Decode reads the quantized layers' and the `streamed` ones (an untied dense
     lm_head) whole every token, so they are read into memory of their own on huge pages (gptqkit.memory): the
     quantized layers' into one mapping, since QuantLinear keeps them as they are. The rest are what
     safetensors.torch.load_file gives, views of the memory-mapped file: an embedding then costs only the pages of the
-    rows looked up, and a tensor cast at load is read once. safetensors checks the header against the file's size."""
+    rows looked up, and a tensor cast at load is read once. safetensors checks the header against the file's size.
+    copy=False: all of them views of the file, as load_file gives (see load())."""
     from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    if not copy:
+        return load_file(str(f))
 
     with safe_open(str(f), "pt") as st:  # raises for a truncated or corrupt file
         names = list(st.keys())
@@ -333,13 +338,13 @@ def read_safetensors(f: Path, streamed: set[str] = frozenset()) -> dict[str, tor
     return {k: sd[k] for k in names}
 
 
-def read_tensors(files: list[Path], streamed: set[str] = frozenset()) -> dict[str, torch.Tensor]:
+def read_tensors(files: list[Path], streamed: set[str] = frozenset(), copy: bool = True) -> dict[str, torch.Tensor]:
     """The tensors of a checkpoint's weight files; safetensors ones as read_safetensors gives them."""
     sd: dict[str, torch.Tensor] = {}
     for f in files:
         try:
             if f.suffix == ".safetensors":
-                part = read_safetensors(f, streamed)
+                part = read_safetensors(f, streamed, copy)
             else:
                 part = torch.load(f, map_location="cpu", weights_only=True)  # never unpickles code
         except pickle.UnpicklingError as e:
@@ -450,7 +455,16 @@ def load(path: str | os.PathLike, device: str | torch.device = "cpu", dtype: tor
         model = AutoModelForCausalLM.from_config(hf_config, trust_remote_code=trust_remote_code, dtype=dtype)
     head = model.get_output_embeddings()
     untied = type(head) is nn.Linear and not getattr(hf_config, "tie_word_embeddings", False)
-    sd = read_tensors(files, {f"{n}.weight" for n, m in model.named_modules() if m is head} if untied else set())
+    # On CPU, read into memory only what fits: pages of a memory-mapped file can be dropped and read again under
+    # memory pressure, anonymous memory cannot (without swap), so a model near the machine's size keeps the file's
+    # pages. (Other devices copy the weights over from the file's pages, as before.)
+    size, free = sum(f.stat().st_size for f in files), memory.available()
+    copy = device.type == "cpu" and (free is None or size <= 0.8 * free)
+    if device.type == "cpu" and not copy:
+        log.info("%s: %.1f GiB of weight files against %.1f GiB of available memory: the weights stay views of the "
+                 "memory-mapped files (decode reads them ~9%% slower)", path, size / 2**30, free / 2**30)
+    streamed = {f"{n}.weight" for n, m in model.named_modules() if m is head} if untied else set()
+    sd = read_tensors(files, streamed, copy)
     hint = files[0].name if len(files) == 1 else f"{path.name}/*.safetensors"
     infer_group = "group_size" not in raw
     if infer_group:

@@ -51,3 +51,16 @@ def empty_many(specs: list[tuple[list[int], torch.dtype]]) -> list[torch.Tensor]
 def empty(shape: list[int], dtype: torch.dtype) -> torch.Tensor:
     """An uninitialised CPU tensor; on a mapping of its own when it holds at least HUGE bytes (see above)."""
     return empty_many([(shape, dtype)])[0]
+
+
+def available() -> int | None:
+    """Bytes the kernel could give without swapping (Linux's MemAvailable, page cache included), or None where
+    /proc/meminfo does not say."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None

@@ -88,7 +88,7 @@ def test_read_safetensors_reads_quantized_layers_into_one_mapping_and_a_streamed
     assert [str(f) in h for h, _ in mappings(e, e + 1)] == [True]  # the rest stay views of the file, as load_file's
 
 
-def test_load_reads_an_untied_head_and_quantized_layers_and_maps_the_embedding(tmp_path):
+def test_load_reads_an_untied_head_and_quantized_layers_and_maps_the_embedding(tmp_path, monkeypatch, caplog):
     from conftest import random_model, random_samples
     from gptqkit.checkpoint import load, save
     from gptqkit.config import QuantConfig
@@ -110,3 +110,10 @@ def test_load_reads_an_untied_head_and_quantized_layers_and_maps_the_embedding(t
     assert in_file(loaded.model.embed_tokens.weight)  # looked up by rows: a view of the file
     assert loaded.lm_head.weight.dtype == torch.bfloat16 and not in_file(loaded.lm_head.weight)
     assert not any(in_file(b) for n, b in loaded.named_buffers() if n.endswith(("qweight", "scales")))
+    # weights that would not fit in the available memory stay views of the file, whose pages the kernel can drop
+    monkeypatch.setattr(memory, "available", lambda: 0)
+    with caplog.at_level("INFO", logger="gptqkit.checkpoint"):
+        mapped = load(out, kernel="torch", dense_dtype=torch.bfloat16)
+    assert all(in_file(b) for n, b in mapped.named_buffers() if n.endswith(("qweight", "scales")))
+    assert in_file(mapped.lm_head.weight)
+    assert any("the weights stay views of the memory-mapped files" in r.getMessage() for r in caplog.records)
