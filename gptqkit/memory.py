@@ -38,8 +38,11 @@ def empty_many(specs: list[tuple[list[int], torch.dtype]]) -> list[torch.Tensor]
     # torch.frombuffer holds the mapping through the buffer protocol: it is unmapped when the last view goes.
     off = -torch.frombuffer(m, dtype=torch.uint8, count=1).data_ptr() % HUGE
     whole = total // HUGE * HUGE
-    m.madvise(mmap.MADV_HUGEPAGE, off, whole)
-    m.madvise(mmap.MADV_NOHUGEPAGE, off + whole, len(m) - off - whole)  # total + HUGE - off - whole > 0
+    try:  # advice only: a kernel built without THP refuses it (EINVAL), and the memory is good as it is
+        m.madvise(mmap.MADV_HUGEPAGE, off, whole)
+        m.madvise(mmap.MADV_NOHUGEPAGE, off + whole, len(m) - off - whole)  # total + HUGE - off - whole > 0
+    except OSError:
+        pass
     out = []
     for (shape, dtype), n in zip(specs, sizes):
         out.append(torch.frombuffer(m, dtype=dtype, count=math.prod(shape), offset=off).view(shape) if n

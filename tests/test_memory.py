@@ -117,3 +117,15 @@ def test_load_reads_an_untied_head_and_quantized_layers_and_maps_the_embedding(t
     assert all(in_file(b) for n, b in mapped.named_buffers() if n.endswith(("qweight", "scales")))
     assert in_file(mapped.lm_head.weight)
     assert any("the weights stay views of the memory-mapped files" in r.getMessage() for r in caplog.records)
+
+
+def test_a_kernel_that_refuses_the_advice_still_gets_its_tensors(monkeypatch):
+    """Kernels built without transparent huge pages answer MADV_HUGEPAGE with EINVAL."""
+    class NoAdvice(mmap.mmap):
+        def madvise(self, *args):
+            raise OSError(22, "Invalid argument")
+
+    monkeypatch.setattr(memory.mmap, "mmap", NoAdvice)
+    t = memory.empty([3 << 20], torch.uint8)
+    t.fill_(7)
+    assert t.shape == (3 << 20,) and t.data_ptr() % memory.HUGE == 0 and int(t[-1]) == 7
