@@ -112,7 +112,8 @@ def read_bandwidth() -> float:
     huge pages (gptqkit.memory, where gptqkit's loader puts the weights; 2-5% faster on the Zen 5 VM): the DRAM read
     bandwidth torch reaches (a lower bound on a loaded machine; one core alone may not saturate DRAM)."""
     best = float("inf")
-    for a in (torch.ones(2**28), memory.empty([2**28], torch.float32).fill_(1)):
+    for make in (torch.ones, lambda n: memory.empty([n], torch.float32).fill_(1)):  # one 1 GiB tensor at a time
+        a = make(2**28)
         for threads in sorted({1, os.cpu_count() or 1}):
             torch.set_num_threads(threads)
             a.sum()

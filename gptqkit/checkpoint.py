@@ -310,11 +310,10 @@ def read_safetensors(f: Path, streamed: set[str] = frozenset(), copy: bool = Tru
     if not copy:
         return load_file(str(f))
 
-    with safe_open(str(f), "pt") as st:  # raises for a truncated or corrupt file
+    with safe_open(str(f), "pt") as st, open(f, "rb") as fh:  # safe_open raises for a truncated or corrupt file
         names = list(st.keys())
-        with open(f, "rb") as fh:
-            n = int.from_bytes(fh.read(8), "little")
-            header = json.loads(fh.read(n))
+        n = int.from_bytes(fh.read(8), "little")
+        header = json.loads(fh.read(n))
         layers = {k[: -len(".qweight")] for k in names if k.endswith(".qweight")}
         kept = [k for k in names if k.rpartition(".")[0] in layers]
         read = [k for k in names if k in streamed and k not in kept]
@@ -322,12 +321,11 @@ def read_safetensors(f: Path, streamed: set[str] = frozenset(), copy: bool = Tru
             kept = read = []  # safetensors swaps bytes and knows every dtype
         sd = {k: st.get_tensor(k) for k in names if k not in kept and k not in read}
 
-    def spec(k: str) -> tuple[list[int], torch.dtype]:
-        return header[k]["shape"], SAFETENSORS_DTYPES[header[k]["dtype"]]
+        def spec(k: str) -> tuple[list[int], torch.dtype]:
+            return header[k]["shape"], SAFETENSORS_DTYPES[header[k]["dtype"]]
 
-    sd.update(zip(kept, memory.empty_many([spec(k) for k in kept])))
-    sd.update((k, memory.empty(*spec(k))) for k in read)
-    with open(f, "rb") as fh:
+        sd.update(zip(kept, memory.empty_many([spec(k) for k in kept])))
+        sd.update((k, memory.empty(*spec(k))) for k in read)
         for k in sorted(kept + read, key=lambda k: header[k]["data_offsets"][0]):  # the file's order
             b0, b1 = header[k]["data_offsets"]
             if b1 > b0:
