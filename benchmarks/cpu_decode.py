@@ -76,8 +76,13 @@ m = GPTQModel.load(spec["path"], device="cpu", backend=BACKEND.AUTO, dtype=torch
 load_s = time.perf_counter() - t0
 model = m.model
 ids = torch.randint(3, model.config.vocab_size, (1, spec["prompt_len"]), generator=torch.Generator().manual_seed(0))
+chunk = spec.get("prefill_chunk") or spec["prompt_len"]
 def prefill(x):
-    t = time.perf_counter(); out = model(x, use_cache=True, logits_to_keep=1); return time.perf_counter() - t, out
+    t = time.perf_counter(); out = model(x[:, :chunk], use_cache=True, logits_to_keep=1)
+    for s in range(chunk, x.shape[1], chunk):  # the rest of the prompt into the same cache
+        past = out.past_key_values; out = None
+        out = model(x[:, s:s + chunk], past_key_values=past, use_cache=True, logits_to_keep=1)
+    return time.perf_counter() - t, out
 def decode(out, n):
     past, tok = out.past_key_values, out.logits[:, -1:].argmax(-1)
     n0 = past.get_seq_length()
@@ -249,7 +254,7 @@ def weight_bytes_per_token(folder: Path, dense_bytes: int, kernel: str = "avx2")
 def measure(path: Path, quantized: bool, dtype: str, a, kernel: str = "auto", dense_dtype: str | None = None) -> dict:
     spec = {"path": str(path), "quantized": quantized, "dtype": dtype, "device": "cpu", "threads": a.threads,
             "prompt_len": a.prompt_len, "new_tokens": a.new_tokens, "runs": a.runs, "prefill_runs": a.prefill_runs,
-            "warmup": 1, "kernel": kernel, "dense_dtype": dense_dtype}
+            "warmup": 1, "kernel": kernel, "dense_dtype": dense_dtype, "prefill_chunk": a.prefill_chunk}
     log(f"  measuring {path.name} ({dtype}, kernel {kernel}, embedding/lm_head {dense_dtype or dtype}) ...")
     r = B.run_measurement(spec)
     r["new_tokens"] = a.new_tokens
@@ -259,7 +264,7 @@ def measure(path: Path, quantized: bool, dtype: str, a, kernel: str = "auto", de
 
 def measure_peer(path: Path, a) -> dict:
     spec = {"path": str(path), "threads": a.threads, "prompt_len": a.prompt_len, "new_tokens": a.new_tokens,
-            "runs": a.runs, "prefill_runs": a.prefill_runs}
+            "runs": a.runs, "prefill_runs": a.prefill_runs, "prefill_chunk": a.prefill_chunk}
     log(f"  measuring {path.name} with GPTQModel ...")
     env = {**os.environ, "GPTQMODEL_CPU_WORKERS": str(a.threads), "OMP_NUM_THREADS": str(a.threads),
            "TOKENIZERS_PARALLELISM": "false"}
@@ -355,7 +360,8 @@ def run_model(name: str, dense: Path, ckpts: dict[str, Path], a) -> tuple[str, d
             readings.append(read_bandwidth())
             runs[col].append({**r, "bandwidth": max(readings[-2:])})
     cols: dict[str, dict] = {col: merge_rounds(runs[col], a.prompt_len, nbytes) for col, _, nbytes in tasks}
-    title = (f"{name}: {a.threads} threads, prompt {a.prompt_len} tokens, {a.new_tokens} new tokens, median of "
+    pieces = f" in pieces of {a.prefill_chunk}" if a.prefill_chunk else ""
+    title = (f"{name}: {a.threads} threads, prompt {a.prompt_len} tokens{pieces}, {a.new_tokens} new tokens, median of "
              f"{a.rounds * a.runs} decodes / {a.rounds * a.prefill_runs} prefills ({a.rounds} rounds of fresh "
              f"processes); DRAM read {min(readings) / 1e9:.1f}-{max(readings) / 1e9:.1f} GB/s over "
              f"{len(readings)} readings, one between every two runs")
@@ -430,6 +436,8 @@ def main() -> int:
     # 5: on SmolLM2 single 512-token prefills ranged over 650-1010 tokens/s in one process, so a median of 2 moved
     # a column by a third between runs
     p.add_argument("--prefill-runs", type=int, default=5)
+    p.add_argument("--prefill-chunk", type=int, default=None,
+                   help="prefill the prompt this many tokens at a time, every column alike (default: all at once)")
     p.add_argument("--work", default=str(Path(os.environ.get("GPTQKIT_CACHE", Path.home() / ".cache/gptqkit"))
                                          / "bench"))
     p.add_argument("--no-fp32", action="store_true", help="skip the dense fp32 column")

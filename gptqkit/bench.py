@@ -3,7 +3,9 @@
 Each model is measured in a fresh subprocess (`python -m gptqkit.bench --child SPEC OUT`), so the peak memory is
 that model's alone: the peak resident set (VmHWM) on CPU, torch.cuda.max_memory_allocated on CUDA.
 Timings: a warm-up on a short prompt, then repetitions and their median. Prefill is one forward over a
-`prompt_len`-token prompt (logits for the last position only, as generate() does); decode is a greedy loop with
+`prompt_len`-token prompt (logits for the last position only, as generate() does), or with `prefill_chunk` that
+prompt in pieces of at most that many tokens into the same cache, as generate(prefill_chunk=...); decode is a
+greedy loop with
 the KV cache over exactly `new_tokens` tokens after that prompt (no EOS stop); the cache is cut back to the
 prompt between decode runs.
 """
@@ -112,10 +114,15 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
     gen = torch.Generator().manual_seed(spec.get("seed", 0))
     ids = torch.randint(3, vocab, (1, spec["prompt_len"]), generator=gen).to(device)
 
+    chunk = spec.get("prefill_chunk") or spec["prompt_len"]
+
     def prefill(x: torch.Tensor):
         _sync(device)
         t = time.perf_counter()
-        out = model(x, **{cache_name: cache_for(model, kv_cache)}, use_cache=True, logits_to_keep=1)
+        cache = cache_for(model, kv_cache)
+        for s in range(0, x.shape[1], chunk):
+            out = None  # the last piece's activations are freed before the next piece's are made
+            out = model(x[:, s:s + chunk], **{cache_name: cache}, use_cache=True, logits_to_keep=1)
         _sync(device)
         return time.perf_counter() - t, out
 
@@ -211,7 +218,8 @@ def bench(ckpt: str | os.PathLike, baseline: str | os.PathLike | None = None, pr
           new_tokens: int = 64, runs: int = 3, device: str = "cpu", threads: int | None = None,
           dtype: str | None = None, baseline_dtype: str | None = None, kernel: str = "auto", warmup: int = 1,
           timeout: float | None = None, prefill_runs: int | None = None,
-          dense_dtype: str | None = None, kv_cache: str = "auto") -> dict[str, Any]:
+          dense_dtype: str | None = None, kv_cache: str = "auto",
+          prefill_chunk: int | None = None) -> dict[str, Any]:
     """Measure a GPTQ checkpoint and, if given, its dense baseline, each in a fresh subprocess.
 
     dtype (of activations and unquantized tensors) and dense_dtype default to what runs fastest here
@@ -222,7 +230,8 @@ def bench(ckpt: str | os.PathLike, baseline: str | os.PathLike | None = None, pr
     quantized for time (a speed-up above 1 means the checkpoint is faster). dense_dtype: storage of the
     checkpoint's embedding and lm_head when it differs from dtype (see gptqkit.dense), e.g. dtype float32 with
     dense_dtype bfloat16. kv_cache: as generate's (auto: bf16 under gptqkit's float32 CPU attention, so the cache
-    takes the bytes a bf16 baseline's does; model: the model's dtype).
+    takes the bytes a bf16 baseline's does; model: the model's dtype). prefill_chunk: prefill the prompt in pieces of
+    at most this many tokens, both models alike (less activation memory on long prompts, see generate()).
 
     >>> r = bench("smollm2-gptq-4bit", baseline="SmolLM2-135M-Instruct", threads=2)  # doctest: +SKIP
     >>> r["ratios"]["decode_speedup"]  # doctest: +SKIP
@@ -236,11 +245,14 @@ def bench(ckpt: str | os.PathLike, baseline: str | os.PathLike | None = None, pr
     if dtype is None:
         dtype, dense_dtype = d_dtype, dense_dtype or d_dense
     baseline_dtype = baseline_dtype or (dtype if dtype != d_dtype else d_base)
+    if prefill_chunk is not None and (isinstance(prefill_chunk, bool) or not isinstance(prefill_chunk, int)
+                                      or prefill_chunk < 1):
+        raise BenchError(f"prefill_chunk must be a positive number of tokens, not {prefill_chunk!r}")
     if not is_checkpoint(ckpt):
         raise BenchError(f"{ckpt} is not a GPTQ checkpoint (no quantize_config.json or quantization_config)")
     settings = {"prompt_len": prompt_len, "new_tokens": new_tokens, "runs": runs, "warmup": warmup,
                 "prefill_runs": prefill_runs or runs, "device": device, "threads": threads, "kernel": kernel,
-                "kv_cache": kv_cache}
+                "kv_cache": kv_cache, "prefill_chunk": prefill_chunk}
     common = {**settings, "seed": 0}
     q = run_measurement({**common, "path": str(ckpt), "quantized": True, "dtype": dtype, "dense_dtype": dense_dtype},
                         timeout)
@@ -276,7 +288,9 @@ def format_table(r: dict[str, Any]) -> str:
             b["peak_rss_model_bytes"] / mib if b and b.get("peak_rss_model_bytes") else None,
             "peak_memory_model" if b and "peak_memory_model" in r["ratios"] else None)]
           if mem == "peak_rss_bytes" and q.get("peak_rss_model_bytes") else []),
-        (f"prefill, {r['settings']['prompt_len']} tokens (tokens/s)", q["prefill_tokens_per_s"],
+        (f"prefill, {r['settings']['prompt_len']} tokens"
+         f"{' in pieces of %d' % r['settings']['prefill_chunk'] if r['settings'].get('prefill_chunk') else ''}"
+         " (tokens/s)", q["prefill_tokens_per_s"],
          b and b["prefill_tokens_per_s"], "prefill_speedup"),
         ("decode latency (ms/token)", q["decode_ms_per_token"], b and b["decode_ms_per_token"], None),
         ("decode throughput (tokens/s)", q["decode_tokens_per_s"], b and b["decode_tokens_per_s"], "decode_speedup"),
@@ -303,7 +317,7 @@ def format_table(r: dict[str, Any]) -> str:
 
 
 def add_bench_args(p) -> None:
-    from .generate import add_kv_cache_arg
+    from .generate import add_kv_cache_arg, add_prefill_chunk_arg
 
     p.add_argument("ckpt", help="GPTQ checkpoint folder")
     p.add_argument("--baseline", default=None, help="the dense model folder to compare with (e.g. the original)")
@@ -322,6 +336,7 @@ def add_bench_args(p) -> None:
                                                        "(e.g. --dtype float32 --dense-dtype bfloat16, the CPU default)")
     p.add_argument("--kernel", default="auto")
     add_kv_cache_arg(p)
+    add_prefill_chunk_arg(p)
     p.add_argument("--json", action="store_true", help="print the result as JSON")
 
 
@@ -334,7 +349,8 @@ def run_bench(args) -> int:
     r = bench(args.ckpt, baseline=baseline, prompt_len=args.prompt_len, new_tokens=args.new_tokens,
               runs=args.runs, device=args.device, threads=args.threads, dtype=args.dtype,
               baseline_dtype=args.baseline_dtype, kernel=args.kernel, warmup=args.warmup,
-              prefill_runs=args.prefill_runs, dense_dtype=args.dense_dtype, kv_cache=args.kv_cache)
+              prefill_runs=args.prefill_runs, dense_dtype=args.dense_dtype, kv_cache=args.kv_cache,
+              prefill_chunk=args.prefill_chunk)
     print(json.dumps(r, indent=2) if args.json else format_table(r))
     return 0
 

@@ -195,7 +195,7 @@ def run_generation(model, tokenizer, prompt: str, max_new_tokens: int = 128, tem
                    stream: Callable[[str], None] | None = None, chat: bool = False,
                    template: str | os.PathLike | dict | None = None, system: str | None = None,
                    input: str | None = None, context: str | None = None, seed: int | None = None,
-                   kv_cache: str = "auto") -> Generation:
+                   kv_cache: str = "auto", prefill_chunk: int | None = None) -> Generation:
     """Like `generate`, with token counts and time."""
     import torch
     from transformers import StoppingCriteria, StoppingCriteriaList
@@ -204,6 +204,9 @@ def run_generation(model, tokenizer, prompt: str, max_new_tokens: int = 128, tem
 
     if chat and template is not None:
         raise TemplateError("choose either chat (the tokenizer's chat template) or an instruction template")
+    if prefill_chunk is not None and (isinstance(prefill_chunk, bool) or not isinstance(prefill_chunk, int)
+                                      or prefill_chunk < 1):
+        raise ValueError(f"prefill_chunk must be a positive number of tokens, not {prefill_chunk!r}")
     stops: list[str] = []
     if template is not None:
         t = load_template(template)
@@ -237,6 +240,8 @@ def run_generation(model, tokenizer, prompt: str, max_new_tokens: int = 128, tem
             torch.manual_seed(seed)
     else:
         kw.update(temperature=None, top_p=None, top_k=None)
+    if prefill_chunk is not None:
+        kw["prefill_chunk_size"] = prefill_chunk  # transformers feeds the prompt in pieces into the same cache
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     t0 = time.perf_counter()
     with torch.inference_mode():
@@ -254,20 +259,22 @@ def generate(model, tokenizer, prompt: str, max_new_tokens: int = 128, temperatu
              stream: Callable[[str], None] | None = None, chat: bool = False,
              template: str | os.PathLike | dict | None = None, system: str | None = None,
              input: str | None = None, context: str | None = None, seed: int | None = None,
-             kv_cache: str = "auto") -> str:
+             kv_cache: str = "auto", prefill_chunk: int | None = None) -> str:
     """Generate a continuation of `prompt` (greedy when temperature is 0) and return it.
 
     chat: wrap the prompt with the tokenizer's chat template. template: a name in TEMPLATES or a JSON file; the
     prompt is the instruction, `input`/`context` fill the optional sections, and the answer after the response
     marker is returned. stream: called with each new piece of text; the pieces join to the returned string.
     kv_cache: "auto" keeps the KV cache in bf16 where gptqkit's float32 CPU attention runs (cache.kv_dtype: the
-    bytes a bf16 model's cache takes), "model" in the model's dtype.
+    bytes a bf16 model's cache takes), "model" in the model's dtype. prefill_chunk: feed the prompt in pieces of at
+    most this many tokens into the cache (transformers' prefill_chunk_size), so a long prompt's activations take
+    that many rows at a time instead of all of them; the logits agree with a whole prefill up to rounding.
 
     >>> model, tok = load_for_inference("smollm2-gptq-4bit")  # doctest: +SKIP
     >>> generate(model, tok, "Resume en una frase.", template="alpaca-es", input=texto)  # doctest: +SKIP
     """
     return run_generation(model, tokenizer, prompt, max_new_tokens, temperature, top_p, top_k, repetition_penalty,
-                          stream, chat, template, system, input, context, seed, kv_cache).text
+                          stream, chat, template, system, input, context, seed, kv_cache, prefill_chunk).text
 
 
 def is_checkpoint(path: str | os.PathLike) -> bool:
@@ -330,6 +337,12 @@ def add_generate_args(p) -> None:
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--no-stream", action="store_true", help="print the text at the end instead of streaming")
     add_kv_cache_arg(p)
+    add_prefill_chunk_arg(p)
+
+
+def add_prefill_chunk_arg(p) -> None:
+    p.add_argument("--prefill-chunk", type=int, default=None, metavar="N",
+                   help="prefill the prompt N tokens at a time (less memory on long prompts; default: all at once)")
 
 
 def add_kv_cache_arg(p) -> None:
@@ -359,7 +372,7 @@ def run_generate(args) -> int:
                        top_p=args.top_p, top_k=args.top_k, repetition_penalty=args.repetition_penalty,
                        stream=None if args.no_stream else show, chat=args.chat, template=args.template,
                        system=args.system, input=args.input, context=args.context, seed=args.seed,
-                       kv_cache=args.kv_cache)
+                       kv_cache=args.kv_cache, prefill_chunk=args.prefill_chunk)
     if args.no_stream:
         sys.stdout.write(g.text)
     sys.stdout.write("\n")

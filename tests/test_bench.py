@@ -62,6 +62,37 @@ def test_table_and_cli_json(result, monkeypatch, capsys):
     assert capsys.readouterr().out == table + "\n"
 
 
+def test_prefill_in_pieces(monkeypatch, tmp_path_factory):
+    """--prefill-chunk: each timed prefill feeds the prompt in pieces into one cache; the table says so."""
+    import transformers
+
+    rows: list[int] = []
+    real = transformers.AutoModelForCausalLM.from_pretrained
+
+    def loaded(*a, **k):
+        m = real(*a, **k)
+        m.get_input_embeddings().register_forward_pre_hook(lambda mod, args: rows.append(args[0].shape[1]))
+        return m
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", loaded)
+    spec = {"path": str(MODEL), "quantized": False, "device": "cpu", "prompt_len": 40, "new_tokens": 2, "runs": 1,
+            "prefill_runs": 2, "threads": 1, "prefill_chunk": 16}
+    r = bench_mod.measure(spec)
+    assert len(r["prefill_s"]) == 2 and r["prefill_tokens_per_s"] > 0
+    # the warm-up's prefill and its min(4, new_tokens) decode steps, then 2 timed prefills and a decode of 2 tokens
+    assert rows == [16, 16, 8] + [1] * 2 + [16, 16, 8] * 2 + [1] * 2
+    with pytest.raises(BenchError, match="prefill_chunk must be a positive number of tokens"):
+        bench(stories_checkpoint(tmp_path_factory), prefill_chunk=0)
+    result = {"settings": {"prompt_len": 40, "prefill_chunk": 16, "prefill_runs": 2, "runs": 1, "new_tokens": 2,
+                           "warmup": 1},
+              "quantized": {**r, "size_bytes": 1}, "baseline": None, "ratios": {}}
+    assert "prefill, 40 tokens in pieces of 16 (tokens/s)" in format_table(result)
+    p = argparse.ArgumentParser()
+    add_bench_args(p)
+    assert p.parse_args(["ckpt", "--prefill-chunk", "64"]).prefill_chunk == 64
+    assert p.parse_args(["ckpt"]).prefill_chunk is None
+
+
 def test_refuses_a_dense_model_and_reports_child_failures(tmp_path):
     from gptqkit.kernels import KernelError
 

@@ -95,6 +95,29 @@ def test_greedy_is_deterministic_and_streams_the_same_text(dense):
 
 
 @needs_model
+def test_prefill_in_pieces(dense):
+    """prefill_chunk feeds the prompt in pieces of that many tokens into the cache, and greedy decoding after it is
+    the same as after one whole prefill (the dense fp32 model: the pieces' sums differ only in rounding)."""
+    model, tok = dense
+    prompt = "Once upon a time" + STORY + " One day"
+    n = len(tok(prompt)["input_ids"])
+    rows: list[int] = []
+    hook = model.get_input_embeddings().register_forward_pre_hook(lambda m, a: rows.append(a[0].shape[1]))
+    try:
+        whole = generate(model, tok, prompt, max_new_tokens=20)
+        assert rows[0] == n and set(rows[1:]) == {1}
+        rows.clear()
+        pieces = generate(model, tok, prompt, max_new_tokens=20, prefill_chunk=7)
+    finally:
+        hook.remove()
+    assert rows[: -(-n // 7)] == [7] * (n // 7) + ([n % 7] if n % 7 else []) and set(rows[-(-n // 7):]) == {1}
+    assert pieces == whole and len(whole) > 20
+    for bad in (0, -3, 2.5, True):
+        with pytest.raises(ValueError, match="prefill_chunk must be a positive number of tokens"):
+            generate(model, tok, prompt, max_new_tokens=2, prefill_chunk=bad)
+
+
+@needs_model
 def test_stop_strings_cut_the_stream_and_stop_early(dense, tmp_path):
     model, tok = dense
     f = tmp_path / "plain.json"
@@ -145,6 +168,20 @@ def test_quantized_checkpoint_and_cli(tmp_path_factory, capsys):
     assert run_generate(args) == 0
     out = capsys.readouterr()
     assert out.out == text + "\n" and "tokens/s" in out.err
+    # a prompt prefilled in pieces: the quantized kernels take each piece's rows, the logits agree up to rounding
+    from gptqkit.cache import cache_for, cache_kwarg
+
+    ids = tok("Once upon a time" + STORY, return_tensors="pt")["input_ids"]
+    name = cache_kwarg(model)
+    with torch.inference_mode():
+        whole = model(ids, **{name: cache_for(model)}, use_cache=True).logits[0, -1]
+        cache = cache_for(model)
+        for s in range(0, ids.shape[1], 5):
+            last = model(ids[:, s:s + 5], **{name: cache}, use_cache=True).logits[0, -1]
+    assert cache.get_seq_length() == ids.shape[1]
+    assert (last - whole).abs().max() <= 0.02 * whole.abs().max() and last.argmax() == whole.argmax()
+    args = p.parse_args([str(ckpt), "--prompt", "Once upon a time", "--max-new-tokens", "12", "--prefill-chunk", "2"])
+    assert args.prefill_chunk == 2 and run_generate(args) == 0 and len(capsys.readouterr().out) > 10
     # the default KV cache is bf16 under gptqkit's CPU attention; --kv-cache model keeps the model's float32
     from gptqkit.cache import given_cache
 
