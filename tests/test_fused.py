@@ -324,6 +324,19 @@ def test_use_attention_swaps_and_keeps_outputs(arch, monkeypatch):
     assert torch.equal(prefill_then_decode(model, ids, GrowingCache(model.config))[1], ref[1]) and not calls
 
 
+def test_attention_probe_allows_rounding_of_a_large_output():
+    """The attention probe compares SDPA with the C step, whose sums run in another order. SmolLM2-135M's block 23
+    gives outputs up to 109 that differ by up to 1.9e-5: within rounding, though an elementwise rtol fails on its
+    small elements; it must be swapped (else all 30 blocks lose the one-call stack). A real difference must not pass."""
+    ref = torch.tensor([108.7, -3.2, 0.004, -0.0007])
+    assert fused._agree_to_rounding(ref + torch.tensor([0.0, 1e-6, 1.9e-5, -1.9e-5]), ref)
+    assert not torch.allclose(ref + torch.tensor([0.0, 1e-6, 1.9e-5, -1.9e-5]), ref, rtol=1e-4, atol=1e-5)
+    assert not fused._agree_to_rounding(ref * 1.01, ref)
+    assert not fused._agree_to_rounding(ref + torch.tensor([0.0, 0.0, 0.01, 0.0]), ref)
+    small = torch.tensor([0.02, -0.001])  # outputs below 1: the tolerance is the elementwise one with atol 1e-5
+    assert fused._agree_to_rounding(small + 5e-6, small) and not fused._agree_to_rounding(small + 3e-5, small)
+
+
 @needs_avx2
 def test_use_attention_keeps_modules_the_probe_rejects():
     """Partial rotary (half of each head rotated, as Phi and GPT-NeoX do) computes something else: the probe's
