@@ -23,15 +23,15 @@ HEADROOM = 256  # positions: a new buffer holds its tokens plus this many; a ful
 
 
 def _append(view: torch.Tensor, buf: torch.Tensor | None, new: torch.Tensor,
-            dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+            dtype: torch.dtype | None = None, headroom: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(view of buf holding view's tokens then new's, buf) along dim -2; buf is reused when view lies in it. A new
-    buffer is of `dtype` (default new's)."""
+    buffer is of `dtype` (default new's) and holds its tokens plus `headroom` positions (default HEADROOM)."""
     T = view.shape[-2] if view.dim() == new.dim() else 0  # before the first update view is an empty 1-D tensor
     n = new.shape[-2]
     inside = (buf is not None and T > 0 and view.data_ptr() == buf.data_ptr() and view.stride() == buf.stride()
               and view.shape[:-2] == new.shape[:-2] and view.dtype == buf.dtype)
     if not inside or T + n > buf.shape[-2]:
-        cap = max(T + n + HEADROOM, 2 * buf.shape[-2] if inside else 0)
+        cap = max(T + n + (HEADROOM if headroom is None else headroom), 2 * buf.shape[-2] if inside else 0)
         grown = new.new_empty(*new.shape[:-2], cap, new.shape[-1], dtype=dtype or new.dtype)
         if T:
             grown.narrow(-2, 0, T).copy_(view)
@@ -59,6 +59,7 @@ class GrowingLayer(DynamicLayer):
     _vset: torch.Tensor | None = None
     # of the buffers (None: the keys'); GrowingCache(dtype=...) sets it. (DynamicLayer's own `dtype` is the keys'.)
     buffer_dtype: torch.dtype | None = None
+    headroom: int | None = None  # positions a new buffer has beyond its tokens (None: HEADROOM); GrowingCache sets it
 
     @property
     def keys(self) -> torch.Tensor | None:
@@ -94,8 +95,8 @@ class GrowingLayer(DynamicLayer):
             self._vbuf.narrow(-2, T, n).copy_(value_states)
             self.extend(n)
             return self.keys, self.values
-        kview, self._kbuf = _append(self.keys, self._kbuf, key_states, self.buffer_dtype)
-        vview, self._vbuf = _append(self.values, self._vbuf, value_states, self.buffer_dtype)
+        kview, self._kbuf = _append(self.keys, self._kbuf, key_states, self.buffer_dtype, self.headroom)
+        vview, self._vbuf = _append(self.values, self._vbuf, value_states, self.buffer_dtype, self.headroom)
         self._length = kview.shape[-2]
         self._kview, self._vview, self._klive, self._vlive = kview, vview, True, True
         self._kset = self._vset = None  # may be a view into a buffer just replaced: not kept alive
@@ -130,12 +131,13 @@ class GrowingCache(DynamicCache):
     dtype: what the GrowingLayers store keys and values in (default: the model's). torch.bfloat16 under a float32
     model halves the cache (the keys and values rounded to bf16, as a bf16 model's are); the keys and values a layer
     returns are then bf16 views, which gptqkit.attention's decode reads as they are and widens for SDPA
-    (kv_dtype() says when that holds).
+    (kv_dtype() says when that holds). headroom: positions a new buffer holds beyond its tokens (default HEADROOM);
+    gptqkit.fused's probes, which decode one token after five, take 1.
     """
 
-    def __init__(self, config=None, dtype: torch.dtype | None = None):
+    def __init__(self, config=None, dtype: torch.dtype | None = None, headroom: int | None = None):
         super().__init__(config=config)
-        self.buffer_dtype = dtype
+        self.buffer_dtype, self.headroom = dtype, headroom
         if self.layers:
             self.layers = [self._layer() if type(layer) is DynamicLayer else layer for layer in self.layers]
         else:
@@ -143,7 +145,7 @@ class GrowingCache(DynamicCache):
 
     def _layer(self) -> GrowingLayer:
         layer = GrowingLayer()
-        layer.buffer_dtype = self.buffer_dtype
+        layer.buffer_dtype, layer.headroom = self.buffer_dtype, self.headroom
         return layer
 
 

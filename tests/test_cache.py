@@ -205,3 +205,22 @@ def test_the_cache_argument_under_either_name():
         warnings.simplefilter("error", FutureWarning)
         out = model(torch.tensor([[1, 2, 3]]), use_cache=True, **{C.cache_kwarg(model): cache})
     assert C.output_cache(out) is cache and cache.get_seq_length() == 3
+
+
+def test_headroom():
+    """headroom: a new buffer holds its tokens plus that many positions (the fused probes take 1: one decoded token
+    after their five), layers made from a config and on first use alike; a full buffer still doubles."""
+    from transformers import LlamaConfig
+
+    cfg = LlamaConfig(num_hidden_layers=2, hidden_size=8, intermediate_size=16, num_attention_heads=2,
+                      num_key_value_heads=2, vocab_size=16)
+    for cache in (GrowingCache(headroom=1), GrowingCache(cfg, headroom=1)):
+        k, v = kv(7, 9)
+        cache.update(k[:, :, :5], v[:, :, :5], 0)
+        buf = cache.layers[0]._kbuf
+        assert buf.shape[-2] == 6 and cache.layers[0].free_slot(1) == 5 and cache.layers[0].free_slot(2) is None
+        cache.update(k[:, :, 5:6], v[:, :, 5:6], 0)
+        assert cache.layers[0]._kbuf is buf
+        keys, _ = cache.update(k[:, :, 6:], v[:, :, 6:], 0)
+        assert cache.layers[0]._kbuf.shape[-2] == 12 and torch.equal(keys, k)
+    assert GrowingCache().headroom is None and GrowingCache(cfg).layers[0].headroom is None

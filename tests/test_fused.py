@@ -324,6 +324,26 @@ def test_use_attention_swaps_and_keeps_outputs(arch, monkeypatch):
     assert torch.equal(prefill_then_decode(model, ids, GrowingCache(model.config))[1], ref[1]) and not calls
 
 
+@needs_avx2
+def test_probes_hold_six_positions(monkeypatch):
+    """The probes prefill 5 positions and decode a sixth: their caches hold 6 positions, not 5 + HEADROOM (on
+    SmolLM2-135M the stack probe's two caches of 261 positions left ~11 MiB of heap in a loaded model)."""
+    from gptqkit.cache import GrowingCache
+
+    made = []
+
+    class Recorded(GrowingCache):
+        def __init__(self, *a, **k):
+            super().__init__(*a, **k)
+            made.append(self)
+
+    monkeypatch.setattr(fused, "GrowingCache", Recorded)
+    model = random_model("llama")
+    assert fused.use_attention(model) == 2 and len(made) == 4
+    caps = {layer._kbuf.shape[-2] for c in made for layer in c.layers if layer._kbuf is not None}
+    assert caps == {6}
+
+
 def test_attention_probe_allows_rounding_of_a_large_output():
     """The attention probe compares SDPA with the C step, whose sums run in another order. SmolLM2-135M's block 23
     gives outputs up to 109 that differ by up to 1.9e-5: within rounding, though an elementwise rtol fails on its
