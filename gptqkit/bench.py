@@ -5,9 +5,8 @@ that model's alone: the peak resident set (VmHWM) on CPU, torch.cuda.max_memory_
 Timings: a warm-up on a short prompt, then repetitions and their median. Prefill is one forward over a
 `prompt_len`-token prompt (logits for the last position only, as generate() does), or with `prefill_chunk` that
 prompt in pieces of at most that many tokens into the same cache, as generate(prefill_chunk=...); decode is a
-greedy loop with
-the KV cache over exactly `new_tokens` tokens after that prompt (no EOS stop); the cache is cut back to the
-prompt between decode runs.
+greedy loop with the KV cache over exactly `new_tokens` tokens after that prompt (no EOS stop); the cache is cut
+back to the prompt between decode runs.
 """
 
 from __future__ import annotations
@@ -237,7 +236,7 @@ def bench(ckpt: str | os.PathLike, baseline: str | os.PathLike | None = None, pr
     >>> r["ratios"]["decode_speedup"]  # doctest: +SKIP
     """
     from . import kernels
-    from .generate import is_checkpoint
+    from .generate import check_prefill_chunk, is_checkpoint
 
     if kernel != "auto":
         kernels.load(kernel)  # an unknown name fails here, not in the subprocess
@@ -245,9 +244,7 @@ def bench(ckpt: str | os.PathLike, baseline: str | os.PathLike | None = None, pr
     if dtype is None:
         dtype, dense_dtype = d_dtype, dense_dtype or d_dense
     baseline_dtype = baseline_dtype or (dtype if dtype != d_dtype else d_base)
-    if prefill_chunk is not None and (isinstance(prefill_chunk, bool) or not isinstance(prefill_chunk, int)
-                                      or prefill_chunk < 1):
-        raise BenchError(f"prefill_chunk must be a positive number of tokens, not {prefill_chunk!r}")
+    check_prefill_chunk(prefill_chunk)
     if not is_checkpoint(ckpt):
         raise BenchError(f"{ckpt} is not a GPTQ checkpoint (no quantize_config.json or quantization_config)")
     settings = {"prompt_len": prompt_len, "new_tokens": new_tokens, "runs": runs, "warmup": warmup,

@@ -190,6 +190,12 @@ class Generation:
     seconds: float
 
 
+def check_prefill_chunk(n: int | None) -> None:
+    """Raise ValueError unless n is None (the prompt in one piece) or a positive number of tokens."""
+    if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
+        raise ValueError(f"prefill_chunk must be a positive number of tokens, not {n!r}")
+
+
 def run_generation(model, tokenizer, prompt: str, max_new_tokens: int = 128, temperature: float = 0.0,
                    top_p: float = 1.0, top_k: int = 0, repetition_penalty: float = 1.0,
                    stream: Callable[[str], None] | None = None, chat: bool = False,
@@ -204,9 +210,7 @@ def run_generation(model, tokenizer, prompt: str, max_new_tokens: int = 128, tem
 
     if chat and template is not None:
         raise TemplateError("choose either chat (the tokenizer's chat template) or an instruction template")
-    if prefill_chunk is not None and (isinstance(prefill_chunk, bool) or not isinstance(prefill_chunk, int)
-                                      or prefill_chunk < 1):
-        raise ValueError(f"prefill_chunk must be a positive number of tokens, not {prefill_chunk!r}")
+    check_prefill_chunk(prefill_chunk)
     stops: list[str] = []
     if template is not None:
         t = load_template(template)

@@ -81,7 +81,7 @@ def test_prefill_in_pieces(monkeypatch, tmp_path_factory):
     assert len(r["prefill_s"]) == 2 and r["prefill_tokens_per_s"] > 0
     # the warm-up's prefill and its min(4, new_tokens) decode steps, then 2 timed prefills and a decode of 2 tokens
     assert rows == [16, 16, 8] + [1] * 2 + [16, 16, 8] * 2 + [1] * 2
-    with pytest.raises(BenchError, match="prefill_chunk must be a positive number of tokens"):
+    with pytest.raises(ValueError, match="prefill_chunk must be a positive number of tokens"):
         bench(stories_checkpoint(tmp_path_factory), prefill_chunk=0)
     result = {"settings": {"prompt_len": 40, "prefill_chunk": 16, "prefill_runs": 2, "runs": 1, "new_tokens": 2,
                            "warmup": 1},
