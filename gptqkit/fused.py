@@ -496,7 +496,7 @@ class DecodeStack(nn.Module):
     _parts: tuple  # (owners' _modules dicts, names, modules) as swapped: the C call stands for exactly these
     _hooks: tuple  # forward (pre-)hook dicts of the modules the C call runs without calling them (torch adds to
     # these dicts in place)
-    _linears: tuple  # (QuantLinears, kernels, plans, shared) as swapped, four tuples
+    _linears: tuple  # (the QuantLinears' __dict__s, their kernel, plan and shared of each in turn) as swapped
 
     def forward(self, *args, **kwargs):
         if not args:  # transformers' causal LMs call their stack by keyword
@@ -515,10 +515,14 @@ class DecodeStack(nn.Module):
         dicts, names, modules = self._parts
         if not all(map(operator.is_, map(dict.get, dicts, names), modules)) or any(map(len, self._hooks)):
             return False
-        linears, kernels, plans, shared = self._linears
-        return (all(map(operator.is_, map(_KERNEL, linears), kernels))
-                and all(map(operator.is_, map(_PLAN, linears), plans))
-                and all(map(operator.is_, map(_SHARED, linears), shared)))
+        # Each QuantLinear's three attributes from its own __dict__ (where Module.__setattr__ keeps them), in one
+        # pass: a cold attribute lookup walks the class's MRO too. Three getattr passes took 164 us a token on the
+        # 1.1B shape and 124 on SmolLM2-135M, this 130 and 92 (medians of 64 tokens each, alternating in one process).
+        linears, expected = self._linears
+        try:
+            return all(map(operator.is_, itertools.chain.from_iterable(map(_LINEAR_STATE, linears)), expected))
+        except KeyError:  # an attribute deleted: not the layer the C call was built for
+            return False
 
     def decode_step(self, kw: dict):
         """The stack's output (transformers' BaseModelOutputWithPast) for a forward called with keyword arguments
@@ -568,7 +572,7 @@ class DecodeStack(nn.Module):
         return _plain_copy, (type(self).__bases__[1], state)
 
 
-_KERNEL, _PLAN, _SHARED = (operator.attrgetter(a) for a in ("kernel", "_avx2_plan", "_avx2_shared"))
+_LINEAR_STATE = operator.itemgetter("kernel", "_avx2_plan", "_avx2_shared")  # of a QuantLinear's __dict__
 
 
 def _stack_output(y: torch.Tensor, cache: GrowingCache):
@@ -610,7 +614,8 @@ def _stack_for(module: nn.Module) -> DecodeStack | None:
     new._parts = tuple(zip(*parts))
     unseen = [blocks, norm, *blocks, *(m for b in blocks for _, _, m in b._parts)]  # embed_tokens, rotary_emb: called
     new._hooks = tuple(h for m in unseen for h in (m._forward_hooks, m._forward_pre_hooks))
-    new._linears = tuple(zip(*(lin for b in blocks for lin in b._linears)))
+    linears = [lin for b in blocks for lin in b._linears]  # (QuantLinear, kernel, plan, shared)
+    new._linears = (tuple(m.__dict__ for m, *_ in linears), tuple(x for _, *state in linears for x in state))
     return new
 
 

@@ -642,3 +642,21 @@ def test_a_changed_block_leaves_the_c_call(tmp_path, monkeypatch):
     calls["layer"].clear()
     prefill_then_decode(model, ids, GrowingCache(model.config))
     assert not calls["stack"] and len(calls["layer"]) == 2
+
+
+@needs_avx2
+def test_stack_intact_reads_each_projection_state(tmp_path):
+    """The stack's check reads each projection's kernel, plan and shared call from its own __dict__: a changed or
+    missing one makes it fall back (False, no exception); restored, the C call stands again."""
+    from gptqkit.checkpoint import load
+
+    model = load(_random_checkpoint(tmp_path, "llama"), kernel="avx2-q8")
+    stack, proj = model.model, model.model.layers[1].self_attn.v_proj
+    assert isinstance(stack, fused.DecodeStack) and stack.intact()
+    for key in ("kernel", "_avx2_plan", "_avx2_shared"):
+        value = proj.__dict__.pop(key)
+        assert not stack.intact()
+        proj.__dict__[key] = object()
+        assert not stack.intact()
+        proj.__dict__[key] = value
+        assert stack.intact()
