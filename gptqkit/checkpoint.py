@@ -540,6 +540,7 @@ def use_kernels(model: nn.Module, device: str | torch.device, kernel: str = "aut
     for r, n in reasons.items():
         log.info("kernel fallback on %d layers: %s", n, r)
     if chosen.keys() & {cpu_avx2.name, cpu_avx2_q8.name}:
+        cpu_avx2.pack_derived([m for m in model.modules() if isinstance(m, QuantLinear)])
         groups = decode_call_groups(model, device)
         shared, why = 0, Counter()
         for group in (g for g in groups if len(g) > 1):

@@ -778,3 +778,44 @@ def test_avx2_read_ahead_follows_decode_order(stories_ckpt, two_threads):
     del model, attn, order, plan
     gc.collect()
     assert not any(f.alive for f in forget)
+
+
+@needs_avx2
+def test_pack_derived_moves_zero_points_and_reordered_codes_into_one_mapping():
+    """pack_derived (load() calls it): the zero points prepare() derived, and act-order's reordered codes, move into
+    one huge-page mapping in layer order; the plans point at the new buffers and the outputs keep every bit."""
+    from gptqkit import memory
+
+    layers = [random_layer(4096, 1024, 4, 32, act_order=True, sym=False, seed=1),
+              random_layer(512, 256, 4, 128, seed=2), random_layer(1024, 512, 4, 64, act_order=True, seed=3)]
+    x = torch.randn(2, 1, 4096, generator=torch.Generator().manual_seed(0))
+    before = []
+    for layer in layers:
+        layer.use_kernel(cpu_avx2_q8)
+        before.append(layer(x[..., :layer.in_features]))
+    derived = [b for layer in layers for b in (layer.avx2_zeros, getattr(layer, "avx2_qweight", None)) if b is not None]
+    assert len(derived) == 5 and cpu_avx2.pack_derived(layers) == sum(b.nbytes for b in derived)
+    moved = [b for layer in layers for b in (layer.avx2_zeros, getattr(layer, "avx2_qweight", None)) if b is not None]
+    assert all(torch.equal(a, b) and a.data_ptr() != b.data_ptr() for a, b in zip(derived, moved))
+    assert moved[0].data_ptr() % memory.HUGE == 0  # 2 MiB of reordered codes and more: one mapping
+    ends = [(b.data_ptr(), b.data_ptr() + b.nbytes) for b in moved]
+    assert all(a[1] <= b[0] for a, b in zip(ends, ends[1:]))  # in order, disjoint
+    for layer, ref in zip(layers, before):
+        assert any(t is layer.avx2_zeros for t in layer._avx2_plan.tensors)
+        assert torch.equal(layer(x[..., :layer.in_features]), ref)
+    assert cpu_avx2.pack_derived([random_layer(64, 32, 4, 32)]) == 0  # not on the avx2 kernels: nothing to move
+
+
+@needs_avx2
+def test_load_packs_the_derived_buffers(stories_ckpt, monkeypatch):
+    """load() moves the avx2 layers' derived buffers before it shares and chains their calls: every QuantLinear
+    goes through pack_derived, and the plans the model decodes with hold the moved zero points."""
+    from gptqkit.checkpoint import load
+
+    seen = []
+    real = cpu_avx2.pack_derived
+    monkeypatch.setattr(cpu_avx2, "pack_derived", lambda layers: seen.append(list(layers)) or real(layers))
+    model = load(stories_ckpt, kernel="avx2-q8")
+    qls = [m for m in model.modules() if isinstance(m, QuantLinear)]
+    assert len(seen) == 1 and seen[0] == qls and len(qls) == 20
+    assert all(any(t is m.avx2_zeros for t in m._avx2_plan.tensors) for m in qls)
