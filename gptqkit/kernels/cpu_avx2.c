@@ -609,8 +609,20 @@ static inline void piece_end8(float *facc, __m256 f, float d, const piece_end *e
 /* The run's flush reads its group's scales and zeros rows (N fp16, N bytes), which no stream brought in: perf put
    11-12% of piece_q8's samples on that load. The run's first piece now asks for them (into L2, as it reads its own
    codes), and the last piece for those 1 KB / 512 B ahead of where it flushes. A/B in one process on the 1.1B shape,
-   16-20 rounds each: VNNI build 0.984, 0.985 and 0.991 of the time per token (at 48-50 and 74 GB/s), AVX2 build
-   0.975 (49 GB/s, every round at or below 1). Nothing else changes: the results are the same bits. */
+   10-20 rounds each: VNNI build 0.997, 0.984, 0.985 and 0.991 of the time per token (at 46-50 GB/s, the last run
+   half at 74), AVX2 build 0.975 (49 GB/s, every round at or below 1). Nothing else changes: the results are the
+   same bits. */
+
+/* That prefetch, at column n of a piece: pf_flush on the run's first piece (if it is not also its last) */
+static inline void prefetch_flush(const piece_end *e, int n, int pf_flush) {
+    if (pf_flush) {
+        _mm_prefetch((const char *)(e->sg + n), _MM_HINT_T1);
+        _mm_prefetch((const char *)(e->zg + n), _MM_HINT_T1);
+    } else if (e->last) {
+        _mm_prefetch((const char *)(e->sg + n) + 1024, _MM_HINT_T0);
+        _mm_prefetch((const char *)(e->zg + n) + 512, _MM_HINT_T0);
+    }
+}
 
 static inline size_t q8_ahead(int n, int N, int nc) {
     return Q8_PREFETCH + (4 * (size_t)n + Q8_PREFETCH >= 4 * (size_t)N ? 4 * (size_t)(nc - 1) * N : 0);
@@ -653,18 +665,12 @@ static inline void piece_q8(const int32_t *qw, int N, int c0, int nc, const int3
         bh[i] = _mm512_set1_epi32(xh[c0 + i]);
     }
     const __m512 dv = _mm512_set1_ps(d), sxv = _mm512_set1_ps(e->sx);
-    const int pf_flush = e->first && !e->last; /* the run's first piece brings its flush's scales and zeros to L2 */
+    const int pf_flush = e->first && !e->last;
     int n = 0;
     for (; n + 32 <= N; n += 32) {
         __m512i s = _mm512_setzero_si512(), s2 = _mm512_setzero_si512();
         const size_t ahead = q8_ahead(n, N, nc);
-        if (pf_flush) {
-            _mm_prefetch((const char *)(e->sg + n), _MM_HINT_T1);
-            _mm_prefetch((const char *)(e->zg + n), _MM_HINT_T1);
-        } else if (e->last) {
-            _mm_prefetch((const char *)(e->sg + n) + 1024, _MM_HINT_T0);
-            _mm_prefetch((const char *)(e->zg + n) + 512, _MM_HINT_T0);
-        }
+        prefetch_flush(e, n, pf_flush);
         for (int i = 0; i < nc; i++) {
             const int32_t *r = qw + (size_t)(c0 + i) * N + n;
             _mm_prefetch((const char *)r + ahead, _MM_HINT_T0);
@@ -707,19 +713,11 @@ static inline void piece_q8(const int32_t *qw, int N, int c0, int nc, const int3
         bl[i] = _mm256_set1_epi32(xl[c0 + i]);
         bh[i] = _mm256_set1_epi32(xh[c0 + i]);
     }
-    const int pf_flush = e->first && !e->last; /* as the VNNI build's */
+    const int pf_flush = e->first && !e->last;
     for (int n = 0; n < N; n += 8) {
         __m256i s = _mm256_setzero_si256();
         const size_t ahead = q8_ahead(n, N, nc);
-        if ((n & 31) == 0) {
-            if (pf_flush) {
-                _mm_prefetch((const char *)(e->sg + n), _MM_HINT_T1);
-                _mm_prefetch((const char *)(e->zg + n), _MM_HINT_T1);
-            } else if (e->last) {
-                _mm_prefetch((const char *)(e->sg + n) + 1024, _MM_HINT_T0);
-                _mm_prefetch((const char *)(e->zg + n) + 512, _MM_HINT_T0);
-            }
-        }
+        if ((n & 31) == 0) prefetch_flush(e, n, pf_flush); /* a line of scales a step of 32 columns */
         for (int i = 0; i < nc; i++) {
             const int32_t *row = qw + (size_t)(c0 + i) * N;
             if ((n & 15) == 0) _mm_prefetch((const char *)(row + n) + ahead, _MM_HINT_T0);

@@ -260,7 +260,8 @@ def pack_derived(layers: list) -> int:
     points moved so (by hand, before this function) the 1.1B shape decoded in 0.990 of the time per token (10 rounds
     alternating in one process at 81 GB/s, 8 of them faster; 0.992 and 1.002 at 50 GB/s). Call before the layers'
     calls are shared or chained (their plans are rebuilt here). Returns the bytes moved."""
-    layers = [layer for layer in layers if getattr(layer, "_avx2_plan", None) is not None]
+    layers = [layer for layer in layers if getattr(layer, "_avx2_plan", None) is not None
+              and layer.kernel.name in ("avx2", "avx2-q8")]
     names = [["avx2_zeros", "avx2_qweight"] if layer._avx2_plan.permuted else ["avx2_zeros"] for layer in layers]
     olds = [getattr(layer, n) for layer, ns in zip(layers, names) for n in ns]
     if not olds:
