@@ -40,6 +40,7 @@ import torch
 
 from gptqkit import bench as B
 from gptqkit import memory
+from gptqkit.generate import check_prefill_chunk
 
 ROOT = Path(__file__).resolve().parents[1]
 CALIB = ROOT.parent / "shared/assets/corpora/calibration/tiny.txt"
@@ -459,6 +460,10 @@ def main() -> int:
     unknown = [n for n in a.models.split(",") if n != "smollm2" and n not in SHAPES]
     if unknown:
         p.error(f"--models: {', '.join(unknown)} not among smollm2, {', '.join(SHAPES)}")
+    try:  # its specs go to the children as they are, past bench()'s own check
+        check_prefill_chunk(a.prefill_chunk)
+    except ValueError as e:
+        p.error(f"--prefill-chunk: {e}")
     work = Path(a.work)
     work.mkdir(parents=True, exist_ok=True)
     groups = [int(g) for g in a.groups.split(",")]
