@@ -114,3 +114,41 @@ def test_quantlinear_state_dict_is_the_checkpoint():
     ql = quantized().model.layers[0].mlp.down_proj
     assert isinstance(ql, QuantLinear)
     assert set(ql.state_dict()) == {"qweight", "qzeros", "scales", "g_idx"}
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "opt", "gpt_neox", "gemma"])
+def test_the_skeleton_allocates_no_weights(arch):
+    """load() builds the model under init_empty_weights and _EmptyOnMeta: the Linears' and embeddings' weights are
+    made on the meta device, not made on the CPU and moved (no CPU torch.empty as large as a weight), while buffers
+    computed otherwise (rotary inv_freq) are the real ones."""
+    import contextlib
+
+    from accelerate import init_empty_weights
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from transformers import AutoModelForCausalLM
+
+    from conftest import random_model
+    from gptqkit.checkpoint import _EmptyOnMeta
+
+    class CpuBytes(TorchDispatchMode):
+        n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if isinstance(out, torch.Tensor) and out.device.type == "cpu":
+                CpuBytes.n += out.numel() * out.element_size()
+            return out
+
+    ref = random_model(arch)
+    biggest = max(p.numel() * p.element_size() for p in ref.parameters())
+    for meta, most in ((contextlib.nullcontext, None), (_EmptyOnMeta, biggest)):
+        CpuBytes.n = 0
+        with init_empty_weights(), CpuBytes(), meta():
+            m = AutoModelForCausalLM.from_config(ref.config, dtype=torch.float32)
+        assert all(p.is_meta for p in m.parameters())
+        if most is None:
+            assert CpuBytes.n >= sum(p.numel() * p.element_size() for p in ref.parameters()) / 2  # the measure sees them
+        else:
+            assert CpuBytes.n < most
+    for (n, b), (n2, b2) in zip(m.named_buffers(), ref.named_buffers()):
+        assert n == n2 and not b.is_meta and torch.equal(b, b2)
