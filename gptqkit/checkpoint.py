@@ -337,6 +337,20 @@ def read_safetensors(f: Path, streamed: set[str] = frozenset(), copy: bool = Tru
     return {k: sd[k] for k in names}
 
 
+def safetensors_offset(files: list[Path], name: str) -> tuple[Path, int] | None:
+    """(file, byte offset in it) of tensor `name`'s data among a checkpoint's safetensors files; None where none
+    holds it."""
+    for f in files:
+        if f.suffix != ".safetensors":
+            continue
+        with open(f, "rb") as fh:
+            n = int.from_bytes(fh.read(8), "little")
+            entry = json.loads(fh.read(n)).get(name)
+        if entry is not None:
+            return f, 8 + n + entry["data_offsets"][0]
+    return None
+
+
 def read_tensors(files: list[Path], streamed: set[str] = frozenset(), copy: bool = True) -> dict[str, torch.Tensor]:
     """The tensors of a checkpoint's weight files; safetensors ones as read_safetensors gives them."""
     sd: dict[str, torch.Tensor] = {}
@@ -534,12 +548,29 @@ def load(path: str | os.PathLike, device: str | torch.device = "cpu", dtype: tor
     model.eval()
     if dense_dtype is not None:
         store_dense(model, dense_dtype, compute=dtype)
+        _rows_from_file(model, sd, files)
     use_kernels(model, device, kernel)
     if device.type == "cpu":
         attention.use(model)
         fused.use_layers(model)  # blocks whose swapped parts (use_kernels) and attention allow one C call each
         fused.use_stack(model)  # and a stack of such blocks: one C call per token
     return model
+
+
+def _rows_from_file(model: nn.Module, sd: dict[str, torch.Tensor], files: list[Path]) -> None:
+    """An input embedding that kept the checkpoint's own tensor (gptqkit.dense: untied and 16-bit) looks its rows up
+    in the file from now on, instead of in its memory-mapped pages."""
+    from .dense import StoredEmbedding
+
+    emb = model.get_input_embeddings()
+    name = next((f"{n}.weight" for n, m in model.named_modules() if m is emb), None)
+    if (not isinstance(emb, StoredEmbedding) or name not in sd or emb.weight.device.type != "cpu"
+            or emb.weight.data_ptr() != sd[name].data_ptr() or sys.byteorder != "little"):
+        return
+    where = safetensors_offset(files, name)
+    if where is not None:
+        emb.read_rows_from(*where)
+        log.info("input embedding: rows are read from %s as they are looked up", where[0].name)
 
 
 def use_kernels(model: nn.Module, device: str | torch.device, kernel: str = "auto") -> Counter:

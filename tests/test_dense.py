@@ -117,3 +117,63 @@ def test_bf16_gemv_builds_agree():
         for lib in (cpu_avx2.library(), cpu_avx2.library(vnni=True)):
             y = cpu_avx2.bf16_matmul(x, w, lib)
             assert ((y - ref).norm() / ref.norm()) < 1e-6, (K, lib)
+
+
+def _file_rss(path) -> int:
+    """Resident bytes of this process's mappings of file `path` (/proc/self/smaps)."""
+    total, cur = 0, False
+    for line in open("/proc/self/smaps"):
+        head = line.split()
+        if "-" in head[0] and not head[0].endswith(":"):
+            cur = head[-1] == str(path)
+        elif cur and head[0] == "Rss:":
+            total += int(head[1]) * 1024
+    return total
+
+
+def test_an_embedding_reads_its_rows_from_the_file_not_its_mapping(tmp_path):
+    """read_rows_from: the rows looked up equal the mapped tensor's (repeats, runs of consecutive ids, any shape),
+    and the file's mapping gains no resident pages, where a lookup in the mapping itself maps MiBs (each row's page,
+    and Linux's fault-around window about it). Ids out of range raise as F.embedding does; a weight written in place,
+    or one that needs gradients, is looked up in the tensor."""
+    import os
+
+    import pytest
+    from safetensors.torch import load_file, save_file
+
+    from gptqkit.checkpoint import safetensors_offset
+
+    if not os.path.exists("/proc/self/smaps"):
+        pytest.skip("needs Linux's /proc/self/smaps")
+    gen = torch.Generator().manual_seed(0)
+    f = tmp_path / "model.safetensors"
+    save_file({"a.bias": torch.randn(3), "model.embed_tokens.weight": torch.randn(8192, 256, generator=gen).bfloat16()},
+              str(f))
+    assert f.read_bytes()  # in the page cache, as after load() read the checkpoint
+    w = load_file(str(f))["model.embed_tokens.weight"]  # a view of the file's mapping, as load() keeps it
+    emb = StoredEmbedding(8192, 256, _weight=torch.nn.Parameter(w, requires_grad=False))
+    emb.compute_dtype = torch.float32
+    where = safetensors_offset([f], "model.embed_tokens.weight")
+    assert where[0] == f and safetensors_offset([f], "nothing") is None
+    emb.read_rows_from(*where)
+    ids = torch.randint(0, 8192, (2, 300), generator=gen)
+    ids[0, :40] = torch.arange(1000, 1040)  # a run of consecutive rows: one read
+    ids[1, :5] = 7  # repeats
+    before = _file_rss(f)
+    with torch.no_grad():
+        got = emb(ids)
+        one = emb(torch.tensor([[8191]]))
+    assert _file_rss(f) - before < 64 << 10
+    want = w[ids].float()
+    assert _file_rss(f) - before > 1 << 20  # the measure sees a lookup in the mapping
+    assert got.dtype == torch.float32 and torch.equal(got, want) and torch.equal(one, w[8191].float().view(1, 1, -1))
+    for bad in (torch.tensor([8192]), torch.tensor([[3, -1]])):
+        with pytest.raises(IndexError, match="out of range"):
+            emb(bad)
+    with torch.no_grad():
+        emb.weight[7] += 1  # copy-on-write: the file keeps the old row, the tensor has the new one
+        assert torch.equal(emb(torch.tensor([7])), w[7:8].float()) and not torch.equal(w[7], load_file(str(f))[
+            "model.embed_tokens.weight"][7])
+    emb.read_rows_from(*where)
+    emb.weight.requires_grad_(True)
+    assert emb(torch.tensor([1, 2])).grad_fn is not None

@@ -117,6 +117,7 @@ def test_cli_writes_a_quantized_lm_head_that_loads(stories_dir, tmp_path, capsys
     assert safe_open(str(out / "model.safetensors"), "pt").get_slice("model.embed_tokens.weight").get_dtype() == "F16"
     stored = load(out, kernel="torch", dense_dtype="bfloat16")
     assert stored.model.embed_tokens.weight.dtype == torch.float16 and isinstance(stored.lm_head, QuantLinear)
+    assert stored.model.embed_tokens.rows is not None  # looked up in the file, not in its mapping
     with torch.no_grad():
         torch.testing.assert_close(stored(ids).logits, want, rtol=1e-4, atol=1e-4)
 
