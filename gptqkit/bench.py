@@ -118,7 +118,7 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
     def prefill(x: torch.Tensor):
         _sync(device)
         t = time.perf_counter()
-        cache = cache_for(model, kv_cache)
+        cache = cache_for(model, kv_cache, x.shape[1] + spec["new_tokens"])  # the most decode() adds
         for s in range(0, x.shape[1], chunk):
             out = None  # the last piece's activations are freed before the next piece's are made
             out = model(x[:, s:s + chunk], **{cache_name: cache}, use_cache=True, logits_to_keep=1)

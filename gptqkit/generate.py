@@ -247,13 +247,13 @@ def run_generation(model, tokenizer, prompt: str, max_new_tokens: int = 128, tem
     if prefill_chunk is not None:
         kw["prefill_chunk_size"] = prefill_chunk  # transformers feeds the prompt in pieces into the same cache
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    n_prompt = enc["input_ids"].shape[1]
     t0 = time.perf_counter()
     with torch.inference_mode():
         out = model.generate(**enc, max_new_tokens=max_new_tokens, streamer=sink, pad_token_id=pad,
                              stopping_criteria=StoppingCriteriaList([_Stop()]),
-                             **{cache_kwarg(model): cache_for(model, kv_cache)}, **kw)
+                             **{cache_kwarg(model): cache_for(model, kv_cache, n_prompt + max_new_tokens)}, **kw)
     seconds = time.perf_counter() - t0
-    n_prompt = enc["input_ids"].shape[1]
     return Generation(text=sink.text, prompt=text, prompt_tokens=n_prompt, new_tokens=out.shape[1] - n_prompt,
                       seconds=seconds)
 

@@ -224,3 +224,53 @@ def test_headroom():
         keys, _ = cache.update(k[:, :, 6:], v[:, :, 6:], 0)
         assert cache.layers[0]._kbuf.shape[-2] == 12 and torch.equal(keys, k)
     assert GrowingCache().headroom is None and GrowingCache(cfg).layers[0].headroom is None
+
+
+def test_length_sizes_the_first_buffer_once():
+    """length (the whole sequence's positions, where known): each layer's first buffer holds exactly that many, so a
+    prompt fed in pieces and the decoded tokens after it all land in it; past it the buffer doubles. A first piece
+    longer than length gets a buffer of its own size."""
+    from transformers import LlamaConfig
+
+    cfg = LlamaConfig(num_hidden_layers=2, hidden_size=8, intermediate_size=16, num_attention_heads=2,
+                      num_key_value_heads=2, vocab_size=16)
+    for cache in (GrowingCache(length=10), GrowingCache(cfg, length=10)):
+        k, v = kv(11, 3)
+        cache.update(k[:, :, :4], v[:, :, :4], 0)
+        buf = cache.layers[0]._kbuf
+        assert buf.shape[-2] == 10
+        for s in range(4, 10):
+            cache.update(k[:, :, s:s + 1], v[:, :, s:s + 1], 0)
+        assert cache.layers[0]._kbuf is buf
+        keys, values = cache.update(k[:, :, 10:], v[:, :, 10:], 0)
+        assert cache.layers[0]._kbuf.shape[-2] == 20 and torch.equal(keys, k) and torch.equal(values, v)
+    big = GrowingCache(length=3)
+    k, v = kv(5, 4)
+    big.update(k, v, 0)
+    assert big.layers[0]._kbuf.shape[-2] == 5
+
+
+def test_with_a_config_and_length_every_layer_is_made_at_the_first_update():
+    """All layers' buffers are made at the first update (before the other layers' activations exist), each layer then
+    starts in its own; a layer whose keys have another shape makes its own buffer instead; a cache without a length
+    makes each layer's buffer at its own first update, as before."""
+    from transformers import LlamaConfig
+
+    cfg = LlamaConfig(num_hidden_layers=3, hidden_size=8, intermediate_size=16, num_attention_heads=2,
+                      num_key_value_heads=2, vocab_size=16)
+    cache = GrowingCache(cfg, dtype=torch.bfloat16, length=12)
+    k, v = kv(5, 1)
+    cache.update(k, v, 0)
+    spares = [layer._spares for layer in cache.layers[1:]]
+    assert all(s is not None and s[0].shape == (1, 2, 12, 4) and s[0].dtype == torch.bfloat16 for s in spares)
+    assert cache.layers[0]._kbuf.shape == (1, 2, 12, 4) and cache.layers[0]._spares is None
+    keys, values = cache.update(k, v, 1)
+    assert cache.layers[1]._kbuf is spares[0][0] and cache.layers[1]._vbuf is spares[0][1]
+    assert torch.equal(keys, k.bfloat16()) and torch.equal(values, v.bfloat16()) and cache.layers[1]._spares is None
+    wide = torch.randn(1, 3, 5, 4)  # another shape: the spare does not fit
+    keys, _ = cache.update(wide, wide, 2)
+    assert cache.layers[2]._kbuf is not spares[1][0] and cache.layers[2]._kbuf.shape == (1, 3, 12, 4)
+    assert torch.equal(keys, wide.bfloat16())
+    plain = GrowingCache(cfg)
+    plain.update(k, v, 0)
+    assert all(layer._spares is None and layer._kbuf is None for layer in plain.layers[1:])

@@ -118,6 +118,26 @@ def test_prefill_in_pieces(dense):
 
 
 @needs_model
+def test_the_cache_is_made_once_for_the_prompt_and_new_tokens(dense, monkeypatch):
+    """generate knows the sequence's length (prompt + max_new_tokens): each layer's keys and values get one buffer
+    of that many positions, fed in pieces or not, and are never copied into a larger one."""
+    import gptqkit.cache as C
+
+    model, tok = dense
+    prompt = "Once upon a time" + STORY
+    n = len(tok(prompt)["input_ids"])
+    made = []
+    append = C._append
+    monkeypatch.setattr(C, "_append", lambda *a: (lambda r: (made.append((r[1].shape[-2], r[1].data_ptr())), r)[1])(
+        append(*a)))
+    for chunk in (None, 9):
+        made.clear()
+        generate(model, tok, prompt, max_new_tokens=30, prefill_chunk=chunk)
+        layers = model.config.num_hidden_layers
+        assert len({p for _, p in made}) == 2 * layers and {c for c, _ in made} == {n + 30}, chunk
+
+
+@needs_model
 def test_stop_strings_cut_the_stream_and_stop_early(dense, tmp_path):
     model, tok = dense
     f = tmp_path / "plain.json"
