@@ -60,8 +60,16 @@ class FileRows:
 
     def lookup(self, ids: torch.Tensor) -> torch.Tensor:
         """weight[ids]; an id outside [0, V) raises IndexError, as F.embedding does."""
+        if ids.numel() == 1:  # a decoded token: the fewest torch calls (each costs microseconds cold, between matmuls)
+            i, rb = int(ids), self.row_bytes
+            if not 0 <= i < self.shape[0]:
+                raise IndexError(f"index out of range in self: ids must lie in [0, {self.shape[0]})")
+            row = bytearray(rb)
+            if os.preadv(self.fd, [row], self.offset + i * rb) != rb:
+                raise OSError(f"the embedding's file ends before row {i}: it was truncated after loading")
+            return torch.frombuffer(row, dtype=self.dtype).view(*ids.shape, self.shape[1])
         flat = ids.reshape(-1)
-        uniq, inv = torch.unique(flat, return_inverse=True) if flat.numel() > 1 else (flat, None)  # sorted
+        uniq, inv = torch.unique(flat, return_inverse=True)  # sorted
         if uniq.numel() and (uniq.min() < 0 or uniq.max() >= self.shape[0]):
             raise IndexError(f"index out of range in self: ids must lie in [0, {self.shape[0]})")
         out = torch.empty(uniq.numel(), self.shape[1], dtype=self.dtype)
@@ -76,7 +84,7 @@ class FileRows:
             if os.preadv(self.fd, [buf[i * rb: j * rb]], self.offset + rows[i] * rb) != want:
                 raise OSError(f"the embedding's file ends before row {rows[j - 1]}: it was truncated after loading")
             i = j
-        return (out if inv is None else out[inv]).view(*ids.shape, self.shape[1])
+        return out[inv].view(*ids.shape, self.shape[1])
 
 
 class StoredEmbedding(nn.Embedding):
