@@ -425,7 +425,8 @@ class _EmptyOnMeta(TorchFunctionMode):
     among the skeleton's small allocations, which leaves glibc's heap with holes as large as the model in fp32 (303 MiB
     for SmolLM2-135M); a later prompt's activations land in those untouched pages, so the process's resident memory
     crept up with each prefill, 12-15 MiB on SmolLM2 over three. Buffers computed from other factories (rotary
-    inv_freq from arange) stay on the CPU, as init_empty_weights leaves them."""
+    inv_freq from arange) stay on the CPU, as init_empty_weights leaves them; load() builds a model with a buffer
+    that torch.empty made (left on meta here) again without this mode."""
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -481,6 +482,9 @@ def load(path: str | os.PathLike, device: str | torch.device = "cpu", dtype: tor
     files = weight_files(path, raw, allow_pickle)
     with init_empty_weights(), _EmptyOnMeta():
         model = AutoModelForCausalLM.from_config(hf_config, trust_remote_code=trust_remote_code, dtype=dtype)
+    if any(b.is_meta for b in model.buffers()):  # a buffer made by torch.empty, then filled: built as before
+        with init_empty_weights():
+            model = AutoModelForCausalLM.from_config(hf_config, trust_remote_code=trust_remote_code, dtype=dtype)
     head = model.get_output_embeddings()
     untied = type(head) is nn.Linear and not getattr(hf_config, "tie_word_embeddings", False)
     # On CPU, read into memory only what fits: pages of a memory-mapped file can be dropped and read again under

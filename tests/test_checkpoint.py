@@ -152,3 +152,22 @@ def test_the_skeleton_allocates_no_weights(arch):
             assert CpuBytes.n < most
     for (n, b), (n2, b2) in zip(m.named_buffers(), ref.named_buffers()):
         assert n == n2 and not b.is_meta and torch.equal(b, b2)
+
+
+def test_a_buffer_made_by_torch_empty_is_built_for_real(tmp_path_factory, monkeypatch):
+    """A module that makes a buffer with torch.empty and fills it (left on meta under _EmptyOnMeta) gets its model
+    built again the usual way, so the buffer holds its values instead of failing the load."""
+    from transformers.models.llama import modeling_llama
+
+    from conftest import stories_checkpoint
+
+    ckpt = stories_checkpoint(tmp_path_factory)
+    init = modeling_llama.LlamaRotaryEmbedding.__init__
+
+    def with_filled_buffer(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        self.register_buffer("filled", torch.empty(4).fill_(2.0), persistent=False)
+
+    monkeypatch.setattr(modeling_llama.LlamaRotaryEmbedding, "__init__", with_filled_buffer)
+    model = load(ckpt, kernel="torch")
+    assert torch.equal(model.model.rotary_emb.filled, torch.full((4,), 2.0))
