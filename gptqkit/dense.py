@@ -101,6 +101,9 @@ class StoredEmbedding(nn.Embedding):
             raise ValueError("safetensors files are little-endian; this machine is not")
         self.rows = FileRows(path, offset, self.weight)
 
+    def __getstate__(self):  # a copy or pickle holds its own weight: it looks rows up there, with no file descriptor
+        return {k: v for k, v in self.__dict__.items() if k != "rows"}
+
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         rows = self.rows
         if (rows is not None and self.max_norm is None and ids.device.type == "cpu" and rows.serves(self.weight)

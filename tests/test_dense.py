@@ -136,6 +136,7 @@ def test_an_embedding_reads_its_rows_from_the_file_not_its_mapping(tmp_path):
     and the file's mapping gains no resident pages, where a lookup in the mapping itself maps MiBs (each row's page,
     and Linux's fault-around window about it). Ids out of range raise as F.embedding does; a weight written in place,
     or one that needs gradients, is looked up in the tensor."""
+    import copy
     import os
 
     import pytest
@@ -175,5 +176,7 @@ def test_an_embedding_reads_its_rows_from_the_file_not_its_mapping(tmp_path):
         assert torch.equal(emb(torch.tensor([7])), w[7:8].float()) and not torch.equal(w[7], load_file(str(f))[
             "model.embed_tokens.weight"][7])
     emb.read_rows_from(*where)
+    twin = copy.deepcopy(emb)  # a copy reads its own weight: no file descriptor is copied
+    assert twin.rows is None and torch.equal(twin(ids), emb.weight[ids].float())
     emb.weight.requires_grad_(True)
     assert emb(torch.tensor([1, 2])).grad_fn is not None
