@@ -25,14 +25,15 @@ def sdpa64(q, k, v, scale):
 @pytest.mark.parametrize("vnni", [False, True], ids=["avx2", "avx512"])
 @pytest.mark.parametrize("H,Hkv,D,L", [(32, 4, 64, 520), (9, 3, 64, 1), (9, 3, 64, 13), (8, 8, 128, 77),
                                        (4, 1, 80, 300), (6, 2, 8, 9), (2, 2, 192, 40), (12, 2, 96, 33),
-                                       (5, 5, 16, 7)])
+                                       (5, 5, 16, 7), (4, 2, 32, 21)])
 def test_decode_attention_matches_sdpa(H, Hkv, D, L, vnni, kv):
     """GQA ratios 1-8, head sizes 8-192 (a last pass of fewer than 64 dimensions), lengths with and without a
     last partial block of 8 positions, keys and values read through a cache buffer's strides; one very large
     score (a position that takes almost all the weight) so the softmax's max subtraction matters. Both builds: the
     AVX-512 one takes the query heads of a key/value head together (1-4 at a time, a thread's range of heads
-    cutting through a group), the AVX2 one a head at a time. A bf16 cache is read exactly (its values widened):
-    the oracle takes the same bf16 keys and values."""
+    cutting through a group), the AVX2 one a head at a time. A bf16 cache is read exactly (its values widened; by
+    even and odd elements where D is a multiple of 32, 32 and 96 taking a last pass of 32): the oracle takes the
+    same bf16 keys and values."""
     if vnni and not cpu_avx2.has_vnni():
         pytest.skip("this CPU has no AVX512-VNNI")
     lib = cpu_avx2.library(vnni=vnni)
