@@ -587,6 +587,55 @@ def test_stack_leaves_the_c_call_where_its_forward_would_differ(tmp_path, monkey
 
 
 @needs_avx2
+def test_stack_checks_each_cache_once_and_holds_none(tmp_path, monkeypatch):
+    """The stack checks a cache's buffers on its first token and keeps only weak references to them: the next
+    tokens reuse the checks, a new cache (another capacity) is checked again, a dropped cache is freed, and a cache
+    whose buffers stop agreeing (one layer's of another capacity) leaves the one C call for the blocks' own, with
+    the per-module path's logits throughout."""
+    import gc
+    import weakref
+
+    from gptqkit.cache import GrowingCache
+    from gptqkit.checkpoint import load
+
+    ckpt = _random_checkpoint(tmp_path, "llama")
+    model, plain = load(ckpt, kernel="avx2-q8"), load(ckpt, kernel="avx2-q8")
+    _plain(plain)
+    stack = model.model._stack
+    ids = torch.randint(0, 256, (1, 40), generator=torch.Generator().manual_seed(8))
+    calls = count_c_calls(monkeypatch)
+    first = GrowingCache(model.config)
+    fast = prefill_then_decode(model, ids, first)
+    assert len(calls["stack"]) == 8 and torch.equal(fast[1], prefill_then_decode(plain, ids, GrowingCache(
+        plain.config))[1])
+    assert [r() for r in stack.checked[0]] == [layer._kbuf for layer in first.layers]
+    dropped = weakref.ref(first.layers[0]._kbuf)
+    second = GrowingCache(model.config, length=45)
+    fast = prefill_then_decode(model, ids, second)
+    assert torch.equal(fast[1], prefill_then_decode(plain, ids, GrowingCache(plain.config, length=45))[1])
+    assert [r() for r in stack.checked[1]] == [layer._vbuf for layer in second.layers]
+    del first
+    gc.collect()
+    assert dropped() is None
+
+    third, ref = GrowingCache(model.config, length=45), GrowingCache(plain.config, length=45)
+    with torch.no_grad():
+        model(ids[:, :32], **{cache_kwarg(model): third}, use_cache=True)
+        plain(ids[:, :32], **{cache_kwarg(plain): ref}, use_cache=True)
+        for cache in (third, ref):  # layer 1 moves into a buffer of 8 more positions, its contents kept
+            layer = cache.layers[1]
+            k, v = layer.keys, layer.values
+            layer._kbuf = torch.cat([layer._kbuf, layer._kbuf[:, :, :8]], 2)
+            layer._vbuf = torch.cat([layer._vbuf, layer._vbuf[:, :, :8]], 2)
+            layer._kview = layer._vview = None
+            assert torch.equal(layer.keys, k) and torch.equal(layer.values, v)
+        calls["stack"].clear(), calls["layer"].clear()
+        got = model(ids[:, 32:33], **{cache_kwarg(model): third}, use_cache=True).logits
+        want = plain(ids[:, 32:33], **{cache_kwarg(plain): ref}, use_cache=True).logits
+    assert len(calls["stack"]) == 1 and len(calls["layer"]) == 2 and torch.equal(got, want)
+
+
+@needs_avx2
 def test_bf16_cache_decodes_like_the_float32_one(tmp_path):
     """A GrowingCache in bf16 under the float32 model: the block's one C call and the per-module path agree bit for
     bit (the same roundings into the cache), prefill and decode logits are the float32 cache's within bf16's rounding

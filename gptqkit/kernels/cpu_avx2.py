@@ -34,6 +34,7 @@ import ctypes
 import functools
 import hashlib
 import logging
+import operator
 import os
 import shutil
 import subprocess
@@ -717,6 +718,7 @@ def stack_args(layers: list[LayerArgs]) -> ctypes.Array:
     """decode_stack's first argument: the blocks' decode_layer arguments (layer_args()), in call order."""
     arr = (ctypes.c_void_p * len(layers))(*map(ctypes.addressof, layers))
     arr.keep = tuple(layers)
+    arr.checked = None  # decode_stack's last buffers that passed its checks, and their addresses
     return arr
 
 
@@ -733,14 +735,21 @@ def decode_stack(stack: ctypes.Array, x: torch.Tensor, cos: torch.Tensor, sin: t
             or not (w.shape == (x.numel(),) and w.dtype == torch.float32 and w.is_contiguous())):
         return None
     ks, vs = k0.stride(), v0.stride()
-    for k, v in zip(kbufs, vbufs):
-        if not (k.shape == v.shape == k0.shape and k.stride() == ks and v.stride() == vs and k.dtype == v.dtype
-                == k0.dtype):
-            return None
-    P = ctypes.c_void_p * len(stack)
+    # The buffers' checks and address arrays are kept for the next token while the buffers are the same tensor
+    # objects (weak references, so a dropped cache is freed): checking every block's buffers each token took 1.3-1.9%
+    # of a SmolLM2-135M token (30 blocks, ~3 ms) and 0.3% of a 1.1B one (14 alternating rounds in one process).
+    seen = stack.checked
+    if seen is None or not (all(map(operator.is_, kbufs, map(weakref.ref.__call__, seen[0])))
+                            and all(map(operator.is_, vbufs, map(weakref.ref.__call__, seen[1])))):
+        for k, v in zip(kbufs, vbufs):
+            if not (k.shape == v.shape == k0.shape and k.stride() == ks and v.stride() == vs and k.dtype == v.dtype
+                    == k0.dtype):
+                return None
+        P = ctypes.c_void_p * len(stack)
+        seen = stack.checked = ([weakref.ref(k) for k in kbufs], [weakref.ref(v) for v in vbufs],
+                                P(*[k.data_ptr() for k in kbufs]), P(*[v.data_ptr() for v in vbufs]))
     y = torch.empty(x.shape, dtype=torch.float32)
-    rc = lib.decode_stack(stack, len(stack), x.data_ptr(), cos.data_ptr(), sin.data_ptr(),
-                          P(*[k.data_ptr() for k in kbufs]), P(*[v.data_ptr() for v in vbufs]),
+    rc = lib.decode_stack(stack, len(stack), x.data_ptr(), cos.data_ptr(), sin.data_ptr(), seen[2], seen[3],
                           int(k0.dtype == torch.bfloat16), T, ks[1], ks[2], vs[1], vs[2], w.data_ptr(), eps,
                           y.data_ptr(), torch.get_num_threads())
     if rc == -1:
