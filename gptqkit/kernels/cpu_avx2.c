@@ -1238,7 +1238,7 @@ static inline __attribute__((always_inline)) void score_block_eo(const at_job *j
     }
 }
 
-/* weigh_heads for a bf16 cache, 64 dimensions from d0 (D % 32 == 0: NC = 2 halves of 32 where fewer remain) */
+/* weigh_heads for a bf16 cache (D % 32 == 0): NC = 2 halves of 32 dimensions from d0, or 1 where only 32 remain */
 static inline __attribute__((always_inline)) void weigh_heads_eo(const float *p, int L, const uint16_t *vg, long vsl,
                                                                  int d0, int NH, int NC, const float *inv, float *o,
                                                                  int D) {
