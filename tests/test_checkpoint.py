@@ -171,3 +171,42 @@ def test_a_buffer_made_by_torch_empty_is_built_for_real(tmp_path_factory, monkey
     monkeypatch.setattr(modeling_llama.LlamaRotaryEmbedding, "__init__", with_filled_buffer)
     model = load(ckpt, kernel="torch")
     assert torch.equal(model.model.rotary_emb.filled, torch.full((4,), 2.0))
+
+
+def test_a_sharded_checkpoints_embedding_is_read_from_its_shard(tmp_path):
+    """A sharded checkpoint: safetensors_offset finds each tensor's shard and the offset of its bytes (the embedding
+    in the first shard, lm_head in a later one); load() with a bf16 dense dtype looks the untied fp16 embedding's rows
+    up there, and the model's logits are the mapped lookup's."""
+    from safetensors import safe_open
+
+    from gptqkit.checkpoint import safetensors_offset
+
+    cfg = QuantConfig(bits=4, group_size=32)
+    model = quantized(cfg=cfg)
+    model.config.tie_word_embeddings = False
+    model.lm_head.weight = torch.nn.Parameter(model.lm_head.weight.detach().clone())
+    model.model.embed_tokens.weight = torch.nn.Parameter(model.model.embed_tokens.weight.detach().half())
+    out = save(model, tmp_path / "ckpt", cfg, max_shard_size="20KB", dtype="keep")
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    shard = index["weight_map"]["model.embed_tokens.weight"]
+    files = [out / f for f in sorted(set(index["weight_map"].values()))]
+    assert len(files) > 1 and index["weight_map"]["lm_head.weight"] != files[0].name
+    for name in ("model.embed_tokens.weight", "lm_head.weight"):
+        f, offset = safetensors_offset(files, name)
+        with safe_open(str(f), "pt") as st:
+            t = st.get_tensor(name)
+        assert f.name == index["weight_map"][name]
+        with open(f, "rb") as fh:
+            fh.seek(offset)
+            assert fh.read(t.nbytes) == t.contiguous().view(torch.uint8).numpy().tobytes()
+    loaded = load(out, kernel="torch", dense_dtype="bfloat16")
+    emb = loaded.model.embed_tokens
+    assert emb.rows is not None and emb.weight.dtype == torch.float16
+    with safe_open(str(out / shard), "pt") as f:
+        want = f.get_tensor("model.embed_tokens.weight")
+    ids = torch.tensor([[0, 5, 5, 255, 17]])
+    with torch.no_grad():
+        assert torch.equal(emb(ids), want[ids].float())
+        fast = loaded(ids).logits
+        emb.rows = None
+        assert torch.equal(fast, loaded(ids).logits)
