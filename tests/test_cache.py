@@ -12,6 +12,14 @@ from gptqkit.cache import GrowingCache, GrowingLayer
 STORIES = Path(__file__).resolve().parents[2] / "shared" / "assets" / "models" / "stories260K"
 
 
+def tiny_config(layers: int = 2):
+    """A Llama config whose attention's keys and values are kv()'s: 2 heads of 4."""
+    from transformers import LlamaConfig
+
+    return LlamaConfig(num_hidden_layers=layers, hidden_size=8, intermediate_size=16, num_attention_heads=2,
+                       num_key_value_heads=2, vocab_size=16)
+
+
 def kv(T, seed, heads=2, dim=4):
     g = torch.Generator().manual_seed(seed)
     return torch.randn(1, heads, T, dim, generator=g), torch.randn(1, heads, T, dim, generator=g)
@@ -127,10 +135,7 @@ def test_free_slot_and_extend():
 def test_a_bf16_cache_stores_rounded_keys_and_grows():
     """dtype=bf16: float32 keys and values are stored rounded (as .to(torch.bfloat16)), through a regrowth, with no
     new buffer while they fit; layers made from a config and layers made on first use (no config) alike."""
-    from transformers import LlamaConfig
-
-    cfg = LlamaConfig(num_hidden_layers=2, hidden_size=8, intermediate_size=16, num_attention_heads=2,
-                      num_key_value_heads=2, vocab_size=16)
+    cfg = tiny_config()
     for cache in (GrowingCache(dtype=torch.bfloat16), GrowingCache(cfg, dtype=torch.bfloat16)):
         k, v = kv(300, 7)
         cache.update(k[:, :, :10], v[:, :, :10], 1)
@@ -210,10 +215,7 @@ def test_the_cache_argument_under_either_name():
 def test_headroom():
     """headroom: a new buffer holds its tokens plus that many positions (the fused probes take 1: one decoded token
     after their five), layers made from a config and on first use alike; a full buffer still doubles."""
-    from transformers import LlamaConfig
-
-    cfg = LlamaConfig(num_hidden_layers=2, hidden_size=8, intermediate_size=16, num_attention_heads=2,
-                      num_key_value_heads=2, vocab_size=16)
+    cfg = tiny_config()
     for cache in (GrowingCache(headroom=1), GrowingCache(cfg, headroom=1)):
         k, v = kv(7, 9)
         cache.update(k[:, :, :5], v[:, :, :5], 0)
@@ -230,10 +232,7 @@ def test_length_sizes_the_first_buffer_once():
     """length (the whole sequence's positions, where known): each layer's first buffer holds exactly that many, so a
     prompt fed in pieces and the decoded tokens after it all land in it; past it the buffer doubles. A first piece
     longer than length gets a buffer of its own size."""
-    from transformers import LlamaConfig
-
-    cfg = LlamaConfig(num_hidden_layers=2, hidden_size=8, intermediate_size=16, num_attention_heads=2,
-                      num_key_value_heads=2, vocab_size=16)
+    cfg = tiny_config()
     for cache in (GrowingCache(length=10), GrowingCache(cfg, length=10)):
         k, v = kv(11, 3)
         cache.update(k[:, :, :4], v[:, :, :4], 0)
@@ -254,10 +253,7 @@ def test_with_a_config_and_length_every_layer_is_made_at_the_first_update():
     """All layers' buffers are made at the first update (before the other layers' activations exist), each layer then
     starts in its own; a layer whose keys have another shape makes its own buffer instead; a cache without a length
     makes each layer's buffer at its own first update, as before."""
-    from transformers import LlamaConfig
-
-    cfg = LlamaConfig(num_hidden_layers=3, hidden_size=8, intermediate_size=16, num_attention_heads=2,
-                      num_key_value_heads=2, vocab_size=16)
+    cfg = tiny_config(3)
     cache = GrowingCache(cfg, dtype=torch.bfloat16, length=12)
     k, v = kv(5, 1)
     cache.update(k, v, 0)
