@@ -23,12 +23,11 @@ HEADROOM = 256  # positions: a new buffer holds its tokens plus this many; a ful
 
 
 def _append(view: torch.Tensor, buf: torch.Tensor | None, new: torch.Tensor, dtype: torch.dtype | None = None,
-            headroom: int | None = None, length: int | None = None,
-            spare: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+            length: int | None = None, spare: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(view of buf holding view's tokens then new's, buf) along dim -2; buf is reused when view lies in it. A new
     buffer is `spare` where that fits (its shape but along dim -2, dtype and device, and room for the tokens), else
     one of `dtype` (default new's) holding `length` positions where given (the whole sequence), else its tokens plus
-    `headroom` (default HEADROOM); a full one doubles."""
+    HEADROOM; a full one doubles."""
     T = view.shape[-2] if view.dim() == new.dim() else 0  # before the first update view is an empty 1-D tensor
     n = new.shape[-2]
     inside = (buf is not None and T > 0 and view.data_ptr() == buf.data_ptr() and view.stride() == buf.stride()
@@ -38,7 +37,7 @@ def _append(view: torch.Tensor, buf: torch.Tensor | None, new: torch.Tensor, dty
             and spare.device == new.device):
         buf = spare
     elif not inside or T + n > buf.shape[-2]:
-        room = 0 if length is not None else HEADROOM if headroom is None else headroom
+        room = 0 if length is not None else HEADROOM
         cap = max(T + n + room, length or 0, 2 * buf.shape[-2] if inside else 0)
         grown = new.new_empty(*new.shape[:-2], cap, new.shape[-1], dtype=dtype or new.dtype)
         if T:
@@ -67,7 +66,6 @@ class GrowingLayer(DynamicLayer):
     _vset: torch.Tensor | None = None
     # of the buffers (None: the keys'); GrowingCache(dtype=...) sets it. (DynamicLayer's own `dtype` is the keys'.)
     buffer_dtype: torch.dtype | None = None
-    headroom: int | None = None  # positions a new buffer has beyond its tokens (None: HEADROOM); GrowingCache sets it
     length: int | None = None  # positions of the whole sequence, where known: a new buffer's size (GrowingCache's)
     _spares: tuple[torch.Tensor, torch.Tensor] | None = None  # buffers made ahead for the first update (reserve())
 
@@ -107,10 +105,8 @@ class GrowingLayer(DynamicLayer):
             return self.keys, self.values
         ks, vs = self._spares or (None, None)
         self._spares = None
-        kview, self._kbuf = _append(self.keys, self._kbuf, key_states, self.buffer_dtype, self.headroom, self.length,
-                                    ks)
-        vview, self._vbuf = _append(self.values, self._vbuf, value_states, self.buffer_dtype, self.headroom,
-                                    self.length, vs)
+        kview, self._kbuf = _append(self.keys, self._kbuf, key_states, self.buffer_dtype, self.length, ks)
+        vview, self._vbuf = _append(self.values, self._vbuf, value_states, self.buffer_dtype, self.length, vs)
         self._length = kview.shape[-2]
         self._kview, self._vview, self._klive, self._vlive = kview, vview, True, True
         self._kset = self._vset = None  # may be a view into a buffer just replaced: not kept alive
@@ -149,21 +145,19 @@ class GrowingCache(DynamicCache):
     dtype: what the GrowingLayers store keys and values in (default: the model's). torch.bfloat16 under a float32
     model halves the cache (the keys and values rounded to bf16, as a bf16 model's are); the keys and values a layer
     returns are then bf16 views, which gptqkit.attention's decode reads as they are and widens for SDPA
-    (kv_dtype() says when that holds). headroom: positions a new buffer holds beyond its tokens (default HEADROOM);
-    gptqkit.fused's probes, which decode one token after five, take 1. length: the positions the whole sequence will
-    take, where the caller knows it (generate: the prompt and max_new_tokens): each layer's first buffer is made that
-    size (or its tokens', if more), once, instead of tokens + headroom and then doubled; a sequence that outgrows it
-    still doubles it. With a config and a length, the first update makes every layer's buffers at once, all of the
+    (kv_dtype() says when that holds). length: the positions the whole sequence will take, where the caller knows it
+    (generate: the prompt and max_new_tokens; gptqkit.fused's probes: 6): each layer's first buffer is made that size
+    (or its tokens', if more), once, instead of tokens + HEADROOM and then doubled; a sequence that outgrows it still
+    doubles it. With a config and a length, the first update makes every layer's buffers at once, all of the
     first one's shape (a layer whose keys differ makes its own): made one by one as each layer first runs, they sat
     among the prompt's activations, and glibc's heap, which cannot shrink under a live block, held the freed
     activations' memory under them (SmolLM2-135M +lm_head at 4 bits: peak resident 121.5-123.9 MiB above the runtime
     over three prefills, against 126.3-132.3).
     """
 
-    def __init__(self, config=None, dtype: torch.dtype | None = None, headroom: int | None = None,
-                 length: int | None = None):
+    def __init__(self, config=None, dtype: torch.dtype | None = None, length: int | None = None):
         super().__init__(config=config)
-        self.buffer_dtype, self.headroom, self.length = dtype, headroom, length
+        self.buffer_dtype, self.length = dtype, length
         self._reserve = length is not None
         if self.layers:
             self.layers = [self._layer() if type(layer) is DynamicLayer else layer for layer in self.layers]
@@ -181,7 +175,7 @@ class GrowingCache(DynamicCache):
 
     def _layer(self) -> GrowingLayer:
         layer = GrowingLayer()
-        layer.buffer_dtype, layer.headroom, layer.length = self.buffer_dtype, self.headroom, self.length
+        layer.buffer_dtype, layer.length = self.buffer_dtype, self.length
         return layer
 
 

@@ -298,7 +298,7 @@ def _probe(module: nn.Module, new: nn.Module, hidden: int, head_dim: int) -> tup
     g = torch.Generator().manual_seed(0)
     x = torch.randn(1, 6, hidden, generator=g)
     cos, sin = (torch.rand(1, 6, head_dim, generator=g) * 2 - 1 for _ in range(2))
-    caches = GrowingCache(headroom=1), GrowingCache(headroom=1)  # room for the sixth
+    caches = GrowingCache(length=6), GrowingCache(length=6)  # five positions and the sixth
     name = cache_kwarg(module)
     try:
         for m, cache in zip((module, new), caches):
@@ -638,7 +638,7 @@ def _stack_agrees(module: nn.Module, new: DecodeStack) -> bool:
     vocab = getattr(module.embed_tokens, "num_embeddings", None) or module.config.vocab_size
     ids = torch.randint(0, vocab, (1, 6), generator=torch.Generator().manual_seed(0))
     name = cache_kwarg(module)
-    caches = GrowingCache(headroom=1), GrowingCache(headroom=1)  # room for the sixth
+    caches = GrowingCache(length=6), GrowingCache(length=6)  # five positions and the sixth
     try:
         for m, cache in zip((module, new), caches):
             m(input_ids=ids[:, :5], use_cache=True, **{name: cache})

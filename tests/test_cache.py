@@ -212,11 +212,11 @@ def test_the_cache_argument_under_either_name():
     assert C.output_cache(out) is cache and cache.get_seq_length() == 3
 
 
-def test_headroom():
-    """headroom: a new buffer holds its tokens plus that many positions (the fused probes take 1: one decoded token
-    after their five), layers made from a config and on first use alike; a full buffer still doubles."""
+def test_length_holds_the_probes_six_positions():
+    """length=6 (the fused probes: five positions, then one decoded token): a new buffer holds the six, layers made
+    from a config and on first use alike; a seventh position doubles it. Without a length a buffer takes HEADROOM."""
     cfg = tiny_config()
-    for cache in (GrowingCache(headroom=1), GrowingCache(cfg, headroom=1)):
+    for cache in (GrowingCache(length=6), GrowingCache(cfg, length=6)):
         k, v = kv(7, 9)
         cache.update(k[:, :, :5], v[:, :, :5], 0)
         buf = cache.layers[0]._kbuf
@@ -225,7 +225,7 @@ def test_headroom():
         assert cache.layers[0]._kbuf is buf
         keys, _ = cache.update(k[:, :, 6:], v[:, :, 6:], 0)
         assert cache.layers[0]._kbuf.shape[-2] == 12 and torch.equal(keys, k)
-    assert GrowingCache().headroom is None and GrowingCache(cfg).layers[0].headroom is None
+    assert GrowingCache().length is None and GrowingCache(cfg).layers[0].length is None
 
 
 def test_length_sizes_the_first_buffer_once():
