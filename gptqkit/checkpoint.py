@@ -298,6 +298,12 @@ SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.f
                       "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
 
 
+def _safetensors_header(fh) -> tuple[int, dict]:
+    """(header length n, header) of an open safetensors file; its tensors' data_offsets count from byte 8 + n."""
+    n = int.from_bytes(fh.read(8), "little")
+    return n, json.loads(fh.read(n))
+
+
 def read_safetensors(f: Path, streamed: set[str] = frozenset(), copy: bool = True) -> dict[str, torch.Tensor]:
     """A safetensors file's tensors. Decode reads the quantized layers' and the `streamed` ones (an untied dense
     lm_head) whole every token, so they are read into memory of their own on huge pages (gptqkit.memory): the
@@ -313,8 +319,7 @@ def read_safetensors(f: Path, streamed: set[str] = frozenset(), copy: bool = Tru
 
     with safe_open(str(f), "pt") as st, open(f, "rb") as fh:  # safe_open raises for a truncated or corrupt file
         names = list(st.keys())
-        n = int.from_bytes(fh.read(8), "little")
-        header = json.loads(fh.read(n))
+        n, header = _safetensors_header(fh)
         layers = {k[: -len(".qweight")] for k in names if k.endswith(".qweight")}
         kept = [k for k in names if k.rpartition(".")[0] in layers]
         read = [k for k in names if k in streamed and k not in kept]
@@ -344,8 +349,8 @@ def safetensors_offset(files: list[Path], name: str) -> tuple[Path, int] | None:
         if f.suffix != ".safetensors":
             continue
         with open(f, "rb") as fh:
-            n = int.from_bytes(fh.read(8), "little")
-            entry = json.loads(fh.read(n)).get(name)
+            n, header = _safetensors_header(fh)
+        entry = header.get(name)
         if entry is not None:
             return f, 8 + n + entry["data_offsets"][0]
     return None
