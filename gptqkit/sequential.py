@@ -521,7 +521,10 @@ def quantize_model(model: nn.Module, samples: list[dict], cfg: QuantConfig, devi
     replay_budget: bytes the recorded submodule outputs of one block may take (see Replay); None: a quarter of
     the device's free memory; 0: recompute every pass.
     samples: [{"input_ids": [1, T], "attention_mask": [1, T]}] as gptqkit.data.calibration_samples returns.
-    Layers whose sizes cannot be packed at cfg.bits stay in floating point, with a warning. Returns one LayerLog
+    `cfg.dynamic` is applied as loaders read it (QuantConfig.for_module on each Linear's full name): a "-:" rule
+    leaves a Linear in floating point, a "+:" rule gives it its own bits / group_size / desc_act / sym. Blocks after
+    the last one with anything to quantize are not run at all (unless cfg.lm_head needs their outputs).
+    Layers whose sizes cannot be packed at their bits stay in floating point, with a warning. Returns one LayerLog
     per Linear. `cfg.dynamic` receives a "-:name" entry for each layer left unquantized so loaders know.
     """
     from tqdm.auto import tqdm
@@ -555,32 +558,26 @@ def quantize_model(model: nn.Module, samples: list[dict], cfg: QuantConfig, devi
 
     logs: list[LayerLog] = []
     skipped: list[str] = []
-    bar = tqdm(range(len(blocks)), desc="Quantizing blocks", disable=not progress)
+    plans = [_block_plan(blocks[i], f"{prefix}.{i}", cfg, skipped) for i in range(len(blocks))]
+    todo = len(blocks) if head is not None else 1 + max((i for i, p in enumerate(plans) if p), default=-1)
+    if todo < len(blocks):
+        log.info("blocks %d-%d have nothing to quantize (cfg.dynamic): they are not run", todo, len(blocks) - 1)
+    bar = tqdm(range(todo), desc="Quantizing blocks", disable=not progress)
     for i in bar:
         src = blocks[i]  # stays on the CPU in the model's dtype; receives the QuantLinears at the end
         # The compute copy: one block on the device in the calibration dtype. Weights to solve are read from src.
         same = device.type == "cpu" and compute_dtype == next(src.parameters()).dtype
         block = src if same else copy.deepcopy(src).to(device=device, dtype=compute_dtype)
-        names = [n for n, m in block.named_modules() if is_linear(m)]
-        quant_names = []
-        for n in names:
-            N, K = weight_matrix(dict(block.named_modules())[n]).shape
-            if packable(K, cfg.bits) and packable(N, cfg.bits):
-                quant_names.append(n)
-            else:
-                full = f"{prefix}.{i}.{n}"
-                skipped.append(full)
-                log.warning("%s (%dx%d) stays unquantized: its sizes are not multiples of %d, which %d-bit "
-                            "packing needs", full, N, K, 32 if cfg.bits == 3 else 32 // cfg.bits, cfg.bits)
+        plan = plans[i]
+        quant_names = list(plan)
         done = work_dir.load(i) if work_dir is not None else None
         replay = None
         if done is not None:
             results, block_logs = done
         else:
-            if cfg.quant_method == "gptq" and replay_budget:
+            if cfg.quant_method == "gptq" and replay_budget and quant_names:
                 replay = Replay(block, quant_names, inputs, replay_budget)
-            results, block_logs = _quantize_block(block, src, quant_names, inputs, cfg, device, f"{prefix}.{i}",
-                                                  replay)
+            results, block_logs = _quantize_block(block, src, plan, inputs, cfg, device, f"{prefix}.{i}", replay)
             if work_dir is not None:
                 work_dir.save(i, results, block_logs)
         modules, src_modules = dict(block.named_modules()), dict(src.named_modules())
@@ -592,7 +589,7 @@ def quantize_model(model: nn.Module, samples: list[dict], cfg: QuantConfig, devi
         del block, replay
         for n, r in results.items():
             _replace(src, n, QuantLinear.from_result(
-                r, getattr(src_modules[n], "bias", None), cfg.bits, cfg.group_size, cfg.checkpoint_format))
+                r, getattr(src_modules[n], "bias", None), plan[n].bits, plan[n].group_size, cfg.checkpoint_format))
         if on_block is not None:
             on_block(i)
     if head is not None:
@@ -605,6 +602,25 @@ def quantize_model(model: nn.Module, samples: list[dict], cfg: QuantConfig, devi
     return logs
 
 
+def _block_plan(block: nn.Module, prefix: str, cfg: QuantConfig, skipped: list[str]) -> dict[str, QuantConfig]:
+    """{name in block: its settings} of the Linears of `block` (full names start with prefix) to quantize: those
+    cfg.dynamic does not skip, with their "+:" overrides, whose sizes pack at their bits. The full names of those
+    that cannot be packed are appended to `skipped`, with a warning."""
+    plan = {}
+    for n, m in block.named_modules():
+        mc = cfg.for_module(f"{prefix}.{n}") if is_linear(m) else None
+        if mc is None:
+            continue
+        N, K = weight_matrix(m).shape
+        if packable(K, mc.bits) and packable(N, mc.bits):
+            plan[n] = mc
+        else:
+            skipped.append(f"{prefix}.{n}")
+            log.warning("%s.%s (%dx%d) stays unquantized: its sizes are not multiples of %d, which %d-bit packing "
+                        "needs", prefix, n, N, K, 32 if mc.bits == 3 else 32 // mc.bits, mc.bits)
+    return plan
+
+
 def output_layer(model: nn.Module, cfg: QuantConfig) -> tuple[str, nn.Module]:
     """(name, module) of the output layer (lm_head) that cfg.lm_head quantizes; a clear error where it cannot be."""
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
@@ -612,10 +628,14 @@ def output_layer(model: nn.Module, cfg: QuantConfig) -> tuple[str, nn.Module]:
     if name is None or not is_linear(head):
         raise UnsupportedModel(f"lm_head=True, but {type(model).__name__} has no Linear output layer "
                                f"({type(head).__name__ if head is not None else 'none'}); quantize without --lm-head")
+    mc = cfg.for_module(name)
+    if mc is None:
+        raise UnsupportedModel(f"lm_head=True, but a '-:' rule of dynamic skips {name}; drop the rule or quantize "
+                               "without --lm-head")
     N, K = weight_matrix(head).shape
-    if not (packable(K, cfg.bits) and packable(N, cfg.bits)):
-        raise UnsupportedModel(f"lm_head=True, but {name} ({N}x{K}) cannot be packed at {cfg.bits} bits (both sizes "
-                               f"must be multiples of {32 if cfg.bits == 3 else 32 // cfg.bits}); quantize without "
+    if not (packable(K, mc.bits) and packable(N, mc.bits)):
+        raise UnsupportedModel(f"lm_head=True, but {name} ({N}x{K}) cannot be packed at {mc.bits} bits (both sizes "
+                               f"must be multiples of {32 if mc.bits == 3 else 32 // mc.bits}); quantize without "
                                "--lm-head")
     return name, head
 
@@ -677,6 +697,7 @@ def _quantize_head(model: nn.Module, head: tuple[str, nn.Module], prefix: str, b
     untied first (the embedding keeps its dense weight; the config then says tie_word_embeddings=False). In the
     work folder it is the entry after the last block."""
     name, module = head
+    mc = cfg.for_module(name)  # not None: output_layer refused a skipped head
     log.warning("quantizing %s: gptqkit, GPTQModel and vLLM load the checkpoint; transformers' from_pretrained "
                 "(optimum) and AutoGPTQ cannot (they expect a dense lm_head)", name)
     emb = model.get_input_embeddings()
@@ -694,19 +715,24 @@ def _quantize_head(model: nn.Module, head: tuple[str, nn.Module], prefix: str, b
             H = _head_hessian(model, module, prefix, blocks, batches, outputs, device, block_tuple)
             log.info("%s: Hessian from the last block's outputs in %.1fs", name, time.perf_counter() - t0)
         logs: list[LayerLog] = []
-        results = {name: _solve(module, H, cfg, device, name, logs)}
+        results = {name: _solve(module, H, mc, device, name, logs)}
         if work_dir is not None:
             work_dir.save(len(blocks), results, logs)
-    _replace(model, name, QuantLinear.from_result(results[name], getattr(module, "bias", None), cfg.bits,
-                                                  cfg.group_size, cfg.checkpoint_format))
+    _replace(model, name, QuantLinear.from_result(results[name], getattr(module, "bias", None), mc.bits,
+                                                  mc.group_size, cfg.checkpoint_format))
     return logs
 
 
-def _quantize_block(block, src, names, inputs, cfg: QuantConfig, device, prefix,
+def _quantize_block(block, src, plan: dict[str, QuantConfig], inputs, cfg: QuantConfig, device, prefix,
                     replay: Replay | None = None) -> tuple[dict, list[LayerLog]]:
+    """Quantize the Linears of `plan` ({name: its settings}, _block_plan) of one block; cfg: the run's method and
+    order."""
     modules, src_modules = dict(block.named_modules()), dict(src.named_modules())
     results: dict[str, QuantResult] = {}
     logs: list[LayerLog] = []
+    names = list(plan)
+    if not names:
+        return results, logs
     if cfg.quant_method == "rtn":
         groups = [names]
     elif cfg.true_sequential:
@@ -716,7 +742,7 @@ def _quantize_block(block, src, names, inputs, cfg: QuantConfig, device, prefix,
     for group in groups:
         H = _hessians(block, group, inputs, device, replay) if cfg.quant_method == "gptq" else {}
         for n in group:
-            results[n] = r = _solve(src_modules[n], H.pop(n, None), cfg, device, f"{prefix}.{n}", logs)
+            results[n] = r = _solve(src_modules[n], H.pop(n, None), plan[n], device, f"{prefix}.{n}", logs)
             # Later groups of this block must see this layer's quantized output.
             _set_weight(modules[n], r.dequantize().to(device))
         if replay is not None:

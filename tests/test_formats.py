@@ -289,17 +289,16 @@ def test_dynamic_skip_and_override(tmp_path):
     cfg = QuantConfig(bits=4, group_size=32, dynamic=dynamic)
     original = tiny()
     model = copy.deepcopy(original)
-    quantize_model(model, random_samples(4, 32, vocab=VOCAB), cfg.replace(dynamic=None), progress=False)
-    for name, m in list(original.named_modules()):
-        mc = cfg.for_module(name)
-        parent, _, child = name.rpartition(".")
+    quantize_model(model, random_samples(4, 32, vocab=VOCAB), cfg, progress=False)  # applies the rules itself
+    for name, m in original.named_modules():
         if not isinstance(m, nn.Linear) or "layers." not in name:
             continue
-        if mc is None:  # skipped: the float Linear stays
-            setattr(model.get_submodule(parent), child, copy.deepcopy(m))
-        elif mc.bits != cfg.bits:
-            r = rtn(m.weight.detach(), mc)
-            setattr(model.get_submodule(parent), child, QuantLinear.from_result(r, None, mc.bits, mc.group_size))
+        got, mc = model.get_submodule(name), cfg.for_module(name)
+        if mc is None:  # skipped: the float Linear stays, untouched
+            assert type(got) is nn.Linear and torch.equal(got.weight, m.weight)
+        else:
+            assert isinstance(got, QuantLinear) and (got.bits, got.group_size) == (mc.bits, mc.group_size)
+    assert cfg.dynamic == dynamic, "no layer was left unquantized for its size: the rules are all there is"
     out = save(model, tmp_path / "ckpt", cfg, dtype="keep")
     sd = load_file(str(out / "model.safetensors"))
     assert "model.layers.0.mlp.down_proj.weight" in sd and "model.layers.0.mlp.down_proj.qweight" not in sd
