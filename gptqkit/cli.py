@@ -55,11 +55,27 @@ def cmd_quantize(a) -> int:
     r = quantize(_model_arg(a.model), a.out, cfg, dataset=a.dataset, nsamples=a.nsamples, seqlen=a.seqlen,
                  seed=a.seed, data_dir=a.data_dir, device=a.device, batch_size=a.batch_size, resume=a.resume,
                  overwrite=a.overwrite, save_dtype=a.save_dtype, max_shard_size=a.max_shard_size,
-                 trust_remote_code=a.trust_remote_code, allow_pickle=a.allow_pickle, progress=not a.quiet)
-    skipped = sorted((r.config.dynamic or {}).keys())
+                 trust_remote_code=a.trust_remote_code, allow_pickle=a.allow_pickle, progress=not a.quiet,
+                 first_blocks=a.first_blocks, adapter=a.adapter)
+    skips = [k for k in r.config.dynamic or {} if k.startswith("-:")]
     peak = "" if r.peak_memory_bytes is None else f", peak {r.peak_memory_kind} {r.peak_memory_bytes / 2**30:.2f} GiB"
     print(f"quantized {len(r.layers)} layers in {r.seconds:.1f} s on {r.calibration_tokens} calibration tokens{peak} "
-          f"-> {r.out}" + (f" ({len(skipped)} layers left unquantized, see the log)" if skipped else ""))
+          f"-> {r.out}" + (f" ({len(skips)} dynamic rules leave layers in floating point: gptqkit inspect lists them)"
+                           if skips else ""))
+    return 0
+
+
+def cmd_finetune(a) -> int:
+    from .finetune import finetune
+
+    r = finetune(a.ckpt, a.out, dataset=a.dataset, nsamples=a.nsamples, seqlen=a.seqlen, steps=a.steps, lr=a.lr,
+                 seed=a.seed, data_dir=a.data_dir, lora_rank=a.lora, head=not a.no_head, overwrite=a.overwrite,
+                 progress=not a.quiet)
+    k = max(1, len(r.losses) // 10)
+    first, last = sum(r.losses[:k]) / k, sum(r.losses[-k:]) / k
+    what = f"LoRA rank {a.lora} adapter" if a.lora else "checkpoint"
+    print(f"fine-tuned {r.trained} values for {len(r.losses)} steps in {r.seconds:.1f} s: training loss "
+          f"{first:.4f} -> {last:.4f} (mean of the first and last {k} steps) -> {what} {r.out}")
     return 0
 
 
@@ -147,6 +163,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="quantize the output layer too (GPTQModel's and vLLM's lm_head: fewer bytes per decoded token, "
                         "some accuracy: +5%% WikiText-2 perplexity on SmolLM2 at 4 bits); a tied lm_head is untied. "
                         "transformers' from_pretrained and AutoGPTQ cannot load the result")
+    q.add_argument("--first-blocks", type=int, default=None, metavar="K",
+                   help="quantize only the first K decoder blocks; the rest (and lm_head) stay in floating point, "
+                        "e.g. to fine-tune them on the quantized ones (gptqkit.finetune)")
+    q.add_argument("--adapter", default=None, metavar="DIR",
+                   help="merge this LoRA adapter (peft's format, e.g. trained with QLoRA) into the model before "
+                        "quantizing it; needs the peft extra")
     q.add_argument("--format", choices=("gptq", "gptq_v2"), default="gptq", help="checkpoint_format to write")
     q.add_argument("--dataset", default="wikitext2", help="wikitext2, c4, c4-new, ptb, ptb-new, or a .txt/.jsonl")
     q.add_argument("--data-dir", default=None, help="local corpora folder (default: $GPTQKIT_DATA)")
@@ -163,6 +185,23 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--allow-pickle", action="store_true",
                    help="read pickled *.bin source weights (weights_only=True); refused by default")
     q.set_defaults(fn=cmd_quantize)
+
+    f = sub.add_parser("finetune", help="fine-tune a checkpoint's float tail, or LoRA adapters on its quantized "
+                                        "layers")
+    f.add_argument("ckpt", help="a GPTQ checkpoint (quantize --first-blocks K leaves a float tail to tune)")
+    f.add_argument("out", help="the tuned checkpoint, or with --lora the adapter folder (peft's format)")
+    f.add_argument("--lora", type=int, default=None, metavar="R",
+                   help="train LoRA adapters of rank R on the quantized layers instead (needs the peft extra)")
+    f.add_argument("--no-head", action="store_true", help="keep lm_head frozen (tail fine-tuning)")
+    f.add_argument("--dataset", default="wikitext2", help="wikitext2, c4, ptb, or a .txt/.jsonl of training texts")
+    f.add_argument("--data-dir", default=None, help="local corpora folder (default: $GPTQKIT_DATA)")
+    f.add_argument("--nsamples", type=int, default=128)
+    f.add_argument("--seqlen", type=int, default=512)
+    f.add_argument("--steps", type=int, default=100)
+    f.add_argument("--lr", type=float, default=1e-4)
+    f.add_argument("--seed", type=int, default=0)
+    f.add_argument("--overwrite", action="store_true", help="replace a non-empty OUT")
+    f.set_defaults(fn=cmd_finetune)
 
     e = sub.add_parser("eval", help="perplexity (GPTQ paper protocol) of a model or checkpoint")
     e.add_argument("model")
@@ -212,7 +251,7 @@ def main(argv: list[str] | None = None) -> int:
         print("gptqkit: interrupted; rerun with --resume to continue a quantization", file=sys.stderr)
         return 130
     except (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, PermissionError, RuntimeError,
-            OSError) as e:
+            OSError, ImportError) as e:  # ImportError: an optional extra (peft) not installed; the message names it
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         print(f"gptqkit: error: {msg}", file=sys.stderr)
         return 2

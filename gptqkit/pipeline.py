@@ -163,10 +163,15 @@ def quantize(model: str | os.PathLike, out: str | os.PathLike, cfg: QuantConfig 
              dataset="wikitext2", nsamples: int = 128, seqlen: int | None = None, seed: int = 0, data_dir=None,
              device: str = "cpu", batch_size: int = 1, resume: bool = False, overwrite: bool = False,
              save_dtype: str | None = "auto", max_shard_size: str | int = "5GB", trust_remote_code: bool = False,
-             allow_pickle: bool = False, progress: bool = True) -> QuantizeReport:
+             allow_pickle: bool = False, progress: bool = True, first_blocks: int | None = None,
+             adapter: str | os.PathLike | None = None) -> QuantizeReport:
     """Quantize a Hugging Face causal LM with GPTQ and write the standard checkpoint to `out`.
 
     `cfg` is not modified; the report's config carries the layers left unquantized (`dynamic`).
+    first_blocks: quantize only the first K decoder blocks; the later ones (and lm_head, unless cfg.lm_head) stay in
+    floating point, recorded as one "-:" `dynamic` rule that gptqkit, GPTQModel and vLLM read, e.g. to fine-tune
+    them afterwards (gptqkit.finetune). adapter: a LoRA adapter folder (peft's format) merged into the model before
+    it is calibrated, the QLoRA -> merge -> GPTQ flow (gptqkit.finetune.merge_adapter); the source is not modified.
 
     >>> quantize("path/to/llama", "llama-gptq", QuantConfig(bits=4, group_size=128), dataset="c4")  # doctest: +SKIP
     """
@@ -175,7 +180,8 @@ def quantize(model: str | os.PathLike, out: str | os.PathLike, cfg: QuantConfig 
     t0 = time.perf_counter()
     if torch.device(device).type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)  # the report's peak is this run's
-    for arg, v in (("nsamples", nsamples), ("seqlen", 1 if seqlen is None else seqlen), ("batch_size", batch_size)):
+    for arg, v in (("nsamples", nsamples), ("seqlen", 1 if seqlen is None else seqlen), ("batch_size", batch_size),
+                   ("first_blocks", 1 if first_blocks is None else first_blocks)):
         if not isinstance(v, int) or v < 1:
             raise ValueError(f"{arg}={v!r} is invalid; use a positive integer (--{arg.replace('_', '-')})")
     cfg = cfg.replace()  # quantize_model records skipped layers in cfg.dynamic; keep the caller's object as given
@@ -183,7 +189,13 @@ def quantize(model: str | os.PathLike, out: str | os.PathLike, cfg: QuantConfig 
     source = Path(model).expanduser() if Path(model).expanduser().exists() else None
     check_output_dir(out, source, overwrite)
     m, tok = load_source(model, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle)
-    _, blocks = find_blocks(m)  # an unsupported architecture fails here, before any data is read
+    prefix, blocks = find_blocks(m)  # an unsupported architecture fails here, before any data is read
+    if first_blocks is not None:
+        cfg = cfg.replace(dynamic={**(cfg.dynamic or {}), **first_blocks_rule(prefix, len(blocks), first_blocks)})
+    if adapter is not None:
+        from .finetune import merge_adapter
+
+        m = merge_adapter(m, adapter)
     compute_dtype = default_compute_dtype(torch.device(device), next(blocks.parameters()).dtype)
     max_len = getattr(m.config, "max_position_embeddings", None) or getattr(m.config, "n_positions", None)
     if seqlen is None:  # the paper's 2048, capped by the model's context (GPT-2: 1024)
@@ -227,6 +239,17 @@ def quantize(model: str | os.PathLike, out: str | os.PathLike, cfg: QuantConfig 
     return QuantizeReport(out=out, config=cfg, layers=logs, seconds=time.perf_counter() - t0,
                           calibration_tokens=int(sum(int(s["attention_mask"].sum()) for s in samples)),
                           peak_memory_bytes=peak, peak_memory_kind=kind)
+
+
+def first_blocks_rule(prefix: str, n: int, k: int) -> dict[str, dict]:
+    """The `dynamic` rule that leaves blocks k .. n-1 of the ModuleList `prefix` (e.g. "model.layers") in floating
+    point: {"-:^model\\.layers\\.(k|k+1|...)\\.": {}}; none where k == n."""
+    if not isinstance(k, int) or not 1 <= k <= n:
+        raise ValueError(f"first_blocks={k!r} is invalid: the model has {n} decoder blocks; give 1 to {n} "
+                         "(--first-blocks)")
+    if k == n:
+        return {}
+    return {f"-:^{re.escape(prefix)}\\.({'|'.join(str(i) for i in range(k, n))})\\.": {}}
 
 
 def _write_error(e: OSError, work: Path) -> WriteError:
