@@ -23,7 +23,7 @@ from gptqkit.inspect import inspect_checkpoint
 from gptqkit.kernels import cpu_avx2
 from gptqkit.pipeline import quantize
 from gptqkit.qlinear import QuantLinear
-from conftest import CORPORA, STORIES, random_model, random_samples, stories_checkpoint
+from conftest import CORPORA, STORIES, random_model, rtn_checkpoint, stories_checkpoint
 
 peft = pytest.importorskip("peft")
 
@@ -193,26 +193,13 @@ def test_adapter_round_trip(ckpt, batch, tmp_path, one_thread_module):
         n for n, p in pm.named_parameters() if p.requires_grad}
 
 
-def _all_quantized_checkpoint(tmp_path: Path) -> Path:
-    """A 4-bit RTN checkpoint of a tiny random Llama with every Linear of its blocks quantized: load() makes its
-    blocks DecodeLayers and its stack a DecodeStack (one C call per token)."""
-    from gptqkit.checkpoint import save
-    from gptqkit.config import QuantConfig
-    from gptqkit.sequential import quantize_model
-
-    model = random_model("llama")
-    cfg = QuantConfig(bits=4, group_size=32, quant_method="rtn")
-    quantize_model(model, random_samples(1, 8), cfg, progress=False)
-    return save(model, tmp_path / "llama", cfg)
-
-
 @pytest.mark.parametrize("which", ["stories", "all-quantized"])
 def test_fused_decode_uses_the_adapter(which, ckpt, tmp_path, monkeypatch, one_thread_module):
     """With a non-zero adapter, a one-token step into gptqkit's KV cache gives the full-sequence forward's logits
     at that position (both with the adapter), and both differ clearly from the model's without it. On stories260K
     the step runs the fused C attention step (DecodeAttention) through the LoRA-wrapped q/k/v/o; on a model whose
     blocks and stack run in one C call, that call runs without the adapter and steps aside with it."""
-    path = ckpt if which == "stories" else _all_quantized_checkpoint(tmp_path)
+    path = ckpt if which == "stories" else rtn_checkpoint(tmp_path, "llama")
     calls = {"decode_layer": 0, "decode_stack": 0, "rope_decode_attention": 0}
     for fn in calls:
         real = getattr(cpu_avx2, fn)

@@ -9,7 +9,7 @@ from torch import nn
 from gptqkit import attention, fused
 from gptqkit.cache import cache_kwarg
 from gptqkit.kernels import cpu_avx2
-from conftest import random_model, stories_checkpoint
+from conftest import random_model, rtn_checkpoint, stories_checkpoint
 
 needs_avx2 = pytest.mark.skipif(isinstance(cpu_avx2.library(), str),
                                 reason=f"avx2 kernel unavailable: {cpu_avx2.library()}")
@@ -454,19 +454,6 @@ def test_load_swaps_the_attention(tmp_path_factory, monkeypatch):
     assert torch.equal(fast, slow)
 
 
-def _random_checkpoint(tmp_path, arch: str):
-    """A 4-bit RTN checkpoint of a tiny random `arch` model: every Linear of its blocks quantized."""
-    from conftest import random_samples
-    from gptqkit.checkpoint import save
-    from gptqkit.config import QuantConfig
-    from gptqkit.sequential import quantize_model
-
-    model = random_model(arch)
-    cfg = QuantConfig(bits=4, group_size=32, quant_method="rtn")
-    quantize_model(model, random_samples(1, 8), cfg, progress=False)
-    return save(model, tmp_path / arch, cfg)
-
-
 def _plain(model) -> None:
     """Put the DecodeStack and every DecodeLayer of model back to their own classes (what the C calls are compared
     with)."""
@@ -500,7 +487,7 @@ def test_load_runs_whole_blocks_in_one_c_call(tmp_path, monkeypatch, arch, whole
     from gptqkit.cache import GrowingCache
     from gptqkit.checkpoint import load
 
-    ckpt = _random_checkpoint(tmp_path, arch)
+    ckpt = rtn_checkpoint(tmp_path, arch)
     calls = count_c_calls(monkeypatch)
     for kernel in ("avx2", "avx2-q8"):
         model = load(ckpt, kernel=kernel)
@@ -528,7 +515,7 @@ def test_stack_leaves_the_c_call_where_its_forward_would_differ(tmp_path, monkey
     from gptqkit.cache import GrowingCache
     from gptqkit.checkpoint import load
 
-    ckpt = _random_checkpoint(tmp_path, "llama")
+    ckpt = rtn_checkpoint(tmp_path, "llama")
     model, plain = load(ckpt, kernel="avx2-q8"), load(ckpt, kernel="avx2-q8")
     _plain(plain)
     assert isinstance(model.model, fused.DecodeStack) and type(plain.model).__name__ == "LlamaModel"
@@ -598,7 +585,7 @@ def test_stack_checks_each_cache_once_and_holds_none(tmp_path, monkeypatch):
     from gptqkit.cache import GrowingCache
     from gptqkit.checkpoint import load
 
-    ckpt = _random_checkpoint(tmp_path, "llama")
+    ckpt = rtn_checkpoint(tmp_path, "llama")
     model, plain = load(ckpt, kernel="avx2-q8"), load(ckpt, kernel="avx2-q8")
     _plain(plain)
     stack = model.model._stack
@@ -644,7 +631,7 @@ def test_bf16_cache_decodes_like_the_float32_one(tmp_path):
     from gptqkit.cache import GrowingCache, kv_dtype
     from gptqkit.checkpoint import load
 
-    model = load(_random_checkpoint(tmp_path, "llama"), kernel="avx2-q8")
+    model = load(rtn_checkpoint(tmp_path, "llama"), kernel="avx2-q8")
     assert kv_dtype(model) == torch.bfloat16
     ids = torch.randint(0, 256, (1, 40), generator=torch.Generator().manual_seed(4))
     half, full = GrowingCache(model.config, dtype=torch.bfloat16), GrowingCache(model.config)
@@ -668,7 +655,7 @@ def test_a_changed_block_leaves_the_c_call(tmp_path, monkeypatch):
     from gptqkit.checkpoint import load
     from gptqkit.kernels import reference
 
-    model = load(_random_checkpoint(tmp_path, "llama"), kernel="avx2")
+    model = load(rtn_checkpoint(tmp_path, "llama"), kernel="avx2")
     calls = count_c_calls(monkeypatch)
     ids = torch.randint(0, 256, (1, 34), generator=torch.Generator().manual_seed(5))
     ref = prefill_then_decode(model, ids, GrowingCache(model.config))
@@ -699,7 +686,7 @@ def test_stack_intact_reads_each_projection_state(tmp_path):
     missing one makes it fall back (False, no exception); restored, the C call stands again."""
     from gptqkit.checkpoint import load
 
-    model = load(_random_checkpoint(tmp_path, "llama"), kernel="avx2-q8")
+    model = load(rtn_checkpoint(tmp_path, "llama"), kernel="avx2-q8")
     stack, proj = model.model, model.model.layers[1].self_attn.v_proj
     assert isinstance(stack, fused.DecodeStack) and stack.intact()
     for key in ("kernel", "_avx2_plan", "_avx2_shared"):
