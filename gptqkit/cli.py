@@ -60,8 +60,8 @@ def cmd_quantize(a) -> int:
     skips = [k for k in r.config.dynamic or {} if k.startswith("-:")]
     peak = "" if r.peak_memory_bytes is None else f", peak {r.peak_memory_kind} {r.peak_memory_bytes / 2**30:.2f} GiB"
     print(f"quantized {len(r.layers)} layers in {r.seconds:.1f} s on {r.calibration_tokens} calibration tokens{peak} "
-          f"-> {r.out}" + (f" ({len(skips)} dynamic rules leave layers in floating point: gptqkit inspect lists them)"
-                           if skips else ""))
+          f"-> {r.out}" + (f" ({len(skips)} dynamic rule{'s leave' if len(skips) > 1 else ' leaves'} layers in "
+                           "floating point: gptqkit inspect lists them)" if skips else ""))
     return 0
 
 
