@@ -168,17 +168,7 @@ def save(model: nn.Module, out: str | os.PathLike, cfg: QuantConfig, tokenizer=N
             with open(f, "rb") as fh:
                 os.fsync(fh.fileno())
         _fsync_dir(tmp)
-        if out.exists():
-            old = out.parent / f".{out.name}.old-{os.getpid()}"
-            os.replace(out, old)
-            try:
-                os.replace(tmp, out)
-            except BaseException:
-                os.replace(old, out)
-                raise
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
+        replace_folder(tmp, out)
     except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
         if isinstance(e, OSError) and e.errno in WRITE_ERRNOS:
@@ -189,6 +179,22 @@ def save(model: nn.Module, out: str | os.PathLike, cfg: QuantConfig, tokenizer=N
     except OSError:
         pass
     return out
+
+
+def replace_folder(tmp: Path, out: Path) -> None:
+    """Rename the finished folder `tmp` onto `out`, a sibling. An existing `out` is moved aside first and put back
+    if the rename fails, so at every moment one complete folder is there."""
+    if not out.exists():
+        os.replace(tmp, out)
+        return
+    old = out.parent / f".{out.name}.old-{os.getpid()}"
+    os.replace(out, old)
+    try:
+        os.replace(tmp, out)
+    except BaseException:
+        os.replace(old, out)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def _write_error(e: OSError, out: Path) -> WriteError:

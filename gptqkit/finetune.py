@@ -218,7 +218,7 @@ def load_lora(model: nn.Module, adapter_dir: str | os.PathLike, is_trainable: bo
     >>> model = load_lora(load("stories-gptq-4bit"), "adapter")  # doctest: +SKIP
     """
     peft = _peft()
-    path = _adapter_dir(adapter_dir)
+    path = adapter_folder(adapter_dir)
     config = _lora_config(peft, peft.LoraConfig.from_pretrained(str(path)))
     try:
         peft_model = peft.PeftModel.from_pretrained(model, str(path), is_trainable=is_trainable, config=config)
@@ -239,7 +239,7 @@ def _count_lora(model: nn.Module) -> int:
 # ------------------------------------------------------------------------------------------- adapter merge
 
 
-def _adapter_dir(adapter_dir: str | os.PathLike) -> Path:
+def adapter_folder(adapter_dir: str | os.PathLike) -> Path:
     """adapter_dir as a Path once it holds a LoRA adapter as peft saves one; else FileNotFoundError / AdapterError
     naming what is missing (checked here: peft would go on to look the name up on the Hub)."""
     path = Path(adapter_dir)
@@ -279,7 +279,7 @@ def merge_adapter(model: nn.Module, adapter_dir: str | os.PathLike) -> nn.Module
     >>> merged = merge_adapter(base, "adapter")  # doctest: +SKIP
     """
     peft = _peft()
-    path = _adapter_dir(adapter_dir)
+    path = adapter_folder(adapter_dir)
     quantized = [n for n, m in model.named_modules() if isinstance(m, QuantLinear)]
     if quantized:
         raise AdapterError(f"{type(model).__name__} has {len(quantized)} quantized layers ({quantized[0]}, ...); "
@@ -335,14 +335,11 @@ def tail_parameters(model: nn.Module, head: bool = True, embeddings: bool = Fals
     if not wanted:
         raise ValueError("nothing after the quantized blocks to train: quantize with first_blocks=K (--first-blocks) "
                          "to leave the last blocks in floating point, or keep lm_head dense")
-    widened: dict[int, nn.Parameter] = {}
+    widened: dict[int, nn.Parameter] = {}  # id of a 16-bit weight: its float32 copy, one for all modules sharing it
     for m in model.modules():
         for n, p in list(m._parameters.items()):
-            if p is None or id(p) not in wanted:
-                continue
-            if p.dtype != torch.float32 and id(p) not in widened:
-                widened[id(p)] = nn.Parameter(p.detach().float().clone())
-            setattr(m, n, widened.get(id(p), p))
+            if p is not None and id(p) in wanted and p.dtype != torch.float32:
+                setattr(m, n, widened.setdefault(id(p), nn.Parameter(p.detach().float())))
     wanted |= {id(p) for p in widened.values()}
     out = []
     for name, p in model.named_parameters():
@@ -448,20 +445,21 @@ def finetune(ckpt: str | os.PathLike, out: str | os.PathLike, *, dataset="wikite
     if lora_rank is None:
         save(model, out, cfg, tok, source=ckpt, overwrite=overwrite)
     else:
-        _save_adapter(model, out, overwrite)
+        _save_adapter(model, out)
     return FinetuneReport(out=out, losses=losses, trained=sum(p.numel() for p in params),
                           seconds=time.perf_counter() - t0)
 
 
-def _save_adapter(model: nn.Module, out: Path, overwrite: bool) -> None:
-    """peft's save_pretrained into a temporary sibling folder, renamed onto `out` when complete."""
+def _save_adapter(model: nn.Module, out: Path) -> None:
+    """peft's save_pretrained into a temporary sibling folder, renamed onto `out` when complete (an existing `out`,
+    which check_output_dir let through, stays until then)."""
+    from .checkpoint import replace_folder
+
     tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         model.save_pretrained(str(tmp))
-        if out.exists():  # check_output_dir let it through: empty, or overwrite
-            shutil.rmtree(out)
-        os.replace(tmp, out)
+        replace_folder(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -188,14 +188,16 @@ def quantize(model: str | os.PathLike, out: str | os.PathLike, cfg: QuantConfig 
     out = Path(out).expanduser()
     source = Path(model).expanduser() if Path(model).expanduser().exists() else None
     check_output_dir(out, source, overwrite)
+    if adapter is not None:
+        from .finetune import adapter_folder, merge_adapter
+
+        adapter = adapter_folder(adapter)  # a missing or incomplete adapter fails before the model is read
     m, tok = load_source(model, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle)
+    if adapter is not None:
+        m = merge_adapter(m, adapter)
     prefix, blocks = find_blocks(m)  # an unsupported architecture fails here, before any data is read
     if first_blocks is not None:
         cfg = cfg.replace(dynamic={**(cfg.dynamic or {}), **first_blocks_rule(prefix, len(blocks), first_blocks)})
-    if adapter is not None:
-        from .finetune import merge_adapter
-
-        m = merge_adapter(m, adapter)
     compute_dtype = default_compute_dtype(torch.device(device), next(blocks.parameters()).dtype)
     max_len = getattr(m.config, "max_position_embeddings", None) or getattr(m.config, "n_positions", None)
     if seqlen is None:  # the paper's 2048, capped by the model's context (GPT-2: 1024)

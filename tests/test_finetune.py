@@ -461,6 +461,9 @@ def test_finetune_command(tmp_path, capsys):
     assert finetune.load_lora(load(part), tmp_path / "adapter") is not None
     assert cli([*args[:2], *args[2:3], str(tmp_path / "tuned"), *args[3:]]) == 2  # not empty, no --overwrite
     assert "--overwrite" in capsys.readouterr().err
+    assert cli([*args[:2], *args[2:3], str(tmp_path / "adapter"), *args[3:], "--lora", "4", "--overwrite"]) == 0
+    assert (tmp_path / "adapter" / "adapter_config.json").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter", "part", "texts.txt", "tuned"]  # no leftovers
 
 
 def test_quantize_merges_an_adapter_first(stories_dir, tmp_path):
@@ -487,3 +490,6 @@ def test_quantize_merges_an_adapter_first(stories_dir, tmp_path):
     key = "model.layers.1.self_attn.q_proj.qweight"
     assert torch.equal(a[key], b[key]) and not torch.equal(a[key], c[key])
     assert torch.equal(a["model.layers.3.self_attn.o_proj.weight"], b["model.layers.3.self_attn.o_proj.weight"])
+    with pytest.raises(FileNotFoundError, match="adapter folder"):
+        quantize(stories_dir, tmp_path / "none", adapter=tmp_path / "missing", **kw)
+    assert not (tmp_path / "none").exists()
