@@ -100,6 +100,10 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
     if spec["quantized"]:
         model = load(spec["path"], device=device, dtype=dtype, kernel=spec.get("kernel", "auto"),
                      dense_dtype=spec.get("dense_dtype"))
+        if spec.get("adapter"):
+            from .finetune import with_adapter
+
+            model = with_adapter(model, spec["adapter"])
     else:
         model = AutoModelForCausalLM.from_pretrained(spec["path"], dtype=dtype or torch.float32,
                                                      low_cpu_mem_usage=True).to(device).eval()
@@ -218,7 +222,7 @@ def bench(ckpt: str | os.PathLike, baseline: str | os.PathLike | None = None, pr
           dtype: str | None = None, baseline_dtype: str | None = None, kernel: str = "auto", warmup: int = 1,
           timeout: float | None = None, prefill_runs: int | None = None,
           dense_dtype: str | None = None, kv_cache: str = "auto",
-          prefill_chunk: int | None = None) -> dict[str, Any]:
+          prefill_chunk: int | None = None, adapter: str | os.PathLike | None = None) -> dict[str, Any]:
     """Measure a GPTQ checkpoint and, if given, its dense baseline, each in a fresh subprocess.
 
     dtype (of activations and unquantized tensors) and dense_dtype default to what runs fastest here
@@ -231,6 +235,7 @@ def bench(ckpt: str | os.PathLike, baseline: str | os.PathLike | None = None, pr
     dense_dtype bfloat16. kv_cache: as generate's (auto: bf16 under gptqkit's float32 CPU attention, so the cache
     takes the bytes a bf16 baseline's does; model: the model's dtype). prefill_chunk: prefill the prompt in pieces of
     at most this many tokens, both models alike (less activation memory on long prompts, see generate()).
+    adapter: a LoRA adapter folder the checkpoint runs with (finetune.with_adapter); its weights count in its size.
 
     >>> r = bench("smollm2-gptq-4bit", baseline="SmolLM2-135M-Instruct", threads=2)  # doctest: +SKIP
     >>> r["ratios"]["decode_speedup"]  # doctest: +SKIP
@@ -247,13 +252,17 @@ def bench(ckpt: str | os.PathLike, baseline: str | os.PathLike | None = None, pr
     check_prefill_chunk(prefill_chunk)
     if not is_checkpoint(ckpt):
         raise BenchError(f"{ckpt} is not a GPTQ checkpoint (no quantize_config.json or quantization_config)")
+    if adapter is not None:
+        from .finetune import adapter_folder
+
+        adapter = str(adapter_folder(adapter))
     settings = {"prompt_len": prompt_len, "new_tokens": new_tokens, "runs": runs, "warmup": warmup,
                 "prefill_runs": prefill_runs or runs, "device": device, "threads": threads, "kernel": kernel,
-                "kv_cache": kv_cache, "prefill_chunk": prefill_chunk}
-    common = {**settings, "seed": 0}
-    q = run_measurement({**common, "path": str(ckpt), "quantized": True, "dtype": dtype, "dense_dtype": dense_dtype},
-                        timeout)
-    q["size_bytes"] = size_on_disk(ckpt)
+                "kv_cache": kv_cache, "prefill_chunk": prefill_chunk, "adapter": adapter}
+    common = {**settings, "seed": 0, "adapter": None}  # the baseline runs without the adapter
+    q = run_measurement({**common, "path": str(ckpt), "quantized": True, "dtype": dtype, "dense_dtype": dense_dtype,
+                         "adapter": adapter}, timeout)
+    q["size_bytes"] = size_on_disk(ckpt) + (size_on_disk(adapter) if adapter else 0)
     result: dict[str, Any] = {"settings": settings, "quantized": q, "baseline": None, "ratios": {}}
     if baseline is not None:
         b = run_measurement({**common, "path": str(baseline), "quantized": is_checkpoint(baseline),
@@ -297,6 +306,8 @@ def format_table(r: dict[str, Any]) -> str:
     lines = [f"{'':38s} {'gptqkit ' + q['dtype']:>16s} {head_b:>16s} {'ratio' if b else '':>8s}"]
     if q.get("dense_dtype"):
         lines[0] = lines[0].rstrip() + f"   (gptqkit's embedding and lm_head stored in {q['dense_dtype']})"
+    if r["settings"].get("adapter"):
+        lines[0] = lines[0].rstrip() + f"   (gptqkit with the LoRA adapter {r['settings']['adapter']})"
     for label, qv, bv, key in rows:
         ratio = f"{r['ratios'][key]:7.2f}x" if b and key else ""
         lines.append(f"{label:38s} {qv:16.2f} {'' if bv is None else f'{bv:16.2f}':>16s} {ratio:>8s}")
@@ -314,7 +325,7 @@ def format_table(r: dict[str, Any]) -> str:
 
 
 def add_bench_args(p) -> None:
-    from .generate import add_kv_cache_arg, add_prefill_chunk_arg
+    from .generate import ADAPTER_HELP, add_kv_cache_arg, add_prefill_chunk_arg
 
     p.add_argument("ckpt", help="GPTQ checkpoint folder")
     p.add_argument("--baseline", default=None, help="the dense model folder to compare with (e.g. the original)")
@@ -332,6 +343,7 @@ def add_bench_args(p) -> None:
     p.add_argument("--dense-dtype", default=None, help="storage dtype of the checkpoint's embedding and lm_head "
                                                        "(e.g. --dtype float32 --dense-dtype bfloat16, the CPU default)")
     p.add_argument("--kernel", default="auto")
+    p.add_argument("--adapter", default=None, metavar="DIR", help=ADAPTER_HELP)
     add_kv_cache_arg(p)
     add_prefill_chunk_arg(p)
     p.add_argument("--json", action="store_true", help="print the result as JSON")
@@ -347,7 +359,7 @@ def run_bench(args) -> int:
               runs=args.runs, device=args.device, threads=args.threads, dtype=args.dtype,
               baseline_dtype=args.baseline_dtype, kernel=args.kernel, warmup=args.warmup,
               prefill_runs=args.prefill_runs, dense_dtype=args.dense_dtype, kv_cache=args.kv_cache,
-              prefill_chunk=args.prefill_chunk)
+              prefill_chunk=args.prefill_chunk, adapter=args.adapter)
     print(json.dumps(r, indent=2) if args.json else format_table(r))
     return 0
 

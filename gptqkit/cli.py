@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 from . import __version__, bench, generate
+from .generate import ADAPTER_HELP, is_checkpoint
 
 
 def _model_arg(s: str) -> str:
@@ -18,30 +19,28 @@ def _model_arg(s: str) -> str:
     return str(bundled.smollm2()) if s.lower() in (bundled.NAME.lower(), "smollm2") else s
 
 
-def _is_checkpoint(p: str) -> bool:
-    path = Path(p)
-    if (path / "quantize_config.json").exists() or (path / "quant_config.json").exists():
-        return True
-    c = path / "config.json"
-    return c.exists() and "quantization_config" in json.loads(c.read_text())
-
-
 def load_any(p: str, device: str = "cpu", kernel: str = "auto", trust_remote_code: bool = False,
-             allow_pickle: bool = False, dtype=None):
-    """(model, tokenizer, is_quantized) for a gptqkit/GPTQ checkpoint or a floating-point model folder."""
+             allow_pickle: bool = False, dtype=None, adapter: str | None = None):
+    """(model, tokenizer, is_quantized) for a gptqkit/GPTQ checkpoint or a floating-point model folder, with the
+    LoRA adapter folder `adapter` on it (finetune.with_adapter)."""
     from transformers import AutoTokenizer
 
     from .checkpoint import load
+    from .finetune import adapter_folder, with_adapter
     from .pipeline import load_source
 
     p = _model_arg(p)
-    if _is_checkpoint(p):
+    if adapter is not None:
+        adapter_folder(adapter)  # a missing or incomplete adapter fails before the model is read
+    if is_checkpoint(p):
         model = load(p, device=device, kernel=kernel, dtype=dtype, trust_remote_code=trust_remote_code,
                      allow_pickle=allow_pickle)
-        return model, AutoTokenizer.from_pretrained(p, trust_remote_code=trust_remote_code), True
-    kw = {"dtype": dtype} if dtype is not None else {}
-    m, tok = load_source(p, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle, **kw)
-    return m.to(device), tok, False
+        tok, quantized = AutoTokenizer.from_pretrained(p, trust_remote_code=trust_remote_code), True
+    else:
+        kw = {"dtype": dtype} if dtype is not None else {}
+        model, tok = load_source(p, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle, **kw)
+        model, quantized = model.to(device), False
+    return (model if adapter is None else with_adapter(model, adapter)), tok, quantized
 
 
 def cmd_quantize(a) -> int:
@@ -83,14 +82,16 @@ def cmd_eval(a) -> int:
     from .data import eval_tokens
     from .evaluate import perplexity
 
-    model, tok, quantized = load_any(a.model, a.device, a.kernel, a.trust_remote_code, a.allow_pickle)
+    model, tok, quantized = load_any(a.model, a.device, a.kernel, a.trust_remote_code, a.allow_pickle,
+                                     adapter=a.adapter)
     tokens = eval_tokens(tok, a.dataset, data_dir=a.data_dir, max_chars=a.max_chars)
     t = time.perf_counter()
     ppl = perplexity(model, tokens, seqlen=a.seqlen, max_windows=a.max_windows, device=a.device,
                      progress=not a.quiet)
     n = min(tokens.shape[1] // a.seqlen, a.max_windows or 1 << 30)
     print(f"{a.dataset} perplexity {ppl:.4f} ({n} windows of {a.seqlen} tokens, "
-          f"{'quantized' if quantized else 'original'} model, {time.perf_counter() - t:.1f} s)")
+          f"{'quantized' if quantized else 'original'} model{' with adapter ' + a.adapter if a.adapter else ''}, "
+          f"{time.perf_counter() - t:.1f} s)")
     return 0
 
 
@@ -212,6 +213,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--max-chars", type=int, default=None, help="evaluate on the first N characters only")
     e.add_argument("--device", default="cpu")
     e.add_argument("--kernel", default="auto")
+    e.add_argument("--adapter", default=None, metavar="DIR", help=ADAPTER_HELP)
     e.add_argument("--trust-remote-code", action="store_true")
     e.add_argument("--allow-pickle", action="store_true")
     e.set_defaults(fn=cmd_eval)

@@ -27,7 +27,7 @@ LoRA on quantized layers (QLoRA with GPTQ codes): add_lora(), load_lora(), Quant
     projection makes them run their own forward, which calls the wrapper (and peft's unload() puts the projections
     back, and the C call with them).
 
-Adapter merge (the "QLoRA -> merge -> GPTQ" flow): merge_adapter()
+Adapter merge (the "QLoRA -> merge -> GPTQ" flow): merge_adapter(), and with_adapter() for inference
     An adapter trained on a quantized model is merged into the floating-point base model, W + scaling * B @ A, and
     the merged model is then quantized. Merging into the 4-bit codes instead cannot be exact (W + scaling * B @ A
     falls between the points of a grid whose scales and zeros were fitted to W alone), so QuantLoraLinear.merge()
@@ -298,6 +298,20 @@ def merge_adapter(model: nn.Module, adapter_dir: str | os.PathLike) -> nn.Module
     merged = peft_model.merge_and_unload(safe_merge=True)  # safe_merge: NaNs in the sum raise instead of landing
     log.info("merged the LoRA adapter %s into %d layers of %s", path, n, type(merged).__name__)
     return merged
+
+
+def with_adapter(model: nn.Module, adapter_dir: str | os.PathLike) -> nn.Module:
+    """`model` running the LoRA adapter saved in adapter_dir, for inference (`eval`, `generate` and `bench`
+    --adapter). On a model with QuantLinear layers the adapter's layers sit beside them (load_lora; the 4-bit codes
+    cannot take the update exactly); on a floating-point model it is merged into the weights (merge_adapter: the
+    same function without the side path's cost per call). Returns the transformers model to call, in eval mode: the
+    same object, changed in place, for a quantized model.
+
+    >>> model = with_adapter(load("smollm2-gptq-4bit"), "adapter")  # doctest: +SKIP
+    """
+    if not any(isinstance(m, QuantLinear) for m in model.modules()):
+        return merge_adapter(model, adapter_dir).eval()
+    return load_lora(model, adapter_dir).base_model.model.eval()
 
 
 # ------------------------------------------------------------------ partial quantization and tail fine-tuning

@@ -290,8 +290,9 @@ def is_checkpoint(path: str | os.PathLike) -> bool:
 
 
 def load_for_inference(path: str | os.PathLike, device: str = "cpu", kernel: str = "auto",
-                       dtype: torch.dtype | str | None = None):
-    """(model, tokenizer) for a GPTQ checkpoint (QuantLinear kernels) or a floating-point model folder.
+                       dtype: torch.dtype | str | None = None, adapter: str | os.PathLike | None = None):
+    """(model, tokenizer) for a GPTQ checkpoint (QuantLinear kernels) or a floating-point model folder, with the
+    LoRA adapter folder `adapter` on it (finetune.with_adapter).
 
     dtype None: the checkpoint loader's default (float32 on CPU, where the embedding and lm_head are then kept in
     bfloat16 storage, as `bench` does: see bench.default_dtypes) or float32 for a dense model.
@@ -301,10 +302,13 @@ def load_for_inference(path: str | os.PathLike, device: str = "cpu", kernel: str
 
     from . import bundled
     from .checkpoint import load
+    from .finetune import adapter_folder, with_adapter
 
     if str(path).lower() in (bundled.NAME.lower(), "smollm2"):
         path = bundled.smollm2()
     dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+    if adapter is not None:
+        adapter_folder(adapter)  # a missing or incomplete adapter fails before the model is read
     tok = AutoTokenizer.from_pretrained(path)
     if is_checkpoint(path):
         dense = None
@@ -312,12 +316,18 @@ def load_for_inference(path: str | os.PathLike, device: str = "cpu", kernel: str
             from .bench import default_dtypes
 
             dense = default_dtypes(device)[1]
-        return load(path, device=device, dtype=dtype, kernel=kernel, dense_dtype=dense), tok
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or torch.float32, low_cpu_mem_usage=True)
-    return model.to(device).eval(), tok
+        model = load(path, device=device, dtype=dtype, kernel=kernel, dense_dtype=dense)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or torch.float32, low_cpu_mem_usage=True)
+        model = model.to(device).eval()
+    return (model if adapter is None else with_adapter(model, adapter)), tok
 
 
 # ------------------------------------------------------------------------------------------------------- CLI
+
+
+ADAPTER_HELP = ("a LoRA adapter folder (peft's format, e.g. from `gptqkit finetune --lora`) to run with: beside a "
+                "checkpoint's quantized layers, merged into a floating-point model; needs the peft extra")
 
 
 def add_generate_args(p) -> None:
@@ -338,6 +348,7 @@ def add_generate_args(p) -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--kernel", default="auto", help="auto, cpu, torch, triton")
     p.add_argument("--dtype", default=None, help="float32 (CPU default), bfloat16, float16")
+    p.add_argument("--adapter", default=None, metavar="DIR", help=ADAPTER_HELP)
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--no-stream", action="store_true", help="print the text at the end instead of streaming")
     add_kv_cache_arg(p)
@@ -366,7 +377,8 @@ def run_generate(args) -> int:
         torch.set_num_threads(args.threads)
     if args.template is not None:
         load_template(args.template)  # fail on a bad template before loading the model
-    model, tok = load_for_inference(args.model, device=args.device, kernel=args.kernel, dtype=args.dtype)
+    model, tok = load_for_inference(args.model, device=args.device, kernel=args.kernel, dtype=args.dtype,
+                                    adapter=args.adapter)
 
     def show(piece: str) -> None:
         sys.stdout.write(piece)

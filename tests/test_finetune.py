@@ -493,3 +493,59 @@ def test_quantize_merges_an_adapter_first(stories_dir, tmp_path):
     with pytest.raises(FileNotFoundError, match="adapter folder"):
         quantize(stories_dir, tmp_path / "none", adapter=tmp_path / "missing", **kw)
     assert not (tmp_path / "none").exists()
+
+
+def test_eval_generate_and_bench_with_an_adapter(ckpt, stories_dir, tmp_path, capsys, one_thread_module):
+    """`eval`, `generate` and `bench` --adapter run a saved LoRA adapter: on the checkpoint beside its quantized
+    layers, on the floating-point model merged into it. Each gives what the Python route gives (load_lora /
+    merge_adapter by hand) and differs from the run without the adapter; a missing adapter is a one-line error."""
+    from gptqkit.bench import bench, size_on_disk
+    from gptqkit.data import eval_tokens
+    from gptqkit.evaluate import perplexity
+    from gptqkit.generate import load_for_inference, run_generation
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    torch.manual_seed(0)
+    pm = finetune.add_lora(load(ckpt), r=4)
+    set_lora_b(pm)
+    pm.save_pretrained(tmp_path / "adapter")
+    adapter = str(tmp_path / "adapter")
+    tiny = str(CORPORA / "calibration" / "tiny.txt")
+    tokens = eval_tokens(AutoTokenizer.from_pretrained(ckpt), tiny)
+
+    def cli_ppl(model: Path, *extra: str) -> float:
+        assert cli(["-q", "eval", str(model), "--dataset", tiny, "--seqlen", "128", "--max-windows", "3",
+                    *extra]) == 0
+        return float(capsys.readouterr().out.split("perplexity")[1].split()[0])
+
+    with torch.no_grad():
+        by_hand = perplexity(finetune.load_lora(load(ckpt), adapter), tokens, seqlen=128, max_windows=3,
+                             progress=False)
+        merged = finetune.merge_adapter(AutoModelForCausalLM.from_pretrained(stories_dir, dtype=torch.float32),
+                                        adapter)
+        dense_by_hand = perplexity(merged, tokens, seqlen=128, max_windows=3, progress=False)
+    got, plain = cli_ppl(ckpt, "--adapter", adapter), cli_ppl(ckpt)
+    assert got == pytest.approx(by_hand, rel=1e-4) and abs(got - plain) > 0.05 * plain
+    dense, dense_plain = cli_ppl(stories_dir, "--adapter", adapter), cli_ppl(stories_dir)
+    assert dense == pytest.approx(dense_by_hand, rel=1e-4) and abs(dense - dense_plain) > 0.05 * dense_plain
+
+    prompt = "Once upon a time"
+    model, tok = load_for_inference(ckpt, adapter=adapter)
+    assert sum(isinstance(m, finetune.QuantLoraLinear) for m in model.modules()) == 20
+    expected = run_generation(finetune.load_lora(load(ckpt), adapter).base_model.model, tok, prompt,
+                              max_new_tokens=12).text
+    assert run_generation(model, tok, prompt, max_new_tokens=12).text == expected
+    assert run_generation(load(ckpt), tok, prompt, max_new_tokens=12).text != expected
+    assert cli(["-q", "generate", str(ckpt), "--prompt", prompt, "--max-new-tokens", "12", "--adapter", adapter,
+                "--no-stream"]) == 0
+    assert capsys.readouterr().out.strip() == expected.strip()
+
+    r = bench(ckpt, prompt_len=16, new_tokens=4, runs=1, warmup=0, threads=1, adapter=adapter)
+    assert r["settings"]["adapter"] == adapter
+    assert r["quantized"]["size_bytes"] == size_on_disk(ckpt) + size_on_disk(adapter) > size_on_disk(ckpt)
+    assert r["quantized"]["decode_tokens_per_s"] > 0
+
+    for cmd in (["eval", str(ckpt)], ["generate", str(ckpt), "--prompt", prompt], ["bench", str(ckpt)]):
+        assert cli(["-q", *cmd, "--adapter", str(tmp_path / "nothing")]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "adapter folder" in err[0] and "does not exist" in err[0]
