@@ -69,17 +69,17 @@ def random_samples(n: int, T: int, vocab: int = 256, seed: int = 0) -> list[dict
              "attention_mask": torch.ones(1, T, dtype=torch.long)} for _ in range(n)]
 
 
-def rtn_checkpoint(tmp_path: Path, arch: str) -> Path:
-    """A 4-bit RTN checkpoint of random_model(arch), every Linear of its blocks quantized (on CPU load() then makes a
-    Llama's blocks DecodeLayers and its stack a DecodeStack)."""
+def rtn_checkpoint(tmp_path: Path, arch: str, bits: int = 4) -> Path:
+    """A `bits` RTN checkpoint (group 32) of random_model(arch), every Linear of its blocks quantized (on CPU load()
+    then makes a Llama's blocks DecodeLayers and its stack a DecodeStack)."""
     from gptqkit.checkpoint import save
     from gptqkit.config import QuantConfig
     from gptqkit.sequential import quantize_model
 
     model = random_model(arch)
-    cfg = QuantConfig(bits=4, group_size=32, quant_method="rtn")
+    cfg = QuantConfig(bits=bits, group_size=32, quant_method="rtn")
     quantize_model(model, random_samples(1, 8), cfg, progress=False)
-    return save(model, tmp_path / arch, cfg)
+    return save(model, tmp_path / (arch if bits == 4 else f"{arch}-{bits}bit"), cfg)
 
 
 def stories_checkpoint(tmp_path_factory) -> Path:

@@ -9,6 +9,7 @@ from torch import nn
 from gptqkit import attention, fused
 from gptqkit.cache import cache_kwarg
 from gptqkit.kernels import cpu_avx2
+from gptqkit.qlinear import QuantLinear
 from conftest import random_model, rtn_checkpoint, stories_checkpoint
 
 needs_avx2 = pytest.mark.skipif(isinstance(cpu_avx2.library(), str),
@@ -504,6 +505,31 @@ def test_load_runs_whole_blocks_in_one_c_call(tmp_path, monkeypatch, arch, whole
         assert not any(isinstance(m, (fused.DecodeStack, fused.DecodeLayer)) for m in model.modules())
         slow = prefill_then_decode(model, ids, GrowingCache(model.config))
         assert torch.equal(fast[0], slow[0]) and torch.equal(fast[1], slow[1])
+
+
+@needs_avx2
+@pytest.mark.skipif(not cpu_avx2.has_vnni(), reason="2/3/8-bit int8 sums need the AVX512-VNNI build")
+@pytest.mark.parametrize("bits", [2, 3, 8])
+def test_other_bit_widths_decode_in_one_c_call(tmp_path, monkeypatch, bits):
+    """A 2-, 3- or 8-bit Llama runs on avx2-q8 like a 4-bit one: its stack takes one C call per decoded token, with
+    the per-module path's logits bit for bit, and the reference kernel's within the int8 rounding of activations."""
+    from gptqkit.cache import GrowingCache
+    from gptqkit.checkpoint import load
+
+    ckpt = rtn_checkpoint(tmp_path, "llama", bits)
+    model = load(ckpt)
+    assert {m.kernel.name for m in model.modules() if isinstance(m, QuantLinear)} == {"avx2-q8"}
+    assert isinstance(model.model, fused.DecodeStack)
+    calls = count_c_calls(monkeypatch)
+    ids = torch.randint(0, 256, (1, 40), generator=torch.Generator().manual_seed(bits))
+    fast = prefill_then_decode(model, ids, GrowingCache(model.config))
+    assert (len(calls["stack"]), len(calls["layer"])) == (8, 0)
+    _plain(model)
+    slow = prefill_then_decode(model, ids, GrowingCache(model.config))
+    assert torch.equal(fast[0], slow[0]) and torch.equal(fast[1], slow[1])
+    ref = prefill_then_decode(load(ckpt, kernel="torch"), ids, GrowingCache(model.config))
+    for a, b in zip(fast, ref):
+        assert ((a - b).norm() / b.norm()).item() < 2e-2
 
 
 @needs_avx2

@@ -233,8 +233,18 @@ def test_selection_on_cpu_and_refusal_elsewhere():
         assert k is cpu_int4 and why == [f"avx2-q8: {cpu_avx2.library()}", f"avx2: {cpu_avx2.library()}"]
     else:
         assert k is cpu_avx2_q8 and why == []
-    k, why = kernels.select(random_layer(128, 64, 3, 32), "cpu")  # the avx2 kernels read 4-bit codes only
-    assert k is cpu_int4 and why[0].startswith("avx2-q8: it reads 4-bit codes only")
+    three = random_layer(128, 64, 3, 32)
+    assert cpu_avx2.supports(three) == "it reads 4-bit codes only, this layer has 3"  # avx2: fp32 activations
+    k, why = kernels.select(three, "cpu")
+    if cpu_avx2.has_vnni() and not isinstance(cpu_avx2.library(vnni=True), str):
+        assert k is cpu_avx2_q8 and why == []  # 2/3/8-bit int8 sums: the VNNI build
+        # a group of 16 rows is not whole 32-row words of 3-bit codes, nor 8 rows 16-row words of 2-bit ones
+        for bits, group in ((3, 16), (2, 8)):
+            k, why = kernels.select(random_layer(128, 64, bits, group), "cpu")
+            assert k is cpu_int4 and f"a group of {group} rows is not a whole number of {2 * group}-row words" in why[0]
+    elif not isinstance(cpu_avx2.library(), str):
+        assert k is cpu_int4 and why[0] == ("avx2-q8: its 3-bit codes need the AVX512-VNNI build, and this CPU has no "
+                                            "AVX512-VNNI")
     assert cpu_int4.supports(layer, "cpu") is None
     assert "CPU" in cpu_int4.supports(layer, torch.device("meta"))
     k, why = kernels.select(layer, "meta")
@@ -614,6 +624,107 @@ def test_avx2_q8_vnni_build_is_bit_identical(group_size, act_order, K, N):
         a = cpu_avx2.matmul(layer, x, int8=True, lib=vnni)
         b = cpu_avx2.matmul(layer, x, int8=True, lib=cpu_avx2.library())
         assert torch.equal(a, b), M
+
+
+needs_vnni = pytest.mark.skipif(not cpu_avx2.has_vnni() or isinstance(cpu_avx2.library(vnni=True), str),
+                                reason="2/3/8-bit int8 sums need the AVX512-VNNI build")
+# (bits, group_size, act_order, K, N): N per width a multiple of 32 / bits (qzeros), with 16- and 8-column tails
+# after the 32-wide loop where the width allows; K = 264 and 288 end in a short activation block (8-bit) or a
+# 32-row 3-bit unit that is one block
+OTHER_BITS_CASES = [(2, 128, False, 576, 80), (2, 32, True, 288, 48), (2, -1, False, 512, 1040),
+                    (3, 128, False, 576, 96), (3, 32, True, 288, 64), (3, -1, False, 512, 1056), (3, 64, True, 576, 96),
+                    (8, 128, False, 576, 88), (8, 32, True, 264, 72), (8, -1, False, 512, 1048), (8, 64, True, 576, 88)]
+
+
+@needs_avx2
+@needs_vnni
+@pytest.mark.parametrize("bits,group_size,act_order,K,N", OTHER_BITS_CASES)
+def test_avx2_q8_other_bits_are_exact_on_rounded_activations(bits, group_size, act_order, K, N):
+    """2-, 3- and 8-bit codes read in place (shift-and-mask integer sums): on the rounded activations the result
+    matches float64 to fp32 rounding, as for 4 bits; their dequantization (prefill's W) is the oracle's exactly, and
+    prefill and autograd rows match the unrounded oracle."""
+    i = OTHER_BITS_CASES.index((bits, group_size, act_order, K, N))
+    layer = random_layer(K, N, bits, group_size, act_order, sym=i % 2 == 0, fmt="gptq", bias=i % 3 == 0, seed=70 + i)
+    layer.use_kernel(cpu_avx2_q8)
+    src = layer.avx2_src if layer._avx2_plan.permuted else torch.arange(K)
+    W = cpu_avx2.dequantize(layer, 0, K // 8, torch.float32)  # [K, N] in the kernel's row order
+    assert torch.equal(W.double(), oracle_weight(layer)[src])
+    gen = torch.Generator().manual_seed(400 + i)
+    for M in (1, 3, 31):
+        x = torch.randn(M, K, generator=gen)
+        x[:, 7] *= 40  # an outlier feature
+        xr = torch.empty_like(x)
+        xr[:, src] = q8_round(x[:, src])
+        with torch.no_grad():
+            y = layer(x)
+        assert rel_err(y, oracle(layer, xr)) < 2e-4, M
+        assert rel_err(y, oracle(layer, x)) < 3e-2, M
+    x = torch.randn(40, K, generator=gen)
+    with torch.no_grad():
+        assert rel_err(layer(x), oracle(layer, x)) < dense_tol(torch.float32)
+    x = torch.randn(2, K, generator=gen, requires_grad=True)
+    y = layer(x)
+    y.square().sum().backward()
+    assert rel_err(y, oracle(layer, x.detach())) < dense_tol(torch.float32, reduced=False)
+
+
+@needs_avx2
+@needs_vnni
+@pytest.mark.parametrize("bits", [2, 3, 8])
+def test_avx2_q8_other_bits_match_across_threads_and_calls(bits, two_threads):
+    """Shared q/k/v-style calls of one width give each layer's own output bit for bit, and one thread the same up
+    to the order of fp32 adds (two threads sum their segments' partials in a tree)."""
+    layers = [random_layer(576, 96, bits, 64, False, sym=False, seed=90 + j) for j in range(3)]
+    for layer in layers:
+        layer.use_kernel(cpu_avx2_q8)
+    x = torch.randn(1, 576, generator=torch.Generator().manual_seed(bits))
+    with torch.no_grad():
+        alone = [layer(x) for layer in layers]
+        assert cpu_avx2.share_input(layers) is None
+        shared = [layer(x) for layer in layers]
+        torch.set_num_threads(1)
+        one = [layer(x.clone()) for layer in layers]
+    for a, b, c in zip(alone, shared, one):
+        assert torch.equal(a, b) and rel_err(c, a.double()) < 1e-6
+    mixed = [random_layer(576, 96, 3, 64, seed=1), random_layer(576, 96, 2, 64, seed=2)]
+    for layer in mixed:
+        layer.use_kernel(cpu_avx2_q8)
+    assert cpu_avx2.share_input(mixed) == "their codes have different bit widths"
+
+
+@needs_avx2
+@needs_vnni
+def test_avx2_q8_decodes_a_real_3bit_model(tmp_path_factory):
+    """stories260K quantized with GPTQ to 3 bits, decoded token by token on avx2-q8 (its 3-bit sums) against the
+    reference kernel: logits close, the same greedy tokens, perplexity of the text within 1%."""
+    from transformers import AutoTokenizer
+
+    from gptqkit.checkpoint import load
+    from gptqkit.config import QuantConfig
+    from gptqkit.pipeline import quantize
+
+    if not (MODEL / "model.safetensors").is_file() or not TINY.is_file():
+        pytest.skip(f"shared assets not found under {ASSETS}")
+    out = tmp_path_factory.mktemp("q3") / "stories-3bit"
+    texts = [t for t in TINY.read_text().split("\n") if t.strip()][:32]
+    quantize(MODEL, out, QuantConfig(bits=3, group_size=32), dataset=texts, nsamples=8, seqlen=128, progress=False)
+    fast, ref = load(out), load(out, kernel="torch")
+    assert {m.kernel for m in fast.modules() if isinstance(m, QuantLinear)} == {cpu_avx2_q8}
+    ids = AutoTokenizer.from_pretrained(out)(TINY.read_text()[:2000], return_tensors="pt").input_ids[:, :96]
+    nll = {}
+    with torch.no_grad():
+        for name, m in (("fast", fast), ("ref", ref)):
+            past, logits = None, []
+            for t in range(ids.shape[1]):
+                o = m(ids[:, t:t + 1], **{cache_kwarg(m): past}, use_cache=True)
+                past = output_cache(o)
+                logits.append(o.logits[:, -1])
+            nll[name] = torch.cat(logits).double()
+    a, b = nll["fast"], nll["ref"]
+    assert rel_err(a, b) < 2e-2
+    assert (a.argmax(-1) == b.argmax(-1)).double().mean() > 0.95
+    ppl = {k: torch.nn.functional.cross_entropy(v[:-1], ids[0, 1:]).exp().item() for k, v in nll.items()}
+    assert abs(ppl["fast"] / ppl["ref"] - 1) < 0.01, ppl
 
 
 @needs_avx2

@@ -1,9 +1,9 @@
 #define _POSIX_C_SOURCE 200809L /* clock_gettime, pthread_atfork under -std=c99 */
 /* 4-bit GPTQ matmul for few rows (decode) on x86-64 with AVX2, FMA and F16C.
 
-   Entry points: gptq_q4_matmul (fp32 activations, the `avx2` kernel), gptq_q4_matmul_q8 (activations rounded to
-   int8, `avx2-q8`), gptq_q4_gemm_bf16 (their bf16 prefill GEMM on AVX512-BF16 CPUs, compiled under a target
-   attribute), gptq_q4_dequant (W for the prefill GEMM elsewhere), bf16_matmul (a dense bf16 GEMV for an
+   Entry points: gptq_q4_matmul (fp32 activations, the `avx2` kernel), gptq_matmul_q8 (activations rounded to
+   int8, `avx2-q8`; 2-, 3- and 8-bit codes too in the AVX512-VNNI build), gptq_q4_gemm_bf16 (their bf16 prefill
+   GEMM on AVX512-BF16 CPUs, compiled under a target attribute), gptq_dequant (W for the prefill GEMM elsewhere, any bits), bf16_matmul (a dense bf16 GEMV for an
    lm_head kept in bf16, gptqkit.dense), decode_attention (gptqkit.attention), and rope_decode_attention,
    rms_norm and silu_mul (gptqkit.fused).
 
@@ -331,15 +331,18 @@ static inline void flush_run(float *y, const float *acc, const float *sx, const 
 /* Activations prepared once per call and read by every thread: the fp32 path uses x and xs; the int8 path
    (q8 != 0) uses xl, xh, sb and d (see the int8 section below). */
 typedef struct {
-    int q8;
+    int q8;                /* 0: fp32 activations; else the int8 path over codes of q8 bits (2, 3, 4 or 8) */
     const float *x, *xs;   /* [M, K]: x, and x[m, k] * 16^-(k % 8) */
     int32_t *xl, *xh, *sb; /* [M, C]: activation bytes of each chunk's even / odd rows; sum of its x8 */
     float *d;              /* [M, B]: int8 block scales */
     int B;
+    int8_t *x8;            /* [M, K]: x8 in input order, for 2, 3 and 8 bits (NULL for 4) */
 } acts_t;
 
 static void run_q8(const acts_t *a, int M, int C, const int32_t *qw, int N, int a0, int a1, float *acc, float *sx,
                    float *y, int fresh, const uint16_t *sg, const uint8_t *zg);
+/* qweight row that holds 8-row chunk c of codes of `bits` (a whole row: c even for 2 bits, c % 4 == 0 for 3) */
+static inline size_t word_row(int c, int bits) { return (size_t)c * (size_t)bits / 4; }
 static void q8_prepare(const acts_t *a, int M, int K, int b0, int b1);
 
 /* Decode's matmuls split the rows (K) into SEGMENTS segments of whole units (one 8-row chunk, or for the int8 path
@@ -378,7 +381,8 @@ static void segments(int U, int threads, int *S, int *seg) {
 }
 
 /* A call that comes next in decode (gptqkit's chain of a model's calls, cpu_avx2.py): its layers, K, and which path
-   (int8 or fp32, which sets its unit), so the read-ahead can take the segments the workers will take first. */
+   (q8: 0 for fp32, else the int8 path's code bits; it sets the unit and where a chunk's codes start), so the
+   read-ahead can take the segments the workers will take first. */
 typedef struct {
     int nl, K, q8;
     const int32_t *const *qws;
@@ -397,8 +401,9 @@ static long plan_read_ahead(const next_t *g, int threads, int front, prefetch_t 
     for (int sg = front ? 0 : S - 1; (front ? sg < split : sg >= split) && used < budget; sg += step) {
         const int c0 = sg * seg * unit, c1 = (sg + 1) * seg * unit < C ? (sg + 1) * seg * unit : C;
         for (int l = 0; l < g->nl && used < budget && pf->count < PF_MAX; l++) {
-            pf->p[pf->count] = (const char *)(g->qws[l] + (size_t)c0 * g->Ns[l]);
-            pf->n[pf->count] = (size_t)(c1 - c0) * g->Ns[l] * sizeof(int32_t);
+            const int bits = g->q8 ? g->q8 : 4;
+            pf->p[pf->count] = (const char *)(g->qws[l] + word_row(c0, bits) * g->Ns[l]);
+            pf->n[pf->count] = (word_row(c1, bits) - word_row(c0, bits)) * g->Ns[l] * sizeof(int32_t);
             used += (long)pf->n[pf->count++];
         }
     }
@@ -542,7 +547,7 @@ int gptq_q4_matmul(const float *x, int M, int K, int nl, const int32_t *const *q
     float *xs = (float *)malloc(sizeof(float) * ((size_t)M * K + 1));
     if (!xs) return -1;
     for (size_t i = 0; i < (size_t)M * K; i++) xs[i] = x[i] * INV16[(i % (size_t)K) & 7];
-    const acts_t a = {0, x, xs, NULL, NULL, NULL, NULL, 0};
+    const acts_t a = {0, x, xs, NULL, NULL, NULL, NULL, 0, NULL};
     const int rc = q4_matmul(&a, M, K, nl, qws, Ns, scs, zs, runs, rgroup, R, y, threads, next, nnext);
     free(xs);
     return rc;
@@ -731,13 +736,166 @@ static inline void piece_q8(const int32_t *qw, int N, int c0, int nc, const int3
 }
 #endif
 
+/* ---------------------------------------------------------------------------------------------------------------
+   2-, 3- and 8-bit codes on the int8 path (VNNI build only: gptq_q8_bits says which widths a build takes). GPTQ packs
+   qweight along K, 32 / bits rows per int32 word for 2 and 8 bits and 32 rows in 3 words for 3 bits, so a chunk of 8
+   rows is word_row(c + 1, bits) - word_row(c, bits) rows of qweight and a piece's rows are one contiguous block, as
+   for 4 bits. The same pieces, runs, flush and segments as piece_q8; only the integer sums differ. Each is vpdpbusd
+   of the code bytes (unsigned) with activation bytes (signed): a word shifted right by s and masked to the low
+   `bits` bits of each byte leaves in byte b the code whose bits start at 8b + s, and the activation dword of that
+   step holds those codes' x8 in the same bytes and 0 in the others (whatever the mask left there is multiplied by 0).
+
+     8 bits: byte j of word r is row 4r + j: the word is multiplied as it is, by x8[4r .. 4r+3].
+     2 bits: row 16r + j sits at bits 2j; shift 2t leaves rows 16r + 4b + t in bytes b = 0..3.
+     3 bits: 32 rows in words w0, w1, w2; row i of word i's ten (rows 0-9, 11-20, 22-31) sits at bit 3m + i. A shift
+             by i + t leaves in byte b the row m with 3m = 8b + t (THREE_BIT below: t = 0..7 take all ten). Rows 10
+             and 21 straddle two words: (w0 >> 30 | w1 << 2) and (w1 >> 31 | w2 << 1) hold them in byte 0.
+
+   A piece sums at most 32 rows, |sum| <= 32 * 255 * 127, inside int32; the results are exact, as for 4 bits. */
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__) && defined(__AVX512VL__)
+/* For shift i + t of 3-bit word i: row m (of the word's ten) in each byte, -1 for none */
+static const signed char THREE_BIT[8][4] = {{0, -1, -1, 8}, {-1, 3, -1, -1}, {-1, -1, 6, -1}, {1, -1, -1, 9},
+                                            {-1, 4, -1, -1}, {-1, -1, 7, -1}, {2, -1, -1, -1}, {-1, 5, -1, -1}};
+
+static inline int32_t act_bytes(int8_t b0, int8_t b1, int8_t b2, int8_t b3) {
+    return (int32_t)((uint32_t)(uint8_t)b0 | (uint32_t)(uint8_t)b1 << 8 | (uint32_t)(uint8_t)b2 << 16 |
+                     (uint32_t)(uint8_t)b3 << 24);
+}
+
+/* The activation dwords of a piece's steps, in the order sums_b takes them; returns how many. xb: the piece's x8. */
+static int piece_acts(int bits, const int8_t *xb, int nr, int32_t *act) {
+    int n = 0;
+    if (bits == 8) {
+        for (int r = 0; r < nr; r++) act[n++] = act_bytes(xb[4 * r], xb[4 * r + 1], xb[4 * r + 2], xb[4 * r + 3]);
+    } else if (bits == 2) {
+        for (int r = 0; r < nr; r++)
+            for (int t = 0; t < 4; t++)
+                act[n++] = act_bytes(xb[16 * r + t], xb[16 * r + 4 + t], xb[16 * r + 8 + t], xb[16 * r + 12 + t]);
+    } else {
+        static const int first[3] = {0, 11, 22};
+        for (int i = 0; i < 3; i++)
+            for (int t = 0; t < 8; t++) {
+                int8_t b[4];
+                for (int k = 0; k < 4; k++) b[k] = THREE_BIT[t][k] < 0 ? 0 : xb[first[i] + THREE_BIT[t][k]];
+                act[n++] = act_bytes(b[0], b[1], b[2], b[3]);
+            }
+        act[n++] = act_bytes(xb[10], 0, 0, 0);
+        act[n++] = act_bytes(xb[21], 0, 0, 0);
+    }
+    return n;
+}
+
+#define B_ACT(i) _mm512_set1_epi32(act[i])
+/* Integer sums of H (1 or 2) sets of 16 columns from n (the lanes in `lanes` of each) over a piece's nr qweight
+   rows from w (its first row at column 0) into s[0 .. H-1], asking for the lines `ahead` bytes on in each row. Two
+   sets read 128 contiguous bytes of each row per step, as piece_q8 does. */
+static inline __attribute__((always_inline)) void sums_b(const int bits, const int H, const int32_t *w, int N, int nr,
+                                                         int n, const int32_t *act, __mmask16 lanes, size_t ahead,
+                                                         __m512i *s) {
+    for (int h = 0; h < H; h++) s[h] = _mm512_setzero_si512();
+    if (bits == 8) {
+        for (int r = 0; r < nr; r++) {
+            const int32_t *p = w + (size_t)r * N + n;
+            for (int h = 0; h < H; h++) {
+                _mm_prefetch((const char *)(p + 16 * h) + ahead, _MM_HINT_T0);
+                s[h] = _mm512_dpbusd_epi32(s[h], _mm512_maskz_loadu_epi32(lanes, p + 16 * h), B_ACT(r));
+            }
+        }
+    } else if (bits == 2) {
+        const __m512i m = _mm512_set1_epi32(0x03030303);
+        for (int r = 0; r < nr; r++) {
+            const int32_t *p = w + (size_t)r * N + n;
+            for (int h = 0; h < H; h++) {
+                _mm_prefetch((const char *)(p + 16 * h) + ahead, _MM_HINT_T0);
+                const __m512i v = _mm512_maskz_loadu_epi32(lanes, p + 16 * h);
+                s[h] = _mm512_dpbusd_epi32(s[h], _mm512_and_si512(v, m), B_ACT(4 * r));
+                s[h] = _mm512_dpbusd_epi32(s[h], _mm512_and_si512(_mm512_srli_epi32(v, 2), m), B_ACT(4 * r + 1));
+                s[h] = _mm512_dpbusd_epi32(s[h], _mm512_and_si512(_mm512_srli_epi32(v, 4), m), B_ACT(4 * r + 2));
+                s[h] = _mm512_dpbusd_epi32(s[h], _mm512_and_si512(_mm512_srli_epi32(v, 6), m), B_ACT(4 * r + 3));
+            }
+        }
+    } else {
+        const __m512i m = _mm512_set1_epi32(0x07070707);
+        for (int h = 0; h < H; h++) {
+            const int32_t *p = w + n + 16 * h;
+            for (int i = 0; i < 3; i++) _mm_prefetch((const char *)(p + (size_t)i * N) + ahead, _MM_HINT_T0);
+            const __m512i w0 = _mm512_maskz_loadu_epi32(lanes, p), w1 = _mm512_maskz_loadu_epi32(lanes, p + N),
+                          w2 = _mm512_maskz_loadu_epi32(lanes, p + 2 * (size_t)N);
+            /* shifts 0..7 of w0, 1..8 of w1, 2..9 of w2 (compile-time counts: the loop unrolls) */
+            for (int t = 0; t < 8; t++) {
+                s[h] = _mm512_dpbusd_epi32(s[h], _mm512_and_si512(_mm512_srli_epi32(w0, t), m), B_ACT(t));
+                s[h] = _mm512_dpbusd_epi32(s[h], _mm512_and_si512(_mm512_srli_epi32(w1, t + 1), m), B_ACT(8 + t));
+                s[h] = _mm512_dpbusd_epi32(s[h], _mm512_and_si512(_mm512_srli_epi32(w2, t + 2), m), B_ACT(16 + t));
+            }
+            const __m512i r10 = _mm512_or_si512(_mm512_srli_epi32(w0, 30), _mm512_slli_epi32(w1, 2));
+            const __m512i r21 = _mm512_or_si512(_mm512_srli_epi32(w1, 31), _mm512_slli_epi32(w2, 1));
+            s[h] = _mm512_dpbusd_epi32(s[h], _mm512_and_si512(r10, m), B_ACT(24));
+            s[h] = _mm512_dpbusd_epi32(s[h], _mm512_and_si512(r21, m), B_ACT(25));
+        }
+    }
+}
+#undef B_ACT
+
+/* piece_q8 for codes of `bits` (2, 3 or 8): chunks c0 .. c0+nc-1 (whole qweight rows), x8 the row's activations. */
+static inline __attribute__((always_inline)) void piece_q8_bits(const int bits, const int32_t *qw, int N, int c0,
+                                                                 int nc, const int8_t *x8, float d, float *facc,
+                                                                 const piece_end *e) {
+    const size_t r0 = word_row(c0, bits);
+    const int nr = (int)(word_row(c0 + nc, bits) - r0);
+    int32_t act[26];
+    piece_acts(bits, x8 + 8 * (size_t)c0, nr, act);
+    const int32_t *w = qw + r0 * N;
+    const __m512 dv = _mm512_set1_ps(d), sxv = _mm512_set1_ps(e->sx);
+    const int pf_flush = e->first && !e->last;
+    __m512i s[2];
+    int n = 0;
+    for (; n + 32 <= N; n += 32) {
+        prefetch_flush(e, n, pf_flush);
+        sums_b(bits, 2, w, N, nr, n, act, 0xFFFF, q8_ahead(n, N, nr), s);
+        piece_end16(facc + n, s[0], dv, sxv, e, n);
+        piece_end16(facc + n + 16, s[1], dv, sxv, e, n + 16);
+    }
+    for (; n + 16 <= N; n += 16) {
+        sums_b(bits, 1, w, N, nr, n, act, 0xFFFF, 0, s);
+        piece_end16(facc + n, s[0], dv, sxv, e, n);
+    }
+    if (n < N) { /* the last 8 columns */
+        sums_b(bits, 1, w, N, nr, n, act, 0x00FF, 0, s);
+        piece_end8(facc + n, _mm256_cvtepi32_ps(_mm512_castsi512_si256(s[0])), d, e, n);
+    }
+}
+
+static void piece_q8b(int bits, const int32_t *qw, int N, int c0, int nc, const int8_t *x8, float d, float *facc,
+                      const piece_end *e) {
+    if (bits == 8)
+        piece_q8_bits(8, qw, N, c0, nc, x8, d, facc, e);
+    else if (bits == 2)
+        piece_q8_bits(2, qw, N, c0, nc, x8, d, facc, e);
+    else
+        piece_q8_bits(3, qw, N, c0, nc, x8, d, facc, e);
+}
+
+int gptq_q8_bits(int bits) { return bits == 2 || bits == 3 || bits == 4 || bits == 8; }
+#else
+static void piece_q8b(int bits, const int32_t *qw, int N, int c0, int nc, const int8_t *x8, float d, float *facc,
+                      const piece_end *e) {
+    (void)bits, (void)qw, (void)N, (void)c0, (void)nc, (void)x8, (void)d, (void)facc, (void)e;
+}
+
+int gptq_q8_bits(int bits) { return bits == 4; } /* gptq_matmul_q8 refuses the others in this build */
+#endif
+
 /* A run's chunks a0 .. a1-1 of group g (sg, zg its scales and zeros) cut at block edges, added into y [M, N]
    (written instead where fresh):
    acc [M, N] holds the sums scaled by d[b] between pieces, sx [M] the same for the sum of x. */
 static void run_q8(const acts_t *a, int M, int C, const int32_t *qw, int N, int a0, int a1, float *acc, float *sx,
                    float *y, int fresh, const uint16_t *sg, const uint8_t *zg) {
+    /* pieces of at most 4 qweight rows, the streams one core's prefetchers keep up with: a block's 4 chunks for 2,
+       3 (one 3-row piece) and 4 bits, half a block for 8 bits (4 rows of 4 inputs each instead of 8 rows: 24 layers of
+       2048 x 5632 read from DRAM took 0.32-0.33 ms each instead of 0.35-0.36 on 2 cores) */
+    const int span = a->q8 == 8 ? QB_CHUNKS / 2 : QB_CHUNKS;
     for (int p0 = a0; p0 < a1;) {
-        const int edge = (p0 / QB_CHUNKS + 1) * QB_CHUNKS, p1 = edge < a1 ? edge : a1;
+        const int edge = (p0 / span + 1) * span, p1 = edge < a1 ? edge : a1;
         const int b = p0 / QB_CHUNKS;
         for (int m = 0; m < M; m++) {
             const float db = a->d[(size_t)m * a->B + b];
@@ -746,8 +904,10 @@ static void run_q8(const acts_t *a, int M, int C, const int32_t *qw, int N, int 
             sx[m] = (p0 == a0 ? 0.0f : sx[m]) + db * (float)s; /* the whole run's by its last piece, which needs it */
             const int32_t *l = a->xl + (size_t)m * C, *h = a->xh + (size_t)m * C;
             const piece_end e = {p0 == a0, p1 == a1, fresh, y + (size_t)m * N, sg, zg, sx[m]};
+            if (a->q8 != 4)
+                piece_q8b(a->q8, qw, N, p0, p1 - p0, a->x8 + (size_t)m * 8 * C, db, acc + (size_t)m * N, &e);
             /* the whole-block call gets a constant count, so the compiler unrolls it */
-            if (p1 - p0 == QB_CHUNKS)
+            else if (p1 - p0 == QB_CHUNKS)
                 piece_q8(qw, N, p0, QB_CHUNKS, l, h, db, acc + (size_t)m * N, &e);
             else
                 piece_q8(qw, N, p0, p1 - p0, l, h, db, acc + (size_t)m * N, &e);
@@ -789,6 +949,11 @@ static void q8_prepare(const acts_t *a, int M, int K, int b0, int b1) {
                 /* int8 per lane: chunks 0-3's inputs 0-3 (low lane) and inputs 4-7 (high lane) */
                 const __m256i q = _mm256_shuffle_epi8(
                     _mm256_packs_epi16(_mm256_packs_epi32(r0, r1), _mm256_packs_epi32(r2, r3)), evens_odds);
+                if (a->x8) /* the dwords of q are rows 0-3, 8-11, 16-19, 24-27 | 4-7, 12-15, 20-23, 28-31 */
+                    _mm256_storeu_si256((__m256i *)(a->x8 + (size_t)m * K + k0),
+                                        _mm256_permutevar8x32_epi32(_mm256_packs_epi16(
+                                            _mm256_packs_epi32(r0, r1), _mm256_packs_epi32(r2, r3)),
+                                            _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7)));
                 const __m128i lo = _mm256_castsi256_si128(q), hi = _mm256_extracti128_si256(q, 1);
                 _mm_storeu_si128((__m128i *)(xl + c), _mm_unpacklo_epi16(lo, hi)); /* q0 q2 q4 q6 per chunk */
                 _mm_storeu_si128((__m128i *)(xh + c), _mm_unpackhi_epi16(lo, hi)); /* q1 q3 q5 q7 */
@@ -812,6 +977,7 @@ static void q8_prepare(const acts_t *a, int M, int K, int b0, int b1) {
                     q[j] = (int8_t)(int)(v + (v < 0.0f ? -0.5f : 0.5f));
                     sum += q[j];
                 }
+                if (a->x8) memcpy(a->x8 + (size_t)m * K + 8 * (size_t)cc, q, 8);
                 const uint32_t l = (uint8_t)q[0] | (uint32_t)(uint8_t)q[2] << 8 | (uint32_t)(uint8_t)q[4] << 16 |
                                    (uint32_t)(uint8_t)q[6] << 24;
                 const uint32_t h = (uint8_t)q[1] | (uint32_t)(uint8_t)q[3] << 8 | (uint32_t)(uint8_t)q[5] << 16 |
@@ -824,17 +990,23 @@ static void q8_prepare(const acts_t *a, int M, int K, int b0, int b1) {
     }
 }
 
-/* Arguments as gptq_q4_matmul. Returns 0, or -1 when scratch memory cannot be had. The activations are rounded by
-   the threads that read them (q8_prepare, called from q4_matmul's parallel region). */
-int gptq_q4_matmul_q8(const float *x, int M, int K, int nl, const int32_t *const *qws, const int *Ns,
-                      const uint16_t *const *scs, const uint8_t *const *zs, const int32_t *runs,
-                      const int32_t *rgroup, int R, float *y, int threads, const next_t *next, int nnext) {
+/* Codes of `bits` (2, 3, 4 or 8; qws[l] GPTQ qweight [K * bits / 32, N]), other arguments as gptq_q4_matmul, runs
+   in 8-row chunks as there (whole qweight rows: even chunks for 2 bits, multiples of 4 for 3). Returns 0, -1 when
+   scratch memory cannot be had, -2 for bits this build does not take (gptq_q8_bits). The activations are rounded
+   by the threads that read them (q8_prepare, called from q4_matmul's parallel region). */
+int gptq_matmul_q8(int bits, const float *x, int M, int K, int nl, const int32_t *const *qws, const int *Ns,
+                   const uint16_t *const *scs, const uint8_t *const *zs, const int32_t *runs, const int32_t *rgroup,
+                   int R, float *y, int threads, const next_t *next, int nnext) {
+    if (!gptq_q8_bits(bits)) return -2;
     const int C = K / 8, B = (C + QB_CHUNKS - 1) / QB_CHUNKS;
-    /* per row m: xl, xh [C] packed activation bytes; sb [C] sum of x8 over each chunk; d [B] block scales */
-    int32_t *xl = (int32_t *)malloc(sizeof(int32_t) * ((size_t)M * 3 * C + 1) + sizeof(float) * (size_t)M * B);
+    /* per row m: xl, xh [C] packed activation bytes; sb [C] sum of x8 over each chunk; d [B] block scales; then
+       x8 [K] for bits other than 4 */
+    const size_t head = sizeof(int32_t) * ((size_t)M * 3 * C + 1) + sizeof(float) * (size_t)M * B;
+    int32_t *xl = (int32_t *)malloc(head + (bits != 4 ? (size_t)M * K + 32 : 0));
     if (!xl) return -1;
     int32_t *xh = xl + (size_t)M * C, *sb = xh + (size_t)M * C;
-    const acts_t a = {1, x, NULL, xl, xh, sb, (float *)(sb + (size_t)M * C), B};
+    const acts_t a = {bits, x, NULL, xl, xh, sb, (float *)(sb + (size_t)M * C), B,
+                      bits != 4 ? (int8_t *)xl + head : NULL};
     const int rc = q4_matmul(&a, M, K, nl, qws, Ns, scs, zs, runs, rgroup, R, y, threads, next, nnext);
     free(xl);
     return rc;
@@ -865,8 +1037,10 @@ static inline void store_row(void *out, size_t at, __m256 v, int bf16) {
     _mm_storeu_si128((__m128i *)((uint16_t *)out + at), _mm256_castsi256_si128(p));
 }
 
-int gptq_q4_dequant(const int32_t *qw, int N, const uint16_t *scales, const uint8_t *zeros, const int32_t *runs,
-                    const int32_t *rgroup, int R, int c0, int c1, int n0, int n1, void *out, int bf16, int threads) {
+/* Codes of `bits` (2, 3, 4 or 8): qweight is, in each column, a stream of K * bits bits in little-endian words, so
+   row k's code starts at bit p = k * bits, in word p / 32 (for 3 bits it may end in the next word). */
+int gptq_dequant(int bits, const int32_t *qw, int N, const uint16_t *scales, const uint8_t *zeros, const int32_t *runs,
+                 const int32_t *rgroup, int R, int c0, int c1, int n0, int n1, void *out, int bf16, int threads) {
     if (threads < 1) threads = 1;
     const size_t ld = (size_t)(n1 - n0);
 #pragma omp parallel num_threads(threads)
@@ -879,15 +1053,20 @@ int gptq_q4_dequant(const int32_t *qw, int N, const uint16_t *scales, const uint
             while (runs[r + 1] <= c) r++;
             const uint16_t *sg = scales + (size_t)rgroup[r] * N;
             const uint8_t *zg = zeros + (size_t)rgroup[r] * N;
-            const int32_t *w = qw + (size_t)c * N;
             const size_t row0 = (size_t)8 * (c - c0) * ld;
+            const __m256i mask = _mm256_set1_epi32((1 << bits) - 1);
             for (int n = n0; n < n1; n += 8) {
                 const __m256 sc = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(sg + n)));
                 const __m256 z = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(zg + n))));
-                const __m256i v = _mm256_loadu_si256((const __m256i *)(w + n));
                 for (int j = 0; j < 8; j++) {
-                    const __m256 q = _mm256_cvtepi32_ps(
-                        _mm256_and_si256(_mm256_srli_epi32(v, 4 * j), _mm256_set1_epi32(15)));
+                    const size_t p = (size_t)(8 * c + j) * bits;
+                    const int sh = (int)(p % 32);
+                    const int32_t *w = qw + p / 32 * N + n;
+                    __m256i v = _mm256_srl_epi32(_mm256_loadu_si256((const __m256i *)w), _mm_cvtsi32_si128(sh));
+                    if (sh + bits > 32) /* the code's high bits begin the next word */
+                        v = _mm256_or_si256(v, _mm256_sll_epi32(_mm256_loadu_si256((const __m256i *)(w + N)),
+                                                                _mm_cvtsi32_si128(32 - sh)));
+                    const __m256 q = _mm256_cvtepi32_ps(_mm256_and_si256(v, mask));
                     store_row(out, row0 + (size_t)j * ld + (n - n0), _mm256_mul_ps(_mm256_sub_ps(q, z), sc), bf16);
                 }
             }
@@ -1522,7 +1701,7 @@ void silu_mul(const float *g, const float *u, long n, float *y) {
    Panels (gb_pack): W rows [k0, k0 + KC) and 64 columns [n, n + 64), in VNNI pairs, the layout vdpbf16ps takes:
    b[p * 64 + i] = bf16(W[k0 + 2p, n + i]) | bf16(W[k0 + 2p + 1, n + i]) << 16, 128 pairs x 64 columns x 4 bytes
    = 32 KiB (in L1). W[k, n] = scale * (q - zero) in fp32 is exact (a 4-bit times an fp16), then rounded to bf16
-   as gptq_q4_dequant rounds it, so the operands are those of dequantize + torch.mm.
+   as gptq_dequant rounds it, so the operands are those of dequantize + torch.mm.
 
    Tiles (gb_tile): MR = 6 rows of x by 64 columns: 24 zmm accumulators of 16 fp32, per pair of k 4 panel loads
    and 6 broadcasts of x's two bf16 (one 32-bit word) for 24 vdpbf16ps.
@@ -1680,7 +1859,8 @@ GB_TARGET int gptq_q4_gemm_bf16(const uint16_t *x, int M, int K, int N, const in
    calls (rms_norm, q4_matmul, rope_decode_attention, silu_mul) with the same roundings, and the residual adds are
    one fp32 add each as in torch, so the result is the per-module path's bit for bit. */
 
-typedef struct { /* one decode matmul: the arguments of gptq_q4_matmul(_q8) that do not change between tokens */
+typedef struct { /* one decode matmul: the arguments of gptq_q4_matmul / gptq_matmul_q8 that do not change between
+                   tokens; q8: 0 for gptq_q4_matmul, else gptq_matmul_q8's bits */
     int nl, K, width, R, q8;
     const int32_t *const *qws;
     const int *Ns;
@@ -1699,8 +1879,11 @@ typedef struct {
 } layer_args;
 
 static int mm_call(const mm_args *m, const float *x, float *y, int threads) {
-    return (m->q8 ? gptq_q4_matmul_q8 : gptq_q4_matmul)(x, 1, m->K, m->nl, m->qws, m->Ns, m->scs, m->zs, m->runs,
-                                                         m->rgroup, m->R, y, threads, m->next, m->nnext);
+    if (m->q8)
+        return gptq_matmul_q8(m->q8, x, 1, m->K, m->nl, m->qws, m->Ns, m->scs, m->zs, m->runs, m->rgroup, m->R, y,
+                              threads, m->next, m->nnext);
+    return gptq_q4_matmul(x, 1, m->K, m->nl, m->qws, m->Ns, m->scs, m->zs, m->runs, m->rgroup, m->R, y, threads,
+                          m->next, m->nnext);
 }
 
 /* x, y [hidden]; kc, vc, kv16, T and strides as rope_decode_attention; cs, sn [D]. Returns 0, -1 when scratch memory

@@ -7,10 +7,11 @@ one byte per group zero, unpacks nibbles in registers and accumulates over each 
 Prefill (M >= M_MAX) in bf16 (where cpu_int4.dense_dtype picks it) on a CPU with AVX512-BF16 runs the C file's
 own GEMM, `gptq_q4_gemm_bf16`, which dequantizes the codes straight into its packed panels (no dense W in memory,
 fp32 results), and for a gated MLP computes silu(gate) * up in the same pass (gated_prefill). Otherwise prefill
-and autograd dequantize W with `gptq_q4_dequant` (fp32 or bf16), a few MiB of columns at a time, and run one torch
+and autograd dequantize W with `gptq_dequant` (fp32 or bf16), a few MiB of columns at a time, and run one torch
 GEMM per block.
 
-The same C file holds the `avx2-q8` kernel's int8-activation matmul (cpu_avx2_q8.py), the bf16 GEMV that
+The same C file holds the `avx2-q8` kernel's int8-activation matmul (cpu_avx2_q8.py; it also reads 2-, 3- and
+8-bit codes in the AVX512-VNNI build, whose prefill dequantizes them with the same `gptq_dequant`), the bf16 GEMV that
 gptqkit.dense uses for a bf16 lm_head (bf16_matmul below), the one-token attention of gptqkit.attention
 (decode_attention below), and the rotary attention step, the RMSNorm and the gated MLP's silu(gate) * up of
 gptqkit.fused (rope_decode_attention, rms_norm and silu_mul below).
@@ -139,13 +140,14 @@ def library(vnni: bool = False) -> ctypes.CDLL | str:
         log.info("built %s", so)
     lib = ctypes.CDLL(str(so))
     P, I = ctypes.c_void_p, ctypes.c_int
-    for fn in (lib.gptq_q4_matmul, lib.gptq_q4_matmul_q8):
-        fn.restype = ctypes.c_int
-        fn.argtypes = [P, I, I, I, P, P, P, P, P, P, I, P, I, P, I]
+    lib.gptq_q4_matmul.restype = lib.gptq_matmul_q8.restype = lib.gptq_q8_bits.restype = ctypes.c_int
+    lib.gptq_q4_matmul.argtypes = [P, I, I, I, P, P, P, P, P, P, I, P, I, P, I]
+    lib.gptq_matmul_q8.argtypes = [I, P, I, I, I, P, P, P, P, P, P, I, P, I, P, I]
+    lib.gptq_q8_bits.argtypes = [I]
     lib.bf16_matmul.restype = ctypes.c_int
     lib.bf16_matmul.argtypes = [P, I, I, P, I, P, I]
-    lib.gptq_q4_dequant.restype = ctypes.c_int
-    lib.gptq_q4_dequant.argtypes = [P, I, P, P, P, P, I, I, I, I, I, P, I, I]
+    lib.gptq_dequant.restype = ctypes.c_int
+    lib.gptq_dequant.argtypes = [I, P, I, P, P, P, P, I, I, I, I, I, P, I, I]
     lib.gptq_q4_gemm_bf16.restype = ctypes.c_int
     lib.gptq_q4_gemm_bf16.argtypes = [P, I, I, I, P, P, P, P, P, P, P, P, P, I, I]
     L = ctypes.c_long
@@ -178,6 +180,7 @@ class Plan:
     """The C call's fixed arguments for one layer, or for several that read the same input (SharedInput)."""
 
     runs: int  # R: runs of 8-row chunks that share a group
+    bits: int  # of the codes (4 for `avx2`; 2, 3, 4 or 8 for `avx2-q8`)
     permuted: bool  # act-order: codes reordered by group in `avx2_qweight`, x gathered by `avx2_src`
     sizes: tuple  # N of each layer, in output order
     K: int  # in_features
@@ -205,46 +208,59 @@ def _plan(layers: list, runs: torch.Tensor, rgroup: torch.Tensor, permuted: bool
               (ctypes.c_void_p * n)(*[layer.avx2_zeros.data_ptr() for layer in layers]))
     tensors = (*qws, *[layer.scales for layer in layers], *[layer.avx2_zeros for layer in layers], runs, rgroup)
     sizes = tuple(layer.out_features for layer in layers)
-    return Plan(runs=len(rgroup), permuted=permuted, sizes=sizes, K=layers[0].in_features, width=sum(sizes),
-                tensors=tensors, arrays=arrays,
+    return Plan(runs=len(rgroup), bits=layers[0].bits, permuted=permuted, sizes=sizes, K=layers[0].in_features,
+                width=sum(sizes), tensors=tensors, arrays=arrays,
                 ptrs=(*[ctypes.addressof(a) for a in arrays], runs.data_ptr(), rgroup.data_ptr()))
 
 
-def _runs(g_idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | str:
+# Rows of one qweight word (for 3 bits, of three words): a group's rows must fill whole ones, so that a run of one
+# group is whole rows of qweight; the C kernel counts rows in chunks of 8 for every width.
+RUN_ROWS = {2: 16, 3: 32, 4: 8, 8: 8}
+
+
+def _runs(g_idx: torch.Tensor, bits: int = 4) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | str:
     """(order of rows sorted by group, runs [R+1] in 8-row chunks, group of each run [R]) or why not."""
     order = torch.argsort(g_idx, stable=True)
     groups, counts = torch.unique_consecutive(g_idx[order], return_counts=True)
-    if bool((counts % 8).any()):
-        bad = int(counts[counts % 8 != 0][0])
-        return f"a group of {bad} rows is not a whole number of 8-row words"
+    rows = RUN_ROWS[bits]
+    if bool((counts % rows).any()):
+        bad = int(counts[counts % rows != 0][0])
+        return f"a group of {bad} rows is not a whole number of {rows}-row words at {bits} bits"
     runs = torch.zeros(len(counts) + 1, dtype=torch.int32)
     runs[1:] = torch.cumsum(counts // 8, 0)
     return order, runs, groups.to(torch.int32)
 
 
-def supports(layer, device: torch.device | str | None = None) -> str | None:
+def supports(layer, device: torch.device | str | None = None, int8: bool = False) -> str | None:
+    """None if the `avx2` kernel (int8: `avx2-q8`) runs this layer, else why not. avx2 reads 4-bit codes; avx2-q8
+    also 2-, 3- and 8-bit ones where the CPU has AVX512-VNNI (the build that has their integer sums)."""
     device = torch.device(device) if device is not None else layer.qweight.device
     if device.type != "cpu":
         return f"it runs on CPU tensors only, not {device.type}"
-    if layer.bits != 4:
+    if layer.bits != 4 and not int8:
         return f"it reads 4-bit codes only, this layer has {layer.bits}"
     lib = library()
     if isinstance(lib, str):
         return lib
-    r = _runs(layer.g_idx.long().cpu())
+    if layer.bits != 4:
+        fast = fast_library()
+        if isinstance(fast, str) or not fast.gptq_q8_bits(layer.bits):
+            why = "this CPU has no AVX512-VNNI" if not has_vnni() else f"it did not build: {library(vnni=True)}"
+            return f"its {layer.bits}-bit codes need the AVX512-VNNI build, and {why}"
+    r = _runs(layer.g_idx.long().cpu(), layer.bits)
     return r if isinstance(r, str) else None
 
 
 def prepare(layer) -> None:
-    K = layer.in_features
+    K, bits = layer.in_features, layer.bits
     g_idx = layer.g_idx.long().cpu()
-    order, runs, rgroup = _runs(g_idx)
+    order, runs, rgroup = _runs(g_idx, bits)
     permuted = not bool((order == torch.arange(K)).all())
     if permuted:
         cpu_int4._log_once("avx2 act-order", "avx2 kernel: act-order g_idx: codes reordered once by group (a second "
-                           "copy, 0.5 bytes per weight), activations gathered per call")
-        codes = unpack_qweight(layer.qweight, 4)[order]  # [K, N] in group order
-        layer.register_buffer("avx2_qweight", pack_qweight(codes.T, 4), persistent=False)
+                           "copy, bits / 8 bytes per weight), activations gathered per call")
+        codes = unpack_qweight(layer.qweight, bits)[order]  # [K, N] in group order
+        layer.register_buffer("avx2_qweight", pack_qweight(codes.T, bits), persistent=False)
         layer.register_buffer("avx2_src", order, persistent=False)
     zeros = cpu_int4._zeros(layer).clamp(0, 255).to(torch.uint8).contiguous()  # [G, N] true zero points
     layer.register_buffer("avx2_zeros", zeros, persistent=False)
@@ -301,9 +317,11 @@ def _matmul(plan: Plan, x: torch.Tensor, int8: bool, lib: ctypes.CDLL | None) ->
     nexts, n = (ctypes.addressof(plan.follow[0]), plan.follow[1]) if plan.follow and lib is None else (None, 0)
     if lib is None:
         lib = fast_library()
-    fn = lib.gptq_q4_matmul_q8 if int8 else lib.gptq_q4_matmul
-    rc = fn(x.data_ptr(), M, K, len(plan.sizes), qws, ns, scs, zs, runs, rgroup, plan.runs, y.data_ptr(),
+    args = (x.data_ptr(), M, K, len(plan.sizes), qws, ns, scs, zs, runs, rgroup, plan.runs, y.data_ptr(),
             torch.get_num_threads(), nexts, n)
+    rc = lib.gptq_matmul_q8(plan.bits, *args) if int8 else lib.gptq_q4_matmul(*args)
+    if rc == -2:
+        raise RuntimeError(f"avx2 kernel: this build has no {plan.bits}-bit int8 path (it needs AVX512-VNNI)")
     if rc != 0:
         raise MemoryError(f"avx2 kernel: no scratch memory for a {M}x{K} @ {K}x{sum(plan.sizes)} matmul")
     return y
@@ -369,6 +387,8 @@ def share_input(layers: list) -> str | None:
         return "a layer is not prepared for the avx2 kernels"
     if any(layer.in_features != first.in_features or not torch.equal(layer.g_idx, first.g_idx) for layer in layers):
         return "their rows fall into different groups (g_idx)"
+    if len({layer.bits for layer in layers}) > 1:
+        return "their codes have different bit widths"
     shared = SharedInput(layers)
     for layer in layers:
         layer._avx2_shared = shared
@@ -395,8 +415,8 @@ def read_ahead(layers: list, depth: int = 2) -> int:
     n = len(plans)
     for i, plan in enumerate(plans):
         nxt = [(plans[(i + d) % n], int8[(i + d) % n]) for d in range(1, min(depth, n - 1) + 1)]
-        # K = 8 * the rows of qweight [K/8, N] (the plan's first tensor)
-        arr = (_Next * max(1, len(nxt)))(*[_Next(len(p.sizes), 8 * p.tensors[0].shape[0], q8, p.ptrs[0], p.ptrs[1])
+        # _Next.q8: 0 for the fp32 path, else the int8 path's code bits (they place each chunk's rows)
+        arr = (_Next * max(1, len(nxt)))(*[_Next(len(p.sizes), p.K, p.bits if q8 else 0, p.ptrs[0], p.ptrs[1])
                                           for p, q8 in nxt])
         if plan.follow:
             plan.follow[3].detach()
@@ -438,7 +458,7 @@ def dequantize(layer, c0: int, c1: int, dtype: torch.dtype, n0: int = 0, n1: int
                          "multiple of 8")
     w = torch.empty(8 * (c1 - c0), n1 - n0, dtype=dtype)
     qw, sc, z = (t.data_ptr() for t in plan.tensors[:3])
-    library().gptq_q4_dequant(qw, N, sc, z, layer.avx2_runs.data_ptr(), layer.avx2_rgroup.data_ptr(), plan.runs,
+    library().gptq_dequant(plan.bits, qw, N, sc, z, layer.avx2_runs.data_ptr(), layer.avx2_rgroup.data_ptr(), plan.runs,
                               c0, c1, n0, n1, w.data_ptr(), int(dtype == torch.bfloat16), torch.get_num_threads())
     return w
 
@@ -451,14 +471,14 @@ def _column_step(K: int, dtype: torch.dtype) -> int:
 def gemm_bf16(layer, x: torch.Tensor, up=None, out_dtype: torch.dtype = torch.float32) -> torch.Tensor | None:
     """x [M, K] bf16 (in the kernel's row order) @ W -> [M, N] float32 by gptq_q4_gemm_bf16: the codes dequantized
     into the GEMM's own panels, sums in fp32. With `up` (a layer of the same shape and row order): silu(x @ W) *
-    (x @ W_up) in out_dtype (float32 or bfloat16). None where the CPU lacks AVX512-BF16 or N is not a multiple of 16
-    (the caller dequantizes in blocks instead)."""
+    (x @ W_up) in out_dtype (float32 or bfloat16). None where the CPU lacks AVX512-BF16, N is not a multiple of 16
+    or the codes are not 4-bit (the caller dequantizes in blocks instead)."""
     K, N = layer.in_features, layer.out_features
     if up is not None and ((up.in_features, up.out_features) != (K, N) or not torch.equal(up.g_idx, layer.g_idx)):
         raise ValueError(f"gemm_bf16: up ({up.in_features} x {up.out_features}) must have gate's shape ({K} x {N}) "
                          "and g_idx, as gate_proj and up_proj of one MLP do")
     lib = library()
-    if not has_gemm_bf16() or N % 16 or isinstance(lib, str):
+    if not has_gemm_bf16() or N % 16 or isinstance(lib, str) or layer.bits != 4:
         return None
     x = x.contiguous()
     y = torch.empty(x.shape[0], N, dtype=out_dtype if up is not None else torch.float32)
@@ -661,8 +681,8 @@ def _mm_args(layers: list) -> tuple[_MM, tuple] | str:
         return "act-order codes (activations are gathered per call)"
     qws, ns, scs, zs, runs, rgroup = plan.ptrs
     nxt, n = (ctypes.addressof(plan.follow[0]), plan.follow[1]) if plan.follow else (None, 0)
-    mm = _MM(len(plan.sizes), plan.K, plan.width, plan.runs, int(first.kernel.name == "avx2-q8"), qws, ns, scs, zs,
-             runs, rgroup, nxt, n)
+    q8 = plan.bits if first.kernel.name == "avx2-q8" else 0  # mm_args.q8: gptq_matmul_q8's bits, 0 for fp32
+    mm = _MM(len(plan.sizes), plan.K, plan.width, plan.runs, q8, qws, ns, scs, zs, runs, rgroup, nxt, n)
     return mm, (plan, tuple(plan.follow))
 
 
