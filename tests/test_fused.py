@@ -508,7 +508,6 @@ def test_load_runs_whole_blocks_in_one_c_call(tmp_path, monkeypatch, arch, whole
 
 
 @needs_avx2
-@pytest.mark.skipif(not cpu_avx2.has_vnni(), reason="2/3/8-bit int8 sums need the AVX512-VNNI build")
 @pytest.mark.parametrize("bits", [2, 3, 8])
 def test_other_bit_widths_decode_in_one_c_call(tmp_path, monkeypatch, bits):
     """A 2-, 3- or 8-bit Llama runs on avx2-q8 like a 4-bit one: its stack takes one C call per decoded token, with

@@ -236,15 +236,12 @@ def test_selection_on_cpu_and_refusal_elsewhere():
     three = random_layer(128, 64, 3, 32)
     assert cpu_avx2.supports(three) == "it reads 4-bit codes only, this layer has 3"  # avx2: fp32 activations
     k, why = kernels.select(three, "cpu")
-    if cpu_avx2.has_vnni() and not isinstance(cpu_avx2.library(vnni=True), str):
-        assert k is cpu_avx2_q8 and why == []  # 2/3/8-bit int8 sums: the VNNI build
+    if not isinstance(cpu_avx2.library(), str):
+        assert k is cpu_avx2_q8 and why == []  # 2/3/8-bit int8 sums
         # a group of 16 rows is not whole 32-row words of 3-bit codes, nor 8 rows 16-row words of 2-bit ones
         for bits, group in ((3, 16), (2, 8)):
             k, why = kernels.select(random_layer(128, 64, bits, group), "cpu")
             assert k is cpu_int4 and f"a group of {group} rows is not a whole number of {2 * group}-row words" in why[0]
-    elif not isinstance(cpu_avx2.library(), str):
-        assert k is cpu_int4 and why[0] == ("avx2-q8: its 3-bit codes need the AVX512-VNNI build, and this CPU has no "
-                                            "AVX512-VNNI")
     assert cpu_int4.supports(layer, "cpu") is None
     assert "CPU" in cpu_int4.supports(layer, torch.device("meta"))
     k, why = kernels.select(layer, "meta")
@@ -626,8 +623,6 @@ def test_avx2_q8_vnni_build_is_bit_identical(group_size, act_order, K, N):
         assert torch.equal(a, b), M
 
 
-needs_vnni = pytest.mark.skipif(not cpu_avx2.has_vnni() or isinstance(cpu_avx2.library(vnni=True), str),
-                                reason="2/3/8-bit int8 sums need the AVX512-VNNI build")
 # (bits, group_size, act_order, K, N): N per width a multiple of 32 / bits (qzeros), with 16- and 8-column tails
 # after the 32-wide loop where the width allows; K = 264 and 288 end in a short activation block (8-bit) or a
 # 32-row 3-bit unit that is one block
@@ -637,7 +632,6 @@ OTHER_BITS_CASES = [(2, 128, False, 576, 80), (2, 32, True, 288, 48), (2, -1, Fa
 
 
 @needs_avx2
-@needs_vnni
 @pytest.mark.parametrize("bits,group_size,act_order,K,N", OTHER_BITS_CASES)
 def test_avx2_q8_other_bits_are_exact_on_rounded_activations(bits, group_size, act_order, K, N):
     """2-, 3- and 8-bit codes read in place (shift-and-mask integer sums): on the rounded activations the result
@@ -669,7 +663,25 @@ def test_avx2_q8_other_bits_are_exact_on_rounded_activations(bits, group_size, a
 
 
 @needs_avx2
-@needs_vnni
+@pytest.mark.skipif(not cpu_avx2.has_vnni(), reason="this CPU has no AVX512-VNNI")
+@pytest.mark.parametrize("bits,group_size,act_order,K,N", OTHER_BITS_CASES)
+def test_avx2_q8_other_bits_builds_are_bit_identical(bits, group_size, act_order, K, N):
+    """vpdpbusd (VNNI build) and maddubs into int16 (AVX2 build) give the same integer sums, then the same fp32
+    steps: equal bit for bit, 16- and 8-column tails included."""
+    vnni = cpu_avx2.library(vnni=True)
+    assert not isinstance(vnni, str), vnni
+    layer = random_layer(K, N, bits, group_size, act_order, sym=False, fmt="gptq", bias=False, seed=K + N + bits)
+    layer.use_kernel(cpu_avx2_q8)
+    gen = torch.Generator().manual_seed(K + bits)
+    for M in (1, 2, 31):
+        x = torch.randn(M, K, generator=gen)
+        x[:, 3] *= 50  # large activations: the int16 sums of the AVX2 build stay in range
+        a = cpu_avx2.matmul(layer, x, int8=True, lib=vnni)
+        b = cpu_avx2.matmul(layer, x, int8=True, lib=cpu_avx2.library())
+        assert torch.equal(a, b), M
+
+
+@needs_avx2
 @pytest.mark.parametrize("bits", [2, 3, 8])
 def test_avx2_q8_other_bits_match_across_threads_and_calls(bits, two_threads):
     """Shared q/k/v-style calls of one width give each layer's own output bit for bit, and one thread the same up
@@ -693,7 +705,6 @@ def test_avx2_q8_other_bits_match_across_threads_and_calls(bits, two_threads):
 
 
 @needs_avx2
-@needs_vnni
 def test_avx2_q8_decodes_a_real_3bit_model(tmp_path_factory):
     """stories260K quantized with GPTQ to 3 bits, decoded token by token on avx2-q8 (its 3-bit sums) against the
     reference kernel: logits close, the same greedy tokens, perplexity of the text within 1%."""

@@ -2,7 +2,7 @@
 /* 4-bit GPTQ matmul for few rows (decode) on x86-64 with AVX2, FMA and F16C.
 
    Entry points: gptq_q4_matmul (fp32 activations, the `avx2` kernel), gptq_matmul_q8 (activations rounded to
-   int8, `avx2-q8`; 2-, 3- and 8-bit codes too in the AVX512-VNNI build), gptq_q4_gemm_bf16 (their bf16 prefill
+   int8, `avx2-q8`, which also reads 2-, 3- and 8-bit codes), gptq_q4_gemm_bf16 (their bf16 prefill
    GEMM on AVX512-BF16 CPUs, compiled under a target attribute), gptq_dequant (W for the prefill GEMM elsewhere, any bits), bf16_matmul (a dense bf16 GEMV for an
    lm_head kept in bf16, gptqkit.dense), decode_attention (gptqkit.attention), and rope_decode_attention,
    rms_norm and silu_mul (gptqkit.fused).
@@ -737,7 +737,7 @@ static inline void piece_q8(const int32_t *qw, int N, int c0, int nc, const int3
 #endif
 
 /* ---------------------------------------------------------------------------------------------------------------
-   2-, 3- and 8-bit codes on the int8 path (VNNI build only: gptq_q8_bits says which widths a build takes). GPTQ packs
+   2-, 3- and 8-bit codes on the int8 path. GPTQ packs
    qweight along K, 32 / bits rows per int32 word for 2 and 8 bits and 32 rows in 3 words for 3 bits, so a chunk of 8
    rows is word_row(c + 1, bits) - word_row(c, bits) rows of qweight and a piece's rows are one contiguous block, as
    for 4 bits. The same pieces, runs, flush and segments as piece_q8; only the integer sums differ. Each is vpdpbusd
@@ -751,8 +751,10 @@ static inline void piece_q8(const int32_t *qw, int N, int c0, int nc, const int3
              by i + t leaves in byte b the row m with 3m = 8b + t (THREE_BIT below: t = 0..7 take all ten). Rows 10
              and 21 straddle two words: (w0 >> 30 | w1 << 2) and (w1 >> 31 | w2 << 1) hold them in byte 0.
 
-   A piece sums at most 32 rows, |sum| <= 32 * 255 * 127, inside int32; the results are exact, as for 4 bits. */
-#if defined(__AVX512VNNI__) && defined(__AVX512BW__) && defined(__AVX512VL__)
+   A piece sums at most 32 rows, |sum| <= 32 * 255 * 127, inside int32; the results are exact, as for 4 bits. The
+   AVX2 build multiplies with maddubs instead, which adds pairs into int16 (see sums_b there), and gives the same
+   integers. */
+
 /* For shift i + t of 3-bit word i: row m (of the word's ten) in each byte, -1 for none */
 static const signed char THREE_BIT[8][4] = {{0, -1, -1, 8}, {-1, 3, -1, -1}, {-1, -1, 6, -1}, {1, -1, -1, 9},
                                             {-1, 4, -1, -1}, {-1, -1, 7, -1}, {2, -1, -1, -1}, {-1, 5, -1, -1}};
@@ -785,29 +787,26 @@ static int piece_acts(int bits, const int8_t *xb, int nr, int32_t *act) {
     return n;
 }
 
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__) && defined(__AVX512VL__)
 #define B_ACT(i) _mm512_set1_epi32(act[i])
-/* Integer sums of H (1 or 2) sets of 16 columns from n (the lanes in `lanes` of each) over a piece's nr qweight
-   rows from w (its first row at column 0) into s[0 .. H-1], asking for the lines `ahead` bytes on in each row. Two
+/* 16 words, or those in `lanes` and zeros (a full mask is a plain load: measured faster than the masked one) */
+static inline __attribute__((always_inline)) __m512i b_load(__mmask16 lanes, const int32_t *p) {
+    return lanes == 0xFFFF ? _mm512_loadu_si512((const void *)p) : _mm512_maskz_loadu_epi32(lanes, p);
+}
+/* Integer sums (2 or 3 bits) of H (1 or 2) sets of 16 columns from n (the lanes in `lanes` of each) over a
+   piece's nr qweight rows from w (its first row at column 0) into s[0 .. H-1], asking for the lines `ahead` bytes on in each row. Two
    sets read 128 contiguous bytes of each row per step, as piece_q8 does. */
 static inline __attribute__((always_inline)) void sums_b(const int bits, const int H, const int32_t *w, int N, int nr,
                                                          int n, const int32_t *act, __mmask16 lanes, size_t ahead,
                                                          __m512i *s) {
     for (int h = 0; h < H; h++) s[h] = _mm512_setzero_si512();
-    if (bits == 8) {
-        for (int r = 0; r < nr; r++) {
-            const int32_t *p = w + (size_t)r * N + n;
-            for (int h = 0; h < H; h++) {
-                _mm_prefetch((const char *)(p + 16 * h) + ahead, _MM_HINT_T0);
-                s[h] = _mm512_dpbusd_epi32(s[h], _mm512_maskz_loadu_epi32(lanes, p + 16 * h), B_ACT(r));
-            }
-        }
-    } else if (bits == 2) {
+    if (bits == 2) {
         const __m512i m = _mm512_set1_epi32(0x03030303);
         for (int r = 0; r < nr; r++) {
             const int32_t *p = w + (size_t)r * N + n;
             for (int h = 0; h < H; h++) {
                 _mm_prefetch((const char *)(p + 16 * h) + ahead, _MM_HINT_T0);
-                const __m512i v = _mm512_maskz_loadu_epi32(lanes, p + 16 * h);
+                const __m512i v = b_load(lanes, p + 16 * h);
                 s[h] = _mm512_dpbusd_epi32(s[h], _mm512_and_si512(v, m), B_ACT(4 * r));
                 s[h] = _mm512_dpbusd_epi32(s[h], _mm512_and_si512(_mm512_srli_epi32(v, 2), m), B_ACT(4 * r + 1));
                 s[h] = _mm512_dpbusd_epi32(s[h], _mm512_and_si512(_mm512_srli_epi32(v, 4), m), B_ACT(4 * r + 2));
@@ -819,8 +818,8 @@ static inline __attribute__((always_inline)) void sums_b(const int bits, const i
         for (int h = 0; h < H; h++) {
             const int32_t *p = w + n + 16 * h;
             for (int i = 0; i < 3; i++) _mm_prefetch((const char *)(p + (size_t)i * N) + ahead, _MM_HINT_T0);
-            const __m512i w0 = _mm512_maskz_loadu_epi32(lanes, p), w1 = _mm512_maskz_loadu_epi32(lanes, p + N),
-                          w2 = _mm512_maskz_loadu_epi32(lanes, p + 2 * (size_t)N);
+            const __m512i w0 = b_load(lanes, p), w1 = b_load(lanes, p + N),
+                          w2 = b_load(lanes, p + 2 * (size_t)N);
             /* shifts 0..7 of w0, 1..8 of w1, 2..9 of w2 (compile-time counts: the loop unrolls) */
             for (int t = 0; t < 8; t++) {
                 s[h] = _mm512_dpbusd_epi32(s[h], _mm512_and_si512(_mm512_srli_epi32(w0, t), m), B_ACT(t));
@@ -836,7 +835,10 @@ static inline __attribute__((always_inline)) void sums_b(const int bits, const i
 }
 #undef B_ACT
 
-/* piece_q8 for codes of `bits` (2, 3 or 8): chunks c0 .. c0+nc-1 (whole qweight rows), x8 the row's activations. */
+/* piece_q8 for codes of `bits` (2, 3 or 8): chunks c0 .. c0+nc-1 (whole qweight rows), x8 the row's activations.
+   8 bits take 8 columns a step (256-bit vpdpbusd), as the AVX2 build's loop: 24 layers of 2048 x 5632 read from DRAM
+   at 62-64 GB/s against 50-53 with 16 or 32 columns a step (2 threads, in one process); 2 and 3 bits, whose sums
+   take more instructions per byte, were faster with 32. */
 static inline __attribute__((always_inline)) void piece_q8_bits(const int bits, const int32_t *qw, int N, int c0,
                                                                  int nc, const int8_t *x8, float d, float *facc,
                                                                  const piece_end *e) {
@@ -845,6 +847,20 @@ static inline __attribute__((always_inline)) void piece_q8_bits(const int bits, 
     int32_t act[26];
     piece_acts(bits, x8 + 8 * (size_t)c0, nr, act);
     const int32_t *w = qw + r0 * N;
+    if (bits == 8) {
+        const int pf8 = e->first && !e->last;
+        for (int n = 0; n < N; n += 8) {
+            if ((n & 31) == 0) prefetch_flush(e, n, pf8);
+            __m256i t = _mm256_setzero_si256();
+            for (int r = 0; r < nr; r++) {
+                const int32_t *p = w + (size_t)r * N + n;
+                if ((n & 15) == 0) _mm_prefetch((const char *)p + q8_ahead(n, N, nr), _MM_HINT_T0);
+                t = _mm256_dpbusd_epi32(t, _mm256_loadu_si256((const __m256i *)p), _mm256_set1_epi32(act[r]));
+            }
+            piece_end8(facc + n, _mm256_cvtepi32_ps(t), d, e, n);
+        }
+        return;
+    }
     const __m512 dv = _mm512_set1_ps(d), sxv = _mm512_set1_ps(e->sx);
     const int pf_flush = e->first && !e->last;
     __m512i s[2];
@@ -856,7 +872,8 @@ static inline __attribute__((always_inline)) void piece_q8_bits(const int bits, 
         piece_end16(facc + n + 16, s[1], dv, sxv, e, n + 16);
     }
     for (; n + 16 <= N; n += 16) {
-        sums_b(bits, 1, w, N, nr, n, act, 0xFFFF, 0, s);
+        if ((n & 31) == 0) prefetch_flush(e, n, pf_flush);
+        sums_b(bits, 1, w, N, nr, n, act, 0xFFFF, q8_ahead(n, N, nr), s);
         piece_end16(facc + n, s[0], dv, sxv, e, n);
     }
     if (n < N) { /* the last 8 columns */
@@ -864,6 +881,77 @@ static inline __attribute__((always_inline)) void piece_q8_bits(const int bits, 
         piece_end8(facc + n, _mm256_cvtepi32_ps(_mm512_castsi512_si256(s[0])), d, e, n);
     }
 }
+
+#else
+#define B_ACT(i) _mm256_set1_epi32(act[i])
+/* Integer sums of columns n .. n+7 over a piece's nr qweight rows from w, as the VNNI build's. maddubs multiplies
+   the code bytes by the activation bytes and adds pairs into int16 lanes, which add up a piece in int16: 2- and 3-bit
+   codes (<= 7) put at most 32 * 7 * 127 = 28448 in a lane. 8-bit codes would overflow a pair (2 * 255 * 127), so
+   their low and high nibbles are summed apart (a piece is 16 rows for 8 bits: 16 * 15 * 127 per lane) and the high
+   sums weighted by 16 when widened to int32. */
+static inline __attribute__((always_inline)) __m256i sums_b(const int bits, const int32_t *w, int N, int nr, int n,
+                                                            const int32_t *act, size_t ahead) {
+    const __m256i ones = _mm256_set1_epi16(1);
+    __m256i s = _mm256_setzero_si256();
+    if (bits == 8) {
+        const __m256i m = _mm256_set1_epi32(0x0F0F0F0F);
+        __m256i hi = _mm256_setzero_si256();
+        for (int r = 0; r < nr; r++) {
+            const int32_t *p = w + (size_t)r * N + n;
+            if ((n & 15) == 0) _mm_prefetch((const char *)p + ahead, _MM_HINT_T0);
+            const __m256i v = _mm256_loadu_si256((const __m256i *)p);
+            s = _mm256_add_epi16(s, _mm256_maddubs_epi16(_mm256_and_si256(v, m), B_ACT(r)));
+            hi = _mm256_add_epi16(hi, _mm256_maddubs_epi16(_mm256_and_si256(_mm256_srli_epi32(v, 4), m), B_ACT(r)));
+        }
+        return _mm256_add_epi32(_mm256_madd_epi16(s, ones), _mm256_madd_epi16(hi, _mm256_set1_epi16(16)));
+    }
+    if (bits == 2) {
+        const __m256i m = _mm256_set1_epi32(0x03030303);
+        for (int r = 0; r < nr; r++) {
+            const int32_t *p = w + (size_t)r * N + n;
+            if ((n & 15) == 0) _mm_prefetch((const char *)p + ahead, _MM_HINT_T0);
+            const __m256i v = _mm256_loadu_si256((const __m256i *)p);
+            for (int t = 0; t < 4; t++)
+                s = _mm256_add_epi16(s, _mm256_maddubs_epi16(_mm256_and_si256(_mm256_srli_epi32(v, 2 * t), m),
+                                                             B_ACT(4 * r + t)));
+        }
+        return _mm256_madd_epi16(s, ones);
+    }
+    const __m256i m = _mm256_set1_epi32(0x07070707);
+    const int32_t *p = w + n;
+    if ((n & 15) == 0)
+        for (int i = 0; i < 3; i++) _mm_prefetch((const char *)(p + (size_t)i * N) + ahead, _MM_HINT_T0);
+    const __m256i w0 = _mm256_loadu_si256((const __m256i *)p), w1 = _mm256_loadu_si256((const __m256i *)(p + N)),
+                  w2 = _mm256_loadu_si256((const __m256i *)(p + 2 * (size_t)N));
+    for (int t = 0; t < 8; t++) {
+        s = _mm256_add_epi16(s, _mm256_maddubs_epi16(_mm256_and_si256(_mm256_srli_epi32(w0, t), m), B_ACT(t)));
+        s = _mm256_add_epi16(s, _mm256_maddubs_epi16(_mm256_and_si256(_mm256_srli_epi32(w1, t + 1), m), B_ACT(8 + t)));
+        s = _mm256_add_epi16(s, _mm256_maddubs_epi16(_mm256_and_si256(_mm256_srli_epi32(w2, t + 2), m),
+                                                     B_ACT(16 + t)));
+    }
+    const __m256i r10 = _mm256_or_si256(_mm256_srli_epi32(w0, 30), _mm256_slli_epi32(w1, 2));
+    const __m256i r21 = _mm256_or_si256(_mm256_srli_epi32(w1, 31), _mm256_slli_epi32(w2, 1));
+    s = _mm256_add_epi16(s, _mm256_maddubs_epi16(_mm256_and_si256(r10, m), B_ACT(24)));
+    s = _mm256_add_epi16(s, _mm256_maddubs_epi16(_mm256_and_si256(r21, m), B_ACT(25)));
+    return _mm256_madd_epi16(s, ones);
+}
+#undef B_ACT
+
+static inline __attribute__((always_inline)) void piece_q8_bits(const int bits, const int32_t *qw, int N, int c0,
+                                                                 int nc, const int8_t *x8, float d, float *facc,
+                                                                 const piece_end *e) {
+    const size_t r0 = word_row(c0, bits);
+    const int nr = (int)(word_row(c0 + nc, bits) - r0);
+    int32_t act[26];
+    piece_acts(bits, x8 + 8 * (size_t)c0, nr, act);
+    const int32_t *w = qw + r0 * N;
+    const int pf_flush = e->first && !e->last;
+    for (int n = 0; n < N; n += 8) {
+        if ((n & 31) == 0) prefetch_flush(e, n, pf_flush);
+        piece_end8(facc + n, _mm256_cvtepi32_ps(sums_b(bits, w, N, nr, n, act, q8_ahead(n, N, nr))), d, e, n);
+    }
+}
+#endif
 
 static void piece_q8b(int bits, const int32_t *qw, int N, int c0, int nc, const int8_t *x8, float d, float *facc,
                       const piece_end *e) {
@@ -875,15 +963,6 @@ static void piece_q8b(int bits, const int32_t *qw, int N, int c0, int nc, const 
         piece_q8_bits(3, qw, N, c0, nc, x8, d, facc, e);
 }
 
-int gptq_q8_bits(int bits) { return bits == 2 || bits == 3 || bits == 4 || bits == 8; }
-#else
-static void piece_q8b(int bits, const int32_t *qw, int N, int c0, int nc, const int8_t *x8, float d, float *facc,
-                      const piece_end *e) {
-    (void)bits, (void)qw, (void)N, (void)c0, (void)nc, (void)x8, (void)d, (void)facc, (void)e;
-}
-
-int gptq_q8_bits(int bits) { return bits == 4; } /* gptq_matmul_q8 refuses the others in this build */
-#endif
 
 /* A run's chunks a0 .. a1-1 of group g (sg, zg its scales and zeros) cut at block edges, added into y [M, N]
    (written instead where fresh):
@@ -891,8 +970,9 @@ int gptq_q8_bits(int bits) { return bits == 4; } /* gptq_matmul_q8 refuses the o
 static void run_q8(const acts_t *a, int M, int C, const int32_t *qw, int N, int a0, int a1, float *acc, float *sx,
                    float *y, int fresh, const uint16_t *sg, const uint8_t *zg) {
     /* pieces of at most 4 qweight rows, the streams one core's prefetchers keep up with: a block's 4 chunks for 2,
-       3 (one 3-row piece) and 4 bits, half a block for 8 bits (4 rows of 4 inputs each instead of 8 rows: 24 layers of
-       2048 x 5632 read from DRAM took 0.32-0.33 ms each instead of 0.35-0.36 on 2 cores) */
+       3 (one 3-row piece) and 4 bits, half a block for 8 bits (4 rows of 4 inputs each instead of 8 rows: with 32
+       columns a step, 24 layers of 2048 x 5632 read from DRAM took 0.32-0.33 ms each instead of 0.35-0.36 on 2
+       cores) */
     const int span = a->q8 == 8 ? QB_CHUNKS / 2 : QB_CHUNKS;
     for (int p0 = a0; p0 < a1;) {
         const int edge = (p0 / span + 1) * span, p1 = edge < a1 ? edge : a1;
@@ -992,12 +1072,12 @@ static void q8_prepare(const acts_t *a, int M, int K, int b0, int b1) {
 
 /* Codes of `bits` (2, 3, 4 or 8; qws[l] GPTQ qweight [K * bits / 32, N]), other arguments as gptq_q4_matmul, runs
    in 8-row chunks as there (whole qweight rows: even chunks for 2 bits, multiples of 4 for 3). Returns 0, -1 when
-   scratch memory cannot be had, -2 for bits this build does not take (gptq_q8_bits). The activations are rounded
+   scratch memory cannot be had, -2 for other bits. The activations are rounded
    by the threads that read them (q8_prepare, called from q4_matmul's parallel region). */
 int gptq_matmul_q8(int bits, const float *x, int M, int K, int nl, const int32_t *const *qws, const int *Ns,
                    const uint16_t *const *scs, const uint8_t *const *zs, const int32_t *runs, const int32_t *rgroup,
                    int R, float *y, int threads, const next_t *next, int nnext) {
-    if (!gptq_q8_bits(bits)) return -2;
+    if (bits != 2 && bits != 3 && bits != 4 && bits != 8) return -2;
     const int C = K / 8, B = (C + QB_CHUNKS - 1) / QB_CHUNKS;
     /* per row m: xl, xh [C] packed activation bytes; sb [C] sum of x8 over each chunk; d [B] block scales; then
        x8 [K] for bits other than 4 */

@@ -11,7 +11,7 @@ and autograd dequantize W with `gptq_dequant` (fp32 or bf16), a few MiB of colum
 GEMM per block.
 
 The same C file holds the `avx2-q8` kernel's int8-activation matmul (cpu_avx2_q8.py; it also reads 2-, 3- and
-8-bit codes in the AVX512-VNNI build, whose prefill dequantizes them with the same `gptq_dequant`), the bf16 GEMV that
+8-bit codes, whose prefill dequantizes them with the same `gptq_dequant`), the bf16 GEMV that
 gptqkit.dense uses for a bf16 lm_head (bf16_matmul below), the one-token attention of gptqkit.attention
 (decode_attention below), and the rotary attention step, the RMSNorm and the gated MLP's silu(gate) * up of
 gptqkit.fused (rope_decode_attention, rms_norm and silu_mul below).
@@ -140,10 +140,9 @@ def library(vnni: bool = False) -> ctypes.CDLL | str:
         log.info("built %s", so)
     lib = ctypes.CDLL(str(so))
     P, I = ctypes.c_void_p, ctypes.c_int
-    lib.gptq_q4_matmul.restype = lib.gptq_matmul_q8.restype = lib.gptq_q8_bits.restype = ctypes.c_int
+    lib.gptq_q4_matmul.restype = lib.gptq_matmul_q8.restype = ctypes.c_int
     lib.gptq_q4_matmul.argtypes = [P, I, I, I, P, P, P, P, P, P, I, P, I, P, I]
     lib.gptq_matmul_q8.argtypes = [I, P, I, I, I, P, P, P, P, P, P, I, P, I, P, I]
-    lib.gptq_q8_bits.argtypes = [I]
     lib.bf16_matmul.restype = ctypes.c_int
     lib.bf16_matmul.argtypes = [P, I, I, P, I, P, I]
     lib.gptq_dequant.restype = ctypes.c_int
@@ -233,7 +232,7 @@ def _runs(g_idx: torch.Tensor, bits: int = 4) -> tuple[torch.Tensor, torch.Tenso
 
 def supports(layer, device: torch.device | str | None = None, int8: bool = False) -> str | None:
     """None if the `avx2` kernel (int8: `avx2-q8`) runs this layer, else why not. avx2 reads 4-bit codes; avx2-q8
-    also 2-, 3- and 8-bit ones where the CPU has AVX512-VNNI (the build that has their integer sums)."""
+    also 2-, 3- and 8-bit ones."""
     device = torch.device(device) if device is not None else layer.qweight.device
     if device.type != "cpu":
         return f"it runs on CPU tensors only, not {device.type}"
@@ -242,11 +241,6 @@ def supports(layer, device: torch.device | str | None = None, int8: bool = False
     lib = library()
     if isinstance(lib, str):
         return lib
-    if layer.bits != 4:
-        fast = fast_library()
-        if isinstance(fast, str) or not fast.gptq_q8_bits(layer.bits):
-            why = "this CPU has no AVX512-VNNI" if not has_vnni() else f"it did not build: {library(vnni=True)}"
-            return f"its {layer.bits}-bit codes need the AVX512-VNNI build, and {why}"
     r = _runs(layer.g_idx.long().cpu(), layer.bits)
     return r if isinstance(r, str) else None
 
@@ -321,7 +315,7 @@ def _matmul(plan: Plan, x: torch.Tensor, int8: bool, lib: ctypes.CDLL | None) ->
             torch.get_num_threads(), nexts, n)
     rc = lib.gptq_matmul_q8(plan.bits, *args) if int8 else lib.gptq_q4_matmul(*args)
     if rc == -2:
-        raise RuntimeError(f"avx2 kernel: this build has no {plan.bits}-bit int8 path (it needs AVX512-VNNI)")
+        raise RuntimeError(f"avx2 kernel: gptq_matmul_q8 takes 2, 3, 4 or 8 bits, not {plan.bits}")
     if rc != 0:
         raise MemoryError(f"avx2 kernel: no scratch memory for a {M}x{K} @ {K}x{sum(plan.sizes)} matmul")
     return y

@@ -8,10 +8,11 @@ relative error of about 0.5% per product sum on Gaussian activations (about 1e-3
 model, see tests/test_kernels.py). Prefill (M >= cpu_avx2.M_MAX) and autograd take `avx2`'s dense path, with
 activations unrounded. Layouts, refusals and prepare() are `avx2`'s.
 
-It also reads 2-, 3- and 8-bit codes in place where the CPU has AVX512-VNNI (`gptq_matmul_q8`'s shift-and-mask
-integer sums, see the C file), which `avx2` and PyTorch's int4 op do not: the `cpu` kernel ran a 3-bit SmolLM2 at
-~136 ms per token against ~31 for the bf16 model, with an int4 copy of the codes beside them. Their prefill and
-autograd run the `cpu` kernel's chunked dequantize + GEMM.
+It also reads 2-, 3- and 8-bit codes in place (`gptq_matmul_q8`'s shift-and-mask integer sums, see the C file),
+which `avx2` and PyTorch's int4 op do not: the `cpu` kernel ran a 3-bit SmolLM2 at ~134 ms per token against ~19-24
+for the bf16 model, with an int4 copy of the codes beside them, where this kernel takes ~3.2. Their prefill and
+autograd take `avx2`'s dense path too (gptq_dequant reads every width; the bf16 GEMM that dequantizes into its own
+panels is 4-bit only).
 """
 
 from __future__ import annotations
