@@ -574,6 +574,25 @@ def test_avx2_q8_zero_and_tiny_blocks():
     assert torch.isfinite(y).all() and rel_err(y, oracle(layer, x)) < 1.5e-2
 
 
+def assert_decodes_like_reference(fast, ref, ids: torch.Tensor) -> None:
+    """Decode ids [1, T] one token per call (the path the int8 rounding is on) with both models: logits close, the
+    same greedy tokens, perplexity of the text within 1%."""
+    logits = {}
+    with torch.no_grad():
+        for name, m in (("fast", fast), ("ref", ref)):
+            past, steps = None, []
+            for t in range(ids.shape[1]):
+                out = m(ids[:, t:t + 1], **{cache_kwarg(m): past}, use_cache=True)
+                past = output_cache(out)
+                steps.append(out.logits[:, -1])
+            logits[name] = torch.cat(steps).double()
+    a, b = logits["fast"], logits["ref"]
+    assert rel_err(a, b) < 2e-2
+    assert (a.argmax(-1) == b.argmax(-1)).double().mean() > 0.95
+    ppl = {k: torch.nn.functional.cross_entropy(v[:-1], ids[0, 1:]).exp().item() for k, v in logits.items()}
+    assert abs(ppl["fast"] / ppl["ref"] - 1) < 0.01, ppl
+
+
 @needs_avx2
 def test_avx2_q8_decodes_a_real_model(stories_ckpt):
     """Token-by-token decoding (one row per call: the path the int8 rounding is on) of a trained model against the
@@ -586,20 +605,7 @@ def test_avx2_q8_decodes_a_real_model(stories_ckpt):
 
     text = (CORPORA / "calibration" / "tiny.txt").read_text()[:2000]
     ids = AutoTokenizer.from_pretrained(stories_ckpt)(text, return_tensors="pt").input_ids[:, :128]
-    nll = {}
-    with torch.no_grad():
-        for name, m in (("fast", fast), ("ref", ref)):
-            past, logits = None, []
-            for t in range(ids.shape[1]):
-                out = m(ids[:, t:t + 1], **{cache_kwarg(m): past}, use_cache=True)
-                past = output_cache(out)
-                logits.append(out.logits[:, -1])
-            nll[name] = torch.cat(logits).double()
-    a, b = nll["fast"], nll["ref"]
-    assert rel_err(a, b) < 2e-2
-    assert (a.argmax(-1) == b.argmax(-1)).double().mean() > 0.95
-    ppl = {k: torch.nn.functional.cross_entropy(v[:-1], ids[0, 1:]).exp().item() for k, v in nll.items()}
-    assert abs(ppl["fast"] / ppl["ref"] - 1) < 0.01, ppl
+    assert_decodes_like_reference(fast, ref, ids)
 
 
 @needs_avx2
@@ -722,20 +728,7 @@ def test_avx2_q8_decodes_a_real_3bit_model(tmp_path_factory):
     fast, ref = load(out), load(out, kernel="torch")
     assert {m.kernel for m in fast.modules() if isinstance(m, QuantLinear)} == {cpu_avx2_q8}
     ids = AutoTokenizer.from_pretrained(out)(TINY.read_text()[:2000], return_tensors="pt").input_ids[:, :96]
-    nll = {}
-    with torch.no_grad():
-        for name, m in (("fast", fast), ("ref", ref)):
-            past, logits = None, []
-            for t in range(ids.shape[1]):
-                o = m(ids[:, t:t + 1], **{cache_kwarg(m): past}, use_cache=True)
-                past = output_cache(o)
-                logits.append(o.logits[:, -1])
-            nll[name] = torch.cat(logits).double()
-    a, b = nll["fast"], nll["ref"]
-    assert rel_err(a, b) < 2e-2
-    assert (a.argmax(-1) == b.argmax(-1)).double().mean() > 0.95
-    ppl = {k: torch.nn.functional.cross_entropy(v[:-1], ids[0, 1:]).exp().item() for k, v in nll.items()}
-    assert abs(ppl["fast"] / ppl["ref"] - 1) < 0.01, ppl
+    assert_decodes_like_reference(fast, ref, ids)
 
 
 @needs_avx2

@@ -18,8 +18,9 @@ import torch
 log = logging.getLogger(__name__)
 
 # Most specific first; the reference kernel runs everywhere and closes the list.
-# On CPU: avx2-q8 (2/3/4/8-bit codes read in place, activations rounded to int8 per 32 on decode: the fastest, with an error of the size bf16 activations give), avx2 (the same with fp32 activations; it declines exactly when avx2-q8
-# does, so "auto" reaches it only by name), cpu (PyTorch's int4 op; any bits), then the reference.
+# On CPU: avx2-q8 (2/3/4/8-bit codes read in place, activations rounded to int8 per 32 on decode: the fastest, with
+# an error of the size bf16 activations give), avx2 (the same for 4-bit codes with fp32 activations; it runs only
+# where avx2-q8 does, so "auto" reaches it only by name), cpu (PyTorch's int4 op; any bits), then the reference.
 ORDER = {"cuda": ("triton", "torch"), "cpu": ("avx2-q8", "avx2", "cpu", "torch")}
 MODULES = {"torch": "reference", "avx2": "cpu_avx2", "avx2-q8": "cpu_avx2_q8", "cpu": "cpu_int4",
            "triton": "triton_gptq"}

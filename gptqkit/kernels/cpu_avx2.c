@@ -3,9 +3,9 @@
 
    Entry points: gptq_q4_matmul (fp32 activations, the `avx2` kernel), gptq_matmul_q8 (activations rounded to
    int8, `avx2-q8`, which also reads 2-, 3- and 8-bit codes), gptq_q4_gemm_bf16 (their bf16 prefill
-   GEMM on AVX512-BF16 CPUs, compiled under a target attribute), gptq_dequant (W for the prefill GEMM elsewhere, any bits), bf16_matmul (a dense bf16 GEMV for an
-   lm_head kept in bf16, gptqkit.dense), decode_attention (gptqkit.attention), and rope_decode_attention,
-   rms_norm and silu_mul (gptqkit.fused).
+   GEMM on AVX512-BF16 CPUs, compiled under a target attribute), gptq_dequant (W for the prefill GEMM elsewhere,
+   any bits), bf16_matmul (a dense bf16 GEMV for an lm_head kept in bf16, gptqkit.dense), decode_attention
+   (gptqkit.attention), and rope_decode_attention, rms_norm and silu_mul (gptqkit.fused).
 
    Reads the checkpoint tensors as they are: no int4 copy of the weight is made, so a loaded model holds its
    4-bit codes once. Built by cpu_avx2.py with the C compiler at hand and called through ctypes.
@@ -794,8 +794,8 @@ static inline __attribute__((always_inline)) __m512i b_load(__mmask16 lanes, con
     return lanes == 0xFFFF ? _mm512_loadu_si512((const void *)p) : _mm512_maskz_loadu_epi32(lanes, p);
 }
 /* Integer sums (2 or 3 bits) of H (1 or 2) sets of 16 columns from n (the lanes in `lanes` of each) over a
-   piece's nr qweight rows from w (its first row at column 0) into s[0 .. H-1], asking for the lines `ahead` bytes on in each row. Two
-   sets read 128 contiguous bytes of each row per step, as piece_q8 does. */
+   piece's nr qweight rows from w (its first row at column 0) into s[0 .. H-1], asking for the lines `ahead` bytes
+   on in each row. Two sets read 128 contiguous bytes of each row per step, as piece_q8 does. */
 static inline __attribute__((always_inline)) void sums_b(const int bits, const int H, const int32_t *w, int N, int nr,
                                                          int n, const int32_t *act, __mmask16 lanes, size_t ahead,
                                                          __m512i *s) {
@@ -835,22 +835,17 @@ static inline __attribute__((always_inline)) void sums_b(const int bits, const i
 }
 #undef B_ACT
 
-/* piece_q8 for codes of `bits` (2, 3 or 8): chunks c0 .. c0+nc-1 (whole qweight rows), x8 the row's activations.
+/* A piece of codes of `bits` (2, 3 or 8), its nr qweight rows from w, act its activation dwords (piece_q8b).
    8 bits take 8 columns a step (256-bit vpdpbusd), as the AVX2 build's loop: 24 layers of 2048 x 5632 read from DRAM
    at 62-64 GB/s against 50-53 with 16 or 32 columns a step (2 threads, in one process); 2 and 3 bits, whose sums
    take more instructions per byte, were faster with 32. */
-static inline __attribute__((always_inline)) void piece_q8_bits(const int bits, const int32_t *qw, int N, int c0,
-                                                                 int nc, const int8_t *x8, float d, float *facc,
-                                                                 const piece_end *e) {
-    const size_t r0 = word_row(c0, bits);
-    const int nr = (int)(word_row(c0 + nc, bits) - r0);
-    int32_t act[26];
-    piece_acts(bits, x8 + 8 * (size_t)c0, nr, act);
-    const int32_t *w = qw + r0 * N;
+static inline __attribute__((always_inline)) void piece_bits(const int bits, const int32_t *w, int N, int nr,
+                                                              const int32_t *act, float d, float *facc,
+                                                              const piece_end *e) {
+    const int pf_flush = e->first && !e->last;
     if (bits == 8) {
-        const int pf8 = e->first && !e->last;
         for (int n = 0; n < N; n += 8) {
-            if ((n & 31) == 0) prefetch_flush(e, n, pf8);
+            if ((n & 31) == 0) prefetch_flush(e, n, pf_flush);
             __m256i t = _mm256_setzero_si256();
             for (int r = 0; r < nr; r++) {
                 const int32_t *p = w + (size_t)r * N + n;
@@ -862,7 +857,6 @@ static inline __attribute__((always_inline)) void piece_q8_bits(const int bits, 
         return;
     }
     const __m512 dv = _mm512_set1_ps(d), sxv = _mm512_set1_ps(e->sx);
-    const int pf_flush = e->first && !e->last;
     __m512i s[2];
     int n = 0;
     for (; n + 32 <= N; n += 32) {
@@ -937,14 +931,9 @@ static inline __attribute__((always_inline)) __m256i sums_b(const int bits, cons
 }
 #undef B_ACT
 
-static inline __attribute__((always_inline)) void piece_q8_bits(const int bits, const int32_t *qw, int N, int c0,
-                                                                 int nc, const int8_t *x8, float d, float *facc,
-                                                                 const piece_end *e) {
-    const size_t r0 = word_row(c0, bits);
-    const int nr = (int)(word_row(c0 + nc, bits) - r0);
-    int32_t act[26];
-    piece_acts(bits, x8 + 8 * (size_t)c0, nr, act);
-    const int32_t *w = qw + r0 * N;
+static inline __attribute__((always_inline)) void piece_bits(const int bits, const int32_t *w, int N, int nr,
+                                                              const int32_t *act, float d, float *facc,
+                                                              const piece_end *e) {
     const int pf_flush = e->first && !e->last;
     for (int n = 0; n < N; n += 8) {
         if ((n & 31) == 0) prefetch_flush(e, n, pf_flush);
@@ -953,14 +942,21 @@ static inline __attribute__((always_inline)) void piece_q8_bits(const int bits, 
 }
 #endif
 
+/* piece_q8 for codes of `bits` (2, 3 or 8): chunks c0 .. c0+nc-1 (whole qweight rows), x8 the row's activations.
+   Each width gets its own inlined piece_bits (constant bits: the loops over shifts unroll). */
 static void piece_q8b(int bits, const int32_t *qw, int N, int c0, int nc, const int8_t *x8, float d, float *facc,
                       const piece_end *e) {
+    const size_t r0 = word_row(c0, bits);
+    const int nr = (int)(word_row(c0 + nc, bits) - r0);
+    int32_t act[26];
+    piece_acts(bits, x8 + 8 * (size_t)c0, nr, act);
+    const int32_t *w = qw + r0 * N;
     if (bits == 8)
-        piece_q8_bits(8, qw, N, c0, nc, x8, d, facc, e);
+        piece_bits(8, w, N, nr, act, d, facc, e);
     else if (bits == 2)
-        piece_q8_bits(2, qw, N, c0, nc, x8, d, facc, e);
+        piece_bits(2, w, N, nr, act, d, facc, e);
     else
-        piece_q8_bits(3, qw, N, c0, nc, x8, d, facc, e);
+        piece_bits(3, w, N, nr, act, d, facc, e);
 }
 
 

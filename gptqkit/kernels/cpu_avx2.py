@@ -452,8 +452,9 @@ def dequantize(layer, c0: int, c1: int, dtype: torch.dtype, n0: int = 0, n1: int
                          "multiple of 8")
     w = torch.empty(8 * (c1 - c0), n1 - n0, dtype=dtype)
     qw, sc, z = (t.data_ptr() for t in plan.tensors[:3])
-    library().gptq_dequant(plan.bits, qw, N, sc, z, layer.avx2_runs.data_ptr(), layer.avx2_rgroup.data_ptr(), plan.runs,
-                              c0, c1, n0, n1, w.data_ptr(), int(dtype == torch.bfloat16), torch.get_num_threads())
+    library().gptq_dequant(plan.bits, qw, N, sc, z, layer.avx2_runs.data_ptr(), layer.avx2_rgroup.data_ptr(),
+                           plan.runs, c0, c1, n0, n1, w.data_ptr(), int(dtype == torch.bfloat16),
+                           torch.get_num_threads())
     return w
 
 
