@@ -343,28 +343,35 @@ def test_avx2_dequantize_is_the_reference(group_size, act_order, sym, fmt):
 
 needs_gemm_bf16 = pytest.mark.skipif(isinstance(cpu_avx2.library(), str) or not cpu_avx2.has_gemm_bf16(),
                                      reason="the bf16 prefill GEMM needs the avx2 build and an AVX512-BF16 CPU")
-# (K, N, M, group, act-order, sym, fmt): N % 64 leaves 16/32/48-column panels; M % 6 leaves short tiles, M > 512 a
-# second pass of rows; K = 584 is not a multiple of the 256-row panels; 576 / 128 has a 64-row last group
-GEMM_CASES = [(256, 64, 6, 64, False, True, "gptq"), (576, 80, 13, 128, False, False, "gptq"),
-              (584, 208, 37, 8, True, False, "gptq_v2"), (512, 176, 520, 32, True, True, "gptq"),
-              (1024, 96, 1, -1, False, False, "gptq"), (320, 16, 11, 64, True, True, "gptq_v2")]
+# (bits, K, N, M, group, act-order, sym, fmt): N % 64 leaves 16/32/48-column panels; M % 6 leaves short tiles, M > 512
+# a second pass of rows; K = 584 and 576 are not multiples of the 256-row panels; 576 / 128 has a 64-row last group;
+# at 3 bits a panel's chunks start at bits 0, 24, 16 and 8 of a word, and rows 10 and 21 of each 32 straddle two
+GEMM_CASES = [(4, 256, 64, 6, 64, False, True, "gptq"), (4, 576, 80, 13, 128, False, False, "gptq"),
+              (4, 584, 208, 37, 8, True, False, "gptq_v2"), (4, 512, 176, 520, 32, True, True, "gptq"),
+              (4, 1024, 96, 1, -1, False, False, "gptq"), (4, 320, 16, 11, 64, True, True, "gptq_v2"),
+              (2, 576, 80, 13, 128, False, False, "gptq"), (2, 512, 176, 520, -1, False, True, "gptq_v2"),
+              (3, 576, 96, 37, 32, True, True, "gptq"), (3, 512, 64, 1, -1, False, False, "gptq"),
+              (3, 1056, 224, 7, 64, False, False, "gptq_v2"),
+              (8, 584, 208, 37, 8, True, False, "gptq_v2"), (8, 320, 48, 11, 64, False, True, "gptq")]
 
 
 @needs_gemm_bf16
-@pytest.mark.parametrize("K,N,M,group,act,sym,fmt", GEMM_CASES)
-def test_avx2_gemm_bf16_is_the_dequantized_product(K, N, M, group, act, sym, fmt):
-    """gptq_q4_gemm_bf16 multiplies by the bf16 weight that gptq_q4_dequant writes (the reference kernel's values
+@pytest.mark.parametrize("bits,K,N,M,group,act,sym,fmt", GEMM_CASES)
+def test_avx2_gemm_bf16_is_the_dequantized_product(bits, K, N, M, group, act, sym, fmt):
+    """gptq_gemm_bf16 multiplies by the bf16 weight that gptq_dequant writes (the reference kernel's values
     rounded to bf16), with fp32 sums: against the float64 product of the same operands only the sums' rounding
     is left. Its gated form is silu(gate) * up of its plain products, and its bf16 output that rounded."""
     from torch.nn import functional as F
 
-    i = GEMM_CASES.index((K, N, M, group, act, sym, fmt))
-    gate, up = (random_layer(K, N, 4, group, act, sym, fmt, seed=70 + 2 * i + j) for j in (0, 1))
+    i = GEMM_CASES.index((bits, K, N, M, group, act, sym, fmt))
+    gate, up = (random_layer(K, N, bits, group, act, sym, fmt, seed=70 + 2 * i + j) for j in (0, 1))
     up.g_idx.copy_(gate.g_idx)
     for layer in (gate, up):
-        layer.use_kernel(cpu_avx2)
+        layer.use_kernel(cpu_avx2 if bits == 4 else cpu_avx2_q8)
     x = torch.randn(M, K, generator=torch.Generator().manual_seed(i)).bfloat16()
     w = cpu_avx2.dequantize(gate, 0, K // 8, torch.bfloat16)  # in the kernel's row order, as x must be
+    src = gate.avx2_src if gate._avx2_plan.permuted else torch.arange(K)
+    assert torch.equal(w, oracle_weight(gate)[src].bfloat16())
     y = cpu_avx2.gemm_bf16(gate, x)
     assert y.dtype == torch.float32 and y.shape == (M, N)
     assert rel_err(y, x.double() @ w.double()) < 1e-6
@@ -376,10 +383,12 @@ def test_avx2_gemm_bf16_is_the_dequantized_product(K, N, M, group, act, sym, fmt
     assert h.dtype == torch.float32 and rel_err(h, (F.silu(y) * u).double()) < 1e-6
     assert torch.equal(cpu_avx2.gemm_bf16(gate, x, up, torch.bfloat16), h.bfloat16())
     with pytest.raises(ValueError, match="gate's shape"):
-        cpu_avx2.gemm_bf16(gate, x, random_layer(K, N + 16, 4, group, act, sym, fmt))
+        cpu_avx2.gemm_bf16(gate, x, random_layer(K, N + 32, bits, group, act, sym, fmt))
+    with pytest.raises(ValueError, match="gate's shape"):  # another width
+        cpu_avx2.gemm_bf16(gate, x, random_layer(K, N, 8 if bits != 8 else 4, group, act, sym, fmt))
     if group != -1:  # up's rows in another order
         with pytest.raises(ValueError, match="and g_idx"):
-            cpu_avx2.gemm_bf16(gate, x, random_layer(K, N, 4, group, not act, sym, fmt, seed=90 + i))
+            cpu_avx2.gemm_bf16(gate, x, random_layer(K, N, bits, group, not act, sym, fmt, seed=90 + i))
 
 
 @needs_avx2

@@ -2,7 +2,7 @@
 /* 4-bit GPTQ matmul for few rows (decode) on x86-64 with AVX2, FMA and F16C.
 
    Entry points: gptq_q4_matmul (fp32 activations, the `avx2` kernel), gptq_matmul_q8 (activations rounded to
-   int8, `avx2-q8`, which also reads 2-, 3- and 8-bit codes), gptq_q4_gemm_bf16 (their bf16 prefill
+   int8, `avx2-q8`, which also reads 2-, 3- and 8-bit codes), gptq_gemm_bf16 (their bf16 prefill
    GEMM on AVX512-BF16 CPUs, compiled under a target attribute), gptq_dequant (W for the prefill GEMM elsewhere,
    any bits), bf16_matmul (a dense bf16 GEMV for an lm_head kept in bf16, gptqkit.dense), decode_attention
    (gptqkit.attention), and rope_decode_attention, rms_norm and silu_mul (gptqkit.fused).
@@ -1765,19 +1765,22 @@ void silu_mul(const float *g, const float *u, long n, float *y) {
 /* ---------------------------------------------------------------------------------------------------------------
    Prefill GEMM on CPUs with AVX512-BF16 (Zen 4 and later, Cooper Lake, Sapphire Rapids):
 
-       y[M, N] = x[M, K] @ W                                    (gptq_q4_gemm_bf16, qw2 == NULL)
+       y[M, N] = x[M, K] @ W                                    (gptq_gemm_bf16, qw2 == NULL)
        y[M, N] = silu(x @ W) * (x @ W2)                         (the gated MLP's gate and up, qw2 != NULL)
 
    x bf16 row-major; y fp32, or bf16 (rounded to nearest even) where ybf16; sums in fp32. The codes are
    dequantized straight into the GEMM's packed panels, so W never exists as a dense matrix in memory: a dense bf16
    GEMM (oneDNN) packs its B operand into the same kind of panel from the bf16 weight; here the panel is filled from
-   the 4-bit codes instead, and the GEMM that follows is the same work. Against dequantize + torch.mm that saves the
-   dense block's trip through memory, the GEMM's own packing of it, and the bf16 result's widening to fp32.
+   the 2-, 3-, 4- or 8-bit codes instead, and the GEMM that follows is the same work. Against dequantize +
+   torch.mm that saves the dense block's trip through memory, the GEMM's own packing of it, and the bf16 result's
+   widening to fp32.
 
    Panels (gb_pack): W rows [k0, k0 + KC) and 64 columns [n, n + 64), in VNNI pairs, the layout vdpbf16ps takes:
    b[p * 64 + i] = bf16(W[k0 + 2p, n + i]) | bf16(W[k0 + 2p + 1, n + i]) << 16, 128 pairs x 64 columns x 4 bytes
-   = 32 KiB (in L1). W[k, n] = scale * (q - zero) in fp32 is exact (a 4-bit times an fp16), then rounded to bf16
-   as gptq_dequant rounds it, so the operands are those of dequantize + torch.mm.
+   = 32 KiB (in L1). W[k, n] = scale * (q - zero) in fp32 is exact (an 8-bit integer at most times an fp16), then
+   rounded to bf16 as gptq_dequant rounds it, so the operands are those of dequantize + torch.mm. Reading 2-, 3-
+   and 8-bit codes here too took SmolLM2's prefill at those widths from 0.79-0.82x the bf16 model's speed (dequantize
+   in 4 MiB blocks + torch's GEMM) to 0.99-1.01x, as for 4 bits (512-token prompt, 2 threads, one process).
 
    Tiles (gb_tile): MR = 6 rows of x by 64 columns: 24 zmm accumulators of 16 fp32, per pair of k 4 panel loads
    and 6 broadcasts of x's two bf16 (one 32-bit word) for 24 vdpbf16ps.
@@ -1792,37 +1795,60 @@ void silu_mul(const float *g, const float *u, long n, float *y) {
 #define GB_MR 6
 #define GB_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16")))
 
-static GB_TARGET void gb_pack(const int32_t *qw, int N, const uint16_t *scales, const uint8_t *zeros,
-                              const int32_t *runs, const int32_t *rgroup, int c0, int c1, int n, int nv, uint32_t *b) {
+/* Rows 8c + j of `bits`-bit codes, columns n .. n + 16 nv, as gptq_dequant reads them; bits is a constant in each
+   caller (gb_pack), so for 4 and 8 bits, whose chunks start at bit 0 of a word, every shift is an immediate. */
+static inline __attribute__((always_inline)) GB_TARGET void gb_pack_bits(const int bits, const int32_t *qw, int N,
+                                                                          const uint16_t *scales,
+                                                                          const uint8_t *zeros, const int32_t *runs,
+                                                                          const int32_t *rgroup, int c0, int c1,
+                                                                          int n, int nv, uint32_t *b) {
     /* cvtne2ps_pbh(f1, f0) holds bf16(f0) in words 0..15 and bf16(f1) in 16..31; word 2i of a pair lane takes i,
        word 2i + 1 takes 16 + i */
     static const uint16_t order[32] = {0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23,
                                        8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31};
-    const __m512i perm = _mm512_loadu_si512(order), m15 = _mm512_set1_epi32(15);
+    const __m512i perm = _mm512_loadu_si512(order), mask = _mm512_set1_epi32((1 << bits) - 1);
     int r = 0;
     while (runs[r + 1] <= c0) r++;
     for (int c = c0; c < c1; c++) {
         while (runs[r + 1] <= c) r++;
         const uint16_t *sg = scales + (size_t)rgroup[r] * N + n;
         const uint8_t *zg = zeros + (size_t)rgroup[r] * N + n;
-        const int32_t *w = qw + (size_t)c * N + n;
+        /* the chunk's first code starts at bit b0 of qweight row w0 (0 for 4 and 8 bits) */
+        const size_t first = (size_t)8 * c * bits;
+        const int32_t *w0 = qw + first / 32 * N + n;
+        const int b0 = (8 * bits) % 32 ? (int)(first % 32) : 0;
         uint32_t *bp = b + (size_t)(c - c0) * 4 * 64; /* a chunk of 8 rows is 4 pairs */
         for (int v = 0; v < nv; v++) {
             const __m512 sc = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(sg + 16 * v)));
             const __m512 zs = _mm512_mul_ps(
                 _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(zg + 16 * v)))), sc);
-            const __m512i wv = _mm512_loadu_si512(w + 16 * v);
-            for (int j = 0; j < 4; j++) {
-                /* q * scale - zero * scale: both products exact, so one rounding of the exact (q - zero) * scale,
-                   which fp32 holds exactly (4 + 11 significant bits) */
-                const __m512 f0 = _mm512_fmsub_ps(
-                    _mm512_cvtepi32_ps(_mm512_and_si512(_mm512_srli_epi32(wv, 8 * j), m15)), sc, zs);
-                const __m512 f1 = _mm512_fmsub_ps(
-                    _mm512_cvtepi32_ps(_mm512_and_si512(_mm512_srli_epi32(wv, 8 * j + 4), m15)), sc, zs);
-                const __m512i h = (__m512i)_mm512_cvtne2ps_pbh(f1, f0);
-                _mm512_store_si512(bp + j * 64 + 16 * v, _mm512_permutexvar_epi16(perm, h));
+            __m512 f[2];
+#pragma GCC unroll 8
+            for (int j = 0; j < 8; j++) {
+                const int p = b0 + j * bits, sh = p % 32;
+                const int32_t *w = w0 + (size_t)(p / 32) * N + 16 * v;
+                __m512i q = _mm512_srl_epi32(_mm512_loadu_si512(w), _mm_cvtsi32_si128(sh));
+                if (sh + bits > 32) /* a 3-bit code's high bits begin the next word */
+                    q = _mm512_or_si512(q, _mm512_sll_epi32(_mm512_loadu_si512(w + N), _mm_cvtsi32_si128(32 - sh)));
+                /* q * scale - zero * scale: both products exact (8 + 11 significant bits at most), so one rounding
+                   of the exact (q - zero) * scale, gptq_dequant's value */
+                f[j % 2] = _mm512_fmsub_ps(_mm512_cvtepi32_ps(_mm512_and_si512(q, mask)), sc, zs);
+                if (j % 2)
+                    _mm512_store_si512(bp + j / 2 * 64 + 16 * v,
+                                       _mm512_permutexvar_epi16(perm, (__m512i)_mm512_cvtne2ps_pbh(f[1], f[0])));
             }
         }
+    }
+}
+
+/* The panel of rows [8 c0, 8 c1) and columns [n, n + 16 nv) (the layout above) from `bits`-bit codes */
+static GB_TARGET void gb_pack(int bits, const int32_t *qw, int N, const uint16_t *scales, const uint8_t *zeros,
+                              const int32_t *runs, const int32_t *rgroup, int c0, int c1, int n, int nv, uint32_t *b) {
+    switch (bits) {
+    case 2: gb_pack_bits(2, qw, N, scales, zeros, runs, rgroup, c0, c1, n, nv, b); break;
+    case 3: gb_pack_bits(3, qw, N, scales, zeros, runs, rgroup, c0, c1, n, nv, b); break;
+    case 8: gb_pack_bits(8, qw, N, scales, zeros, runs, rgroup, c0, c1, n, nv, b); break;
+    default: gb_pack_bits(4, qw, N, scales, zeros, runs, rgroup, c0, c1, n, nv, b);
     }
 }
 
@@ -1874,13 +1900,13 @@ static inline GB_TARGET void gb_store(void *y, size_t at, __m512 v, int bf16) {
         _mm512_storeu_ps((float *)y + at, v);
 }
 
-/* Returns 0, -1 when scratch memory cannot be had, -2 for what it does not take (N % 16, K % 8, a bf16 y without
-   qw2). */
-GB_TARGET int gptq_q4_gemm_bf16(const uint16_t *x, int M, int K, int N, const int32_t *qw, const uint16_t *scales,
-                                const uint8_t *zeros, const int32_t *qw2, const uint16_t *scales2,
-                                const uint8_t *zeros2, const int32_t *runs, const int32_t *rgroup, void *y, int ybf16,
-                                int threads) {
-    if (N % 16 || K % 8 || (ybf16 && !qw2)) return -2;
+/* bits: of the codes (2, 3, 4 or 8; both layers alike). Returns 0, -1 when scratch memory cannot be had, -2 for what
+   it does not take (other bits, N % 16, K % 8, a bf16 y without qw2). */
+GB_TARGET int gptq_gemm_bf16(int bits, const uint16_t *x, int M, int K, int N, const int32_t *qw,
+                             const uint16_t *scales, const uint8_t *zeros, const int32_t *qw2, const uint16_t *scales2,
+                             const uint8_t *zeros2, const int32_t *runs, const int32_t *rgroup, void *y, int ybf16,
+                             int threads) {
+    if ((bits != 2 && bits != 3 && bits != 4 && bits != 8) || N % 16 || K % 8 || (ybf16 && !qw2)) return -2;
     if (threads < 1) threads = 1;
     const int gated = qw2 != NULL, panels = (N + 63) / 64;
     int failed = 0;
@@ -1900,7 +1926,7 @@ GB_TARGET int gptq_q4_gemm_bf16(const uint16_t *x, int M, int K, int N, const in
                     const size_t ldc = gated ? 64 : (size_t)N;
                     for (int k0 = 0; k0 < K; k0 += GB_KC) {
                         const int kc = K - k0 < GB_KC ? K - k0 : GB_KC;
-                        gb_pack(l ? qw2 : qw, N, l ? scales2 : scales, l ? zeros2 : zeros, runs, rgroup, k0 / 8,
+                        gb_pack(bits, l ? qw2 : qw, N, l ? scales2 : scales, l ? zeros2 : zeros, runs, rgroup, k0 / 8,
                                 (k0 + kc) / 8, n, nv, (uint32_t *)b);
                         for (int i = 0; i < mc; i += GB_MR)
                             gb_tiles(x + (size_t)(m0 + i) * K + k0, (size_t)K, (const uint32_t *)b, kc / 2,

@@ -5,7 +5,7 @@ one byte per group zero, unpacks nibbles in registers and accumulates over each 
 0.5 bytes per weight plus 3 bytes per group and column, and no second copy of the codes is kept in memory
 (the `cpu` kernel's int4 op needs its own [N, K/2] layout next to qweight). Activations are fp32 inside.
 Prefill (M >= M_MAX) in bf16 (where cpu_int4.dense_dtype picks it) on a CPU with AVX512-BF16 runs the C file's
-own GEMM, `gptq_q4_gemm_bf16`, which dequantizes the codes straight into its packed panels (no dense W in memory,
+own GEMM, `gptq_gemm_bf16`, which dequantizes the codes straight into its packed panels (no dense W in memory,
 fp32 results), and for a gated MLP computes silu(gate) * up in the same pass (gated_prefill). Otherwise prefill
 and autograd dequantize W with `gptq_dequant` (fp32 or bf16), a few MiB of columns at a time, and run one torch
 GEMM per block.
@@ -104,7 +104,7 @@ def has_vnni() -> bool:
 
 
 def has_gemm_bf16() -> bool:
-    """Whether this CPU runs gptq_q4_gemm_bf16 (compiled into every build under a target attribute, called only
+    """Whether this CPU runs gptq_gemm_bf16 (compiled into every build under a target attribute, called only
     where the CPU has the instructions)."""
     return GEMM_BF16_CPU_FLAGS <= _cpu_flags()
 
@@ -147,8 +147,8 @@ def library(vnni: bool = False) -> ctypes.CDLL | str:
     lib.bf16_matmul.argtypes = [P, I, I, P, I, P, I]
     lib.gptq_dequant.restype = ctypes.c_int
     lib.gptq_dequant.argtypes = [I, P, I, P, P, P, P, I, I, I, I, I, P, I, I]
-    lib.gptq_q4_gemm_bf16.restype = ctypes.c_int
-    lib.gptq_q4_gemm_bf16.argtypes = [P, I, I, I, P, P, P, P, P, P, P, P, P, I, I]
+    lib.gptq_gemm_bf16.restype = ctypes.c_int
+    lib.gptq_gemm_bf16.argtypes = [I, P, I, I, I, P, P, P, P, P, P, P, P, P, I, I]
     L = ctypes.c_long
     lib.pool_forget.restype = None
     lib.pool_forget.argtypes = []
@@ -464,24 +464,25 @@ def _column_step(K: int, dtype: torch.dtype) -> int:
 
 
 def gemm_bf16(layer, x: torch.Tensor, up=None, out_dtype: torch.dtype = torch.float32) -> torch.Tensor | None:
-    """x [M, K] bf16 (in the kernel's row order) @ W -> [M, N] float32 by gptq_q4_gemm_bf16: the codes dequantized
+    """x [M, K] bf16 (in the kernel's row order) @ W -> [M, N] float32 by gptq_gemm_bf16: the codes dequantized
     into the GEMM's own panels, sums in fp32. With `up` (a layer of the same shape and row order): silu(x @ W) *
-    (x @ W_up) in out_dtype (float32 or bfloat16). None where the CPU lacks AVX512-BF16, N is not a multiple of 16
-    or the codes are not 4-bit (the caller dequantizes in blocks instead)."""
+    (x @ W_up) in out_dtype (float32 or bfloat16). Codes of 2, 3, 4 or 8 bits. None where the CPU lacks AVX512-BF16
+    or N is not a multiple of 16 (the caller dequantizes in blocks instead)."""
     K, N = layer.in_features, layer.out_features
-    if up is not None and ((up.in_features, up.out_features) != (K, N) or not torch.equal(up.g_idx, layer.g_idx)):
-        raise ValueError(f"gemm_bf16: up ({up.in_features} x {up.out_features}) must have gate's shape ({K} x {N}) "
-                         "and g_idx, as gate_proj and up_proj of one MLP do")
+    if up is not None and ((up.in_features, up.out_features, up.bits) != (K, N, layer.bits)
+                           or not torch.equal(up.g_idx, layer.g_idx)):
+        raise ValueError(f"gemm_bf16: up ({up.in_features} x {up.out_features}, {up.bits}-bit) must have gate's shape "
+                         f"({K} x {N}), bits ({layer.bits}) and g_idx, as gate_proj and up_proj of one MLP do")
     lib = library()
-    if not has_gemm_bf16() or N % 16 or isinstance(lib, str) or layer.bits != 4:
+    if not has_gemm_bf16() or N % 16 or isinstance(lib, str):
         return None
     x = x.contiguous()
     y = torch.empty(x.shape[0], N, dtype=out_dtype if up is not None else torch.float32)
     qw, sc, z = (t.data_ptr() for t in layer._avx2_plan.tensors[:3])
     qw2, sc2, z2 = (t.data_ptr() for t in up._avx2_plan.tensors[:3]) if up is not None else (None, None, None)
-    rc = lib.gptq_q4_gemm_bf16(x.data_ptr(), x.shape[0], K, N, qw, sc, z, qw2, sc2, z2, layer.avx2_runs.data_ptr(),
-                               layer.avx2_rgroup.data_ptr(), y.data_ptr(), int(y.dtype == torch.bfloat16),
-                               torch.get_num_threads())
+    rc = lib.gptq_gemm_bf16(layer._avx2_plan.bits, x.data_ptr(), x.shape[0], K, N, qw, sc, z, qw2, sc2, z2,
+                            layer.avx2_runs.data_ptr(), layer.avx2_rgroup.data_ptr(), y.data_ptr(),
+                            int(y.dtype == torch.bfloat16), torch.get_num_threads())
     if rc == -1:
         raise MemoryError("avx2 kernel: no memory for the bf16 GEMM's panels")
     return y
