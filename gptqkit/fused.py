@@ -34,7 +34,10 @@ Which modules qualify is discovered, not tabled per model, and a probe on random
   scaling and layer_idx, no logit softcapping, and one decode step with random cos and sin gives its output.
   GPT-2's, OPT's and GPT-NeoX's attention, and partial rotary, keep their class.
 - a block has exactly input_layernorm, self_attn, post_attention_layernorm and mlp, all swapped above, no biases,
-  and its decode_step gives exactly the block's own output on the same kind of probe. Qwen2's q/k/v biases and
+  and its decode_step gives exactly the block's own output on the same kind of probe. A projection may be a LoRA
+  wrapper around a QuantLinear (gptqkit.finetune.QuantLoraLinear, one adapter active): the C call adds the
+  adapter's term after the projection with the function the wrapper itself calls (cpu_avx2.lora_add), and checks
+  before each step that the term is still the wrapper's (its decode_guard). Qwen2's q/k/v biases and
   Gemma's norms keep its blocks on the per-module path.
 - a stack has exactly embed_tokens, layers (all swapped blocks, as many as the config says), norm and rotary_emb,
   and its one-token step gives exactly its own forward's output after a 5-token prefill of random ids.
@@ -248,6 +251,11 @@ def _plain_copy(cls: type, state: dict) -> nn.Module:
     return new
 
 
+def _unswapped_state(module: nn.Module) -> dict:
+    """A DecodeLayer's or DecodeStack's __dict__ without what the swap added: the plain module's."""
+    return {k: v for k, v in module.__dict__.items() if k not in module._FUSED}
+
+
 @functools.cache
 def _decode_class(cls: type) -> type:
     return type(f"Decode{cls.__name__}", (DecodeAttention, cls), {"__module__": __name__})
@@ -376,6 +384,9 @@ class DecodeLayer(nn.Module):
     _args: cpu_avx2.LayerArgs
     _parts: tuple  # ((owner's _modules, name, module), ...) as swapped: the C call stands for exactly these
     _linears: tuple  # ((QuantLinear, kernel, plan, shared), ...) as swapped
+    _adapters: tuple  # ((LoRA wrapper, (A, B, scale)), ...): the adapter terms the C call adds
+    _guard: Callable | None  # whether those terms are still the wrappers' (see _adapter_guard)
+    _FUSED = ("_args", "_parts", "_linears", "_adapters", "_guard", "window")  # added by the swap
 
     def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
                 position_embeddings: tuple | None = None, **kwargs):
@@ -396,7 +407,8 @@ class DecodeLayer(nn.Module):
         for m, kernel, plan, shared in self._linears:
             if m.kernel is not kernel or m._avx2_plan is not plan or m._avx2_shared is not shared:
                 return False
-        return not (nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks)
+        return (self._guard is None or self._guard()) and not (nn.modules.module._global_forward_hooks
+                                                                or nn.modules.module._global_forward_pre_hooks)
 
     def decode_step(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                     cache: GrowingCache) -> torch.Tensor | None:
@@ -406,7 +418,8 @@ class DecodeLayer(nn.Module):
         if not self.intact():
             return None
         slot = _free_slot(cache, self.self_attn.layer_idx, self.window, x, cos, sin,
-                          self.input_layernorm.weight, self.post_attention_layernorm.weight)
+                          self.input_layernorm.weight, self.post_attention_layernorm.weight,
+                          *(t for _, term in self._adapters for t in term[:2]))  # adapters that train: torch ops
         if slot is None:
             return None
         layer, T = slot
@@ -418,8 +431,7 @@ class DecodeLayer(nn.Module):
 
     def __reduce_ex__(self, protocol):
         # Pickled (or deep-copied) as the plain block: the C call's arguments are addresses in this process.
-        state = {k: v for k, v in self.__dict__.items() if k not in ("_args", "_parts", "_linears", "window")}
-        return _plain_copy, (type(self).__bases__[1], state)
+        return _plain_copy, (type(self).__bases__[1], _unswapped_state(self))
 
 
 
@@ -439,12 +451,22 @@ def _layer_for(module: nn.Module) -> DecodeLayer | None:
             and type(mlp) is GatedMLP and not list(module.parameters(recurse=False))
             and not list(module.buffers(recurse=False))):
         return None
-    H, Hkv = attn.q_proj.out_features // attn.head_dim, attn.k_proj.out_features // attn.head_dim
-    linears = [attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj, mlp.gate_proj, mlp.up_proj, mlp.down_proj]
-    if not all(type(m).__name__ == "QuantLinear" for m in linears):
-        return None
+    projections = [attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj, mlp.gate_proj, mlp.up_proj, mlp.down_proj]
+    linears, adapters, extra = [], [], []  # the QuantLinears; LoRA wrappers' terms and modules
+    for m in projections:
+        if type(m).__name__ != "QuantLinear":  # a LoRA wrapper (finetune.QuantLoraLinear) around one?
+            base, term = getattr(m, "base_layer", None), getattr(m, "decode_adapter", lambda: None)()
+            if type(base).__name__ != "QuantLinear" or term is None:
+                return None
+            adapters.append((m, term))
+            name = next(n for n in m.active_adapters if n in m.lora_A)
+            extra += [(m, "base_layer"), (m.lora_A, name), (m.lora_B, name), (m.lora_dropout, name)]
+            m = base
+        linears.append(m)
+    H, Hkv = linears[0].out_features // attn.head_dim, linears[1].out_features // attn.head_dim
+    terms = {linears[projections.index(w)]: term for w, term in adapters}
     args = cpu_avx2.layer_args(n1.weight, n1.variance_epsilon, n2.weight, n2.variance_epsilon, linears[:3],
-                               linears[3], linears[4:6], linears[6], H, Hkv, attn.head_dim, attn.scaling)
+                               linears[3], linears[4:6], linears[6], H, Hkv, attn.head_dim, attn.scaling, terms)
     if isinstance(args, str):
         log.debug("fused: %s keeps its own forward (%s)", type(module).__name__, args)
         return None
@@ -453,8 +475,25 @@ def _layer_for(module: nn.Module) -> DecodeLayer | None:
     owners = [(new, ("input_layernorm", "post_attention_layernorm", "self_attn", "mlp")),
               (attn, ("q_proj", "k_proj", "v_proj", "o_proj")), (mlp, ("gate_proj", "up_proj", "down_proj"))]
     new._parts = tuple((owner._modules, n, owner._modules[n]) for owner, names in owners for n in names)
+    new._parts += tuple((owner._modules, n, owner._modules[n]) for owner, n in extra)
     new._linears = tuple((m, m.kernel, m._avx2_plan, m._avx2_shared) for m in linears)
+    new._adapters, new._guard = tuple(adapters), _adapter_guard(adapters)
     return new
+
+
+def _adapter_guard(adapters: list) -> Callable | None:
+    """A check, for every decoded token, that each (wrapper, term) still holds: the wrapper's decode_adapter() would
+    give that term (A, B, scale) with A and B where they were (read in place: in-place updates count). The wrapper
+    class's decode_guard builds it (finetune.QuantLoraLinear's: maps over the wrappers' attribute dicts, where calling
+    decode_adapter() through peft's properties cost ~5 us a wrapper, 1.2 ms of a ~3.4 ms SmolLM2 token with its 210
+    projections adapted). None for no adapters."""
+    if not adapters:
+        return None
+    by_class: dict = {}
+    for w, term in adapters:
+        by_class.setdefault(type(w), []).append((w, term))
+    checks = [cls.decode_guard(*zip(*pairs)) for cls, pairs in by_class.items()]
+    return checks[0] if len(checks) == 1 else lambda: all(check() for check in checks)
 
 
 def _layer_agrees(module: nn.Module, new: DecodeLayer) -> bool:
@@ -497,6 +536,8 @@ class DecodeStack(nn.Module):
     _hooks: tuple  # forward (pre-)hook dicts of the modules the C call runs without calling them (torch adds to
     # these dicts in place)
     _linears: tuple  # (the QuantLinears' __dict__s, their kernel, plan and shared of each in turn) as swapped
+    _guard: Callable | None  # whether the blocks' LoRA terms are still their wrappers' (_adapter_guard)
+    _FUSED = ("_stack", "_blocks", "_window", "_parts", "_hooks", "_linears", "_guard")  # added by the swap
 
     def forward(self, *args, **kwargs):
         if not args:  # transformers' causal LMs call their stack by keyword
@@ -520,9 +561,11 @@ class DecodeStack(nn.Module):
         # 1.1B shape and 124 on SmolLM2-135M, this 130 and 92 (medians of 64 tokens each, alternating in one process).
         linears, expected = self._linears
         try:
-            return all(map(operator.is_, itertools.chain.from_iterable(map(_LINEAR_STATE, linears)), expected))
+            if not all(map(operator.is_, itertools.chain.from_iterable(map(_LINEAR_STATE, linears)), expected)):
+                return False
         except KeyError:  # an attribute deleted: not the layer the C call was built for
             return False
+        return self._guard is None or self._guard()
 
     def decode_step(self, kw: dict):
         """The stack's output (transformers' BaseModelOutputWithPast) for a forward called with keyword arguments
@@ -567,9 +610,7 @@ class DecodeStack(nn.Module):
 
     def __reduce_ex__(self, protocol):
         # Pickled (or deep-copied) as the plain stack: the C call's arguments are addresses in this process.
-        state = {k: v for k, v in self.__dict__.items()
-                 if k not in ("_stack", "_blocks", "_window", "_parts", "_hooks", "_linears")}
-        return _plain_copy, (type(self).__bases__[1], state)
+        return _plain_copy, (type(self).__bases__[1], _unswapped_state(self))
 
 
 _LINEAR_STATE = operator.itemgetter("kernel", "_avx2_plan", "_avx2_shared")  # of a QuantLinear's __dict__
@@ -616,6 +657,7 @@ def _stack_for(module: nn.Module) -> DecodeStack | None:
     new._hooks = tuple(h for m in unseen for h in (m._forward_hooks, m._forward_pre_hooks))
     linears = [lin for b in blocks for lin in b._linears]  # (QuantLinear, kernel, plan, shared)
     new._linears = (tuple(m.__dict__ for m, *_ in linears), tuple(x for _, *state in linears for x in state))
+    new._guard = _adapter_guard([a for b in blocks for a in b._adapters])
     return new
 
 
@@ -647,6 +689,33 @@ def _stack_agrees(module: nn.Module, new: DecodeStack) -> bool:
     except (RuntimeError, TypeError, ValueError, AttributeError):  # a forward this probe does not fit
         return False
     return got is not None and torch.equal(got.last_hidden_state, ref.last_hidden_state)
+
+
+def refresh(model: nn.Module) -> int:
+    """Build again the one-call blocks and stack of `model` whose parts changed since they were swapped, as when a LoRA
+    wrapper takes a projection's place (finetune.add_lora / load_lora call this): each such block or stack goes back
+    to its plain class, then use_layers and use_stack swap again whatever now runs in one C call, wrappers and their
+    adapter terms included. Returns how many blocks run in one C call.
+
+    >>> refresh(load_lora(model, "adapter").base_model.model)  # doctest: +SKIP
+    22
+    """
+    for name, module in list(model.named_modules()):
+        if isinstance(module, (DecodeLayer, DecodeStack)) and not module.intact():
+            parent, _, child = name.rpartition(".")
+            plain = _plain_copy(type(module).__bases__[1], _unswapped_state(module))
+            setattr(model.get_submodule(parent) if parent else model, child, plain)
+    # The probes compare eval-mode steps: an adapter's dropout (new modules start in training mode) would make the
+    # wrappers' own forward random. Whether a dropout is on is checked at each call (the wrappers' decode_guard).
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        use_layers(model)
+        use_stack(model)
+    finally:
+        for m, mode in modes:
+            m.training = mode
+    return sum(isinstance(m, DecodeLayer) for m in model.modules())
 
 
 def use_stack(model: nn.Module) -> int:

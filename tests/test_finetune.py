@@ -198,7 +198,9 @@ def test_fused_decode_uses_the_adapter(which, ckpt, tmp_path, monkeypatch, one_t
     """With a non-zero adapter, a one-token step into gptqkit's KV cache gives the full-sequence forward's logits
     at that position (both with the adapter), and both differ clearly from the model's without it. On stories260K
     the step runs the fused C attention step (DecodeAttention) through the LoRA-wrapped q/k/v/o; on a model whose
-    blocks and stack run in one C call, that call runs without the adapter and steps aside with it."""
+    blocks and stack run in one C call, add_lora builds that call again with the adapter's terms in it, and the
+    per-module path (the wrappers' own C term) gives the same bits. After peft's unload() the blocks run their own
+    forward until fused.refresh builds the plain call again."""
     path = ckpt if which == "stories" else rtn_checkpoint(tmp_path, "llama")
     calls = {"decode_layer": 0, "decode_stack": 0, "rope_decode_attention": 0}
     for fn in calls:
@@ -240,12 +242,93 @@ def test_fused_decode_uses_the_adapter(which, ckpt, tmp_path, monkeypatch, one_t
         n = len(blocks)
         if which == "stories":  # MLPs dense: no whole-block call; the attention step runs in C either way
             assert calls0 == calls1 == {"decode_layer": 0, "decode_stack": 0, "rope_decode_attention": n}
-        else:  # one call for the stack without the adapter; with it the blocks' own forward, attention in C
-            assert calls0 == {"decode_layer": 0, "decode_stack": 1, "rope_decode_attention": 0}
-            assert calls1 == {"decode_layer": 0, "decode_stack": 0, "rope_decode_attention": n}
-    # unload() puts the QuantLinears back where they were: the same outputs and C calls as before the adapter
-    full2, step2, calls2 = full_and_step(pm.unload())
-    assert torch.equal(full2, full0) and torch.equal(step2, step0) and calls2 == calls0
+        else:  # one call for the stack, without the adapter and with it
+            assert calls0 == calls1 == {"decode_layer": 0, "decode_stack": 1, "rope_decode_attention": 0}
+            stack, layer = fused.DecodeStack.decode_step, fused.DecodeLayer.decode_step
+            monkeypatch.setattr(fused.DecodeStack, "decode_step", lambda self, kw: None)
+            monkeypatch.setattr(fused.DecodeLayer, "decode_step", lambda self, *a: None)
+            _, per_module, calls = full_and_step(pm)  # each wrapper's own C term (cpu_avx2.lora_add)
+            assert torch.equal(per_module, step1) and calls["rope_decode_attention"] == n
+            monkeypatch.setattr(fused.DecodeStack, "decode_step", stack)
+            monkeypatch.setattr(fused.DecodeLayer, "decode_step", layer)
+    # unload() puts the QuantLinears back where they were: the same outputs as before the adapter
+    model = pm.unload()
+    full2, step2, calls2 = full_and_step(model)
+    assert torch.equal(full2, full0) and torch.equal(step2, step0)
+    if avx2 and which == "all-quantized":  # the call built over the wrappers steps aside; refresh builds it again
+        assert calls2 == {"decode_layer": 0, "decode_stack": 0, "rope_decode_attention": len(blocks)}
+        assert fused.refresh(model) == len(blocks)
+        full2, step2, calls2 = full_and_step(model)
+        assert torch.equal(step2, step0)
+    assert calls2 == calls0
+
+
+@pytest.mark.skipif(isinstance(cpu_avx2.library(), str), reason="the one-call decode path needs the avx2 build")
+def test_fused_adapter_call_follows_the_adapter(tmp_path, monkeypatch, one_thread_module):
+    """The one C call built over LoRA wrappers reads A and B in place (an in-place update counts) and steps aside
+    whenever its terms are no longer the wrappers' own: adapters disabled, a scaling changed, a dropout training, a
+    gradient wanted. Each step it takes equals the per-module path's, and each step it leaves does too."""
+    model = load(rtn_checkpoint(tmp_path, "llama"))
+    calls = {"decode_stack": 0}
+    real = cpu_avx2.decode_stack
+    monkeypatch.setattr(cpu_avx2, "decode_stack", lambda *a: calls.__setitem__("decode_stack", calls["decode_stack"]
+                                                                                + 1) or real(*a))
+    name = cache_kwarg(model)
+    ids = torch.randint(3, model.config.vocab_size, (1, 9), generator=torch.Generator().manual_seed(0))
+    torch.manual_seed(0)
+    pm = finetune.add_lora(model, dropout=0.1)
+    set_lora_b(pm)
+    pm.eval()
+
+    def step(grad: bool = False) -> tuple[torch.Tensor, int, torch.Tensor]:
+        """(the 9th token's logits after an 8-token prefill, stack calls in that step, the same step with the
+        one-call blocks and stack stepping aside)"""
+        out = []
+        for fused_on in (True, False):
+            if not fused_on:
+                monkeypatch.setattr(fused.DecodeStack, "decode_step", lambda self, kw: None)
+                monkeypatch.setattr(fused.DecodeLayer, "decode_step", lambda self, *a: None)
+            with torch.set_grad_enabled(grad):
+                cache = cache_for(model, "auto", 9)
+                model(input_ids=ids[:, :8], **{name: cache}, use_cache=True)
+                before = calls["decode_stack"]
+                out += [model(input_ids=ids[:, 8:], **{name: cache}, use_cache=True).logits[0, -1].detach(),
+                        calls["decode_stack"] - before]
+        monkeypatch.undo()
+        monkeypatch.setattr(cpu_avx2, "decode_stack", lambda *a: calls.__setitem__(
+            "decode_stack", calls["decode_stack"] + 1) or real(*a))
+        assert torch.equal(out[0], out[2])
+        return out[0], out[1], out[2]
+
+    base, n, _ = step()
+    assert n == 1
+    wrappers = [m for m in model.modules() if hasattr(m, "decode_guard")]
+    with torch.no_grad():
+        wrappers[3].lora_B["default"].weight.mul_(3)  # in place: the same call, the new values
+    moved, n, _ = step()
+    assert n == 1 and not torch.equal(moved, base)
+    with pm.disable_adapter():
+        off, n, _ = step()
+    assert n == 0
+    assert step()[1] == 1  # on again
+    wrappers[5].scaling["default"] *= 2
+    scaled, n, _ = step()
+    assert n == 0 and not torch.equal(scaled, moved)
+    wrappers[5].scaling["default"] /= 2
+    assert torch.equal(step()[0], moved)  # the same scale again: the call runs and gives the same bits
+    # adapters that train (their weights need a gradient): the torch formula over the layers' autograd path (W
+    # dequantized, activations not rounded to int8), within the int8 rounding's 2% of the one-call step
+    trained, n, _ = step(grad=True)
+    assert n == 0 and (trained - moved).abs().max() <= 2e-2 * moved.abs().max()
+    pm.train()  # dropout 0.1 on: the wrappers' own forward, dropout and all
+    with torch.no_grad():
+        cache = cache_for(model, "auto", 9)
+        model(input_ids=ids[:, :8], **{name: cache}, use_cache=True)
+        before = calls["decode_stack"]
+        model(input_ids=ids[:, 8:], **{name: cache}, use_cache=True)
+    assert calls["decode_stack"] == before
+    pm.eval()
+    assert step()[1] == 1
 
 
 # ------------------------------------------------------------------------------------------------ merge

@@ -392,6 +392,24 @@ def test_avx2_gemm_bf16_is_the_dequantized_product(bits, K, N, M, group, act, sy
 
 
 @needs_avx2
+@pytest.mark.parametrize("r,K,N,M", [(8, 576, 1536, 1), (16, 72, 44, 3), (5, 33, 21, 2), (64, 256, 8, 1)])
+def test_lora_add_is_the_low_rank_term(r, K, N, M):
+    """lora_add (the LoRA term of decode rows, in the one-call blocks and the wrappers alike) is y + x A^T B^T *
+    scale to fp32 rounding: r a multiple of 8 (8 outputs a step) or not, N with a remainder of outputs, several rows;
+    y itself is left as it was. Other dtypes and mismatched shapes are declined."""
+    g = torch.Generator().manual_seed(r + K)
+    x, y = torch.randn(M, K, generator=g), torch.randn(M, N, generator=g)
+    A, B = torch.randn(r, K, generator=g) / K**0.5, torch.randn(N, r, generator=g)
+    y0 = y.clone()
+    got = cpu_avx2.lora_add(x, y, (A, B, 0.75))
+    want = y.double() + (x.double() @ A.double().T @ B.double().T) * 0.75
+    assert got.shape == (M, N) and rel_err(got, want) < 1e-6 and torch.equal(y, y0)
+    assert cpu_avx2.lora_add(x, y, (A.double(), B.double(), 0.75)) is None
+    assert cpu_avx2.lora_add(x, y, (A[:, 1:], B, 0.75)) is None
+    assert cpu_avx2.lora_add(x, y[:, 1:], (A, B, 0.75)) is None
+
+
+@needs_avx2
 def test_avx2_gemm_bf16_declines(monkeypatch):
     """Where the CPU lacks AVX512-BF16, or N is not a multiple of 16, gemm_bf16 says None and bf16 prefill goes
     through dequantized column blocks: every value a widened bf16 product."""

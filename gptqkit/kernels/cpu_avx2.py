@@ -162,6 +162,8 @@ def library(vnni: bool = False) -> ctypes.CDLL | str:
     lib.silu_mul.argtypes = [P, P, L, P]
     lib.decode_layer.restype = ctypes.c_int
     lib.decode_layer.argtypes = [P, P, P, P, P, P, I, I, L, L, L, L, P, I]
+    lib.lora_add.restype = None
+    lib.lora_add.argtypes = [P, P, I, I, I, P]
     lib.decode_stack.restype = ctypes.c_int
     lib.decode_stack.argtypes = [P, I, P, P, P, P, P, I, I, L, L, L, L, P, ctypes.c_float, P, I]
     return lib
@@ -646,7 +648,38 @@ class _MM(ctypes.Structure):
     _fields_ = [("nl", ctypes.c_int), ("K", ctypes.c_int), ("width", ctypes.c_int), ("R", ctypes.c_int),
                 ("q8", ctypes.c_int), ("qws", ctypes.c_void_p), ("Ns", ctypes.c_void_p), ("scs", ctypes.c_void_p),
                 ("zs", ctypes.c_void_p), ("runs", ctypes.c_void_p), ("rgroup", ctypes.c_void_p),
-                ("next", ctypes.c_void_p), ("nnext", ctypes.c_int)]
+                ("next", ctypes.c_void_p), ("nnext", ctypes.c_int), ("lora", ctypes.c_void_p)]
+
+
+class _Lora(ctypes.Structure):
+    """lora_t in cpu_avx2.c: one layer's adapter term (r = 0: none)."""
+
+    _fields_ = [("r", ctypes.c_int), ("A", ctypes.c_void_p), ("B", ctypes.c_void_p), ("scale", ctypes.c_float)]
+
+
+def _lora_fits(adapter: tuple, K: int, N: int) -> bool:
+    """adapter = (A [r, K], B [N, r], scale): float32, contiguous, on CPU."""
+    A, B, scale = adapter
+    return (A.dim() == B.dim() == 2 and A.shape[0] == B.shape[1] >= 1 and A.shape[1] == K and B.shape[0] == N
+            and A.dtype == B.dtype == torch.float32 and A.device.type == B.device.type == "cpu"
+            and A.is_contiguous() and B.is_contiguous() and isinstance(scale, float))
+
+
+def lora_add(x: torch.Tensor, y: torch.Tensor, adapter: tuple) -> torch.Tensor | None:
+    """y + (x @ A.T @ B.T) * scale for float32 CPU rows x [..., K] and y [..., N] (a projection's decode output),
+    adapter = (A [r, K], B [N, r], scale) (peft's lora_A / lora_B weights and scaling), by the C function that
+    decode_layer runs for the same layer (lora_add in cpu_avx2.c), on the caller's thread; a new tensor. None where
+    the library cannot be had or the shapes, dtypes or layouts do not fit."""
+    lib = fast_library()
+    K, N = x.shape[-1], y.shape[-1]
+    if (isinstance(lib, str) or not _lora_fits(adapter, K, N) or x.dtype != torch.float32 or y.dtype != torch.float32
+            or x.numel() // K != y.numel() // N):
+        return None
+    A, B, scale = adapter
+    x, out = x.contiguous(), y.contiguous().clone()
+    lib.lora_add(ctypes.byref(_Lora(A.shape[0], A.data_ptr(), B.data_ptr(), scale)), x.data_ptr(), x.numel() // K,
+                 K, N, out.data_ptr())
+    return out
 
 
 class LayerArgs(ctypes.Structure):
@@ -659,9 +692,10 @@ class LayerArgs(ctypes.Structure):
     keep: tuple  # what its pointers point into: plans, their read-ahead lists, the norm weights
 
 
-def _mm_args(layers: list) -> tuple[_MM, tuple] | str:
+def _mm_args(layers: list, adapters: dict) -> tuple[_MM, tuple] | str:
     """The fixed arguments of the one decode call that runs `layers` (QuantLinears that share it, in output order),
-    and what they point into; or why there is no such call."""
+    with adapters.get(layer) = (A, B, scale) added to a layer's output (lora_add), and what they point into; or why
+    there is no such call."""
     first = layers[0]
     if any(layer.bias is not None for layer in layers):
         return "a projection has a bias"
@@ -678,15 +712,27 @@ def _mm_args(layers: list) -> tuple[_MM, tuple] | str:
     qws, ns, scs, zs, runs, rgroup = plan.ptrs
     nxt, n = (ctypes.addressof(plan.follow[0]), plan.follow[1]) if plan.follow else (None, 0)
     q8 = plan.bits if first.kernel.name == "avx2-q8" else 0  # mm_args.q8: gptq_matmul_q8's bits, 0 for fp32
-    mm = _MM(len(plan.sizes), plan.K, plan.width, plan.runs, q8, qws, ns, scs, zs, runs, rgroup, nxt, n)
-    return mm, (plan, tuple(plan.follow))
+    terms = [adapters.get(layer) for layer in layers]
+    if any(t is not None and not _lora_fits(t, m.in_features, m.out_features) for t, m in zip(terms, layers)):
+        return "an adapter's weights are not float32 [r, in] and [out, r] on CPU"
+    lora = None
+    if any(t is not None for t in terms):
+        lora = (_Lora * len(layers))(*[_Lora(t[0].shape[0], t[0].data_ptr(), t[1].data_ptr(), t[2]) if t else _Lora()
+                                       for t in terms])
+    mm = _MM(len(plan.sizes), plan.K, plan.width, plan.runs, q8, qws, ns, scs, zs, runs, rgroup, nxt, n,
+             ctypes.addressof(lora) if lora is not None else None)
+    return mm, (plan, tuple(plan.follow), lora, terms)
 
 
 def layer_args(w1: torch.Tensor, eps1: float, w2: torch.Tensor, eps2: float, qkv: list, o, gate_up: list, down,
-               heads: int, kv_heads: int, head_dim: int, scale: float) -> LayerArgs | str:
+               heads: int, kv_heads: int, head_dim: int, scale: float,
+               adapters: dict | None = None) -> LayerArgs | str:
     """decode_layer's fixed arguments for a block of norm weights w1, w2 [hidden] (float32) and QuantLinears q/k/v
-    (one shared decode call), o, gate/up (one shared call) and down on the avx2 kernels; or why they do not fit."""
-    parts = [_mm_args(qkv), _mm_args([o]), _mm_args(gate_up), _mm_args([down])]
+    (one shared decode call), o, gate/up (one shared call) and down on the avx2 kernels, adapters[layer] = (A, B,
+    scale) the LoRA term added to a layer's output (see lora_add); or why they do not fit."""
+    adapters = adapters or {}
+    parts = [_mm_args(qkv, adapters), _mm_args([o], adapters), _mm_args(gate_up, adapters),
+             _mm_args([down], adapters)]
     why = next((p for p in parts if isinstance(p, str)), None)
     if why is not None:
         return why
