@@ -562,7 +562,7 @@ def load(path: str | os.PathLike, device: str | torch.device = "cpu", dtype: tor
     model.to(device)
     model.eval()
     if dense_dtype is not None:
-        store_dense(model, dense_dtype, compute=dtype)
+        store_dense(model, dense_dtype, compute=dtype, from_file=True)
         _rows_from_file(model, sd, files)
     use_kernels(model, device, kernel)
     if device.type == "cpu":

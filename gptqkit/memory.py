@@ -56,6 +56,44 @@ def empty(shape: list[int], dtype: torch.dtype) -> torch.Tensor:
     return empty_many([(shape, dtype)])[0]
 
 
+def clean_file_view(t: torch.Tensor) -> bool:
+    """t is a CPU tensor inside one private mapping of a file that holds no pages of its own (smaps' Anonymous: 0 kB:
+    nothing was ever written through it), as safetensors gives a checkpoint's tensors: dropping its resident pages
+    then loses nothing. False where /proc/self/smaps cannot be read (not Linux)."""
+    a0 = t.data_ptr()
+    a1 = a0 + t.numel() * t.element_size()
+    if t.device.type != "cpu" or not hasattr(mmap, "MADV_DONTNEED"):
+        return False
+    try:
+        with open("/proc/self/smaps") as f:
+            inside = False
+            for line in f:
+                head = line.split(None, 6)
+                if len(head) >= 5 and "-" in head[0] and not head[0].endswith(":"):  # a mapping's first line
+                    lo, hi = (int(v, 16) for v in head[0].split("-"))
+                    inside = lo <= a0 and a1 <= hi
+                    if inside and not (len(head) >= 6 and head[5].startswith("/") and head[1].endswith("p")):
+                        return False
+                elif inside and head[0] == "Anonymous:":
+                    return head[1] == "0"
+    except (OSError, ValueError):
+        pass
+    return False
+
+
+def drop_file_pages(t: torch.Tensor) -> None:
+    """Give back the resident pages of `t`, a clean file view (clean_file_view): they stay in the page cache, and a
+    later read of t faults the same bytes in from the file again, but the process no longer holds them. Whole pages
+    inside t only."""
+    import ctypes
+
+    a0 = t.data_ptr()
+    a1 = a0 + t.numel() * t.element_size()
+    p0, p1 = -(-a0 // mmap.PAGESIZE) * mmap.PAGESIZE, a1 // mmap.PAGESIZE * mmap.PAGESIZE
+    if p1 > p0:
+        ctypes.CDLL(None).madvise(ctypes.c_void_p(p0), ctypes.c_size_t(p1 - p0), mmap.MADV_DONTNEED)
+
+
 def available() -> int | None:
     """Bytes the kernel could give without swapping (Linux's MemAvailable, page cache included), or None where
     /proc/meminfo does not say."""

@@ -129,3 +129,30 @@ def test_a_kernel_that_refuses_the_advice_still_gets_its_tensors(monkeypatch):
     t = memory.empty([3 << 20], torch.uint8)
     t.fill_(7)
     assert t.shape == (3 << 20,) and t.data_ptr() % memory.HUGE == 0 and int(t[-1]) == 7
+
+
+def test_a_clean_file_view_gives_its_pages_back_and_reads_the_same_bytes(tmp_path):
+    """A safetensors tensor (a view of the file's private mapping) is a clean file view; drop_file_pages takes its
+    resident pages out of the process, and reading it again gives the same values. Anonymous memory, and a file view
+    written through (a page of its own), are not clean: dropping their pages would lose data."""
+    from gptqkit.dense import _streamed
+
+    w = torch.randn(2048, 1024).half()
+    save_file({"w": w}, str(tmp_path / "t.safetensors"))
+    t = load_file(str(tmp_path / "t.safetensors"))["w"]
+    lo, hi = t.data_ptr(), t.data_ptr() + t.nbytes
+
+    def resident() -> int:
+        return sum(f["Rss"] for _, f in mappings(lo, hi))
+
+    assert memory.clean_file_view(t) and not memory.clean_file_view(w) and torch.equal(t, w)
+    assert resident() >= 3 << 20  # the 4 MiB just read
+    memory.drop_file_pages(t)
+    assert resident() <= 2 * 4096  # at most the partial pages at its ends
+    assert torch.equal(t, w)  # read from the file again
+    # the cast load() does: piece by piece, each piece's pages given back once copied
+    b = _streamed(t, torch.bfloat16, from_file=True)
+    assert torch.equal(b, w.bfloat16()) and resident() <= 2 * 4096
+    assert torch.equal(_streamed(t, torch.bfloat16), b) and resident() >= 3 << 20  # the plain cast keeps them
+    t[0, 0] = 7  # a private page of its own now
+    assert not memory.clean_file_view(t)
