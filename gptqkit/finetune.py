@@ -183,15 +183,20 @@ def _lora_layer_class() -> type:
             result = self.base_layer(x)  # [..., N] in the base's dtype
             if self.disable_adapters:
                 return result
-            # Decode rows (few float32 rows on CPU, no gradient): the term in one C call instead of ~6 torch ops and
-            # 3 module calls, the same function as the one-call blocks' (so both give the same bits)
-            if x.dtype == torch.float32 and x.device.type == "cpu" and x.numel() < cpu_avx2.M_MAX * x.shape[-1]:
-                adapter = self.decode_adapter()
-                if adapter is not None and not self._dropout_on() and not (torch.is_grad_enabled() and (
-                        x.requires_grad or adapter[0].requires_grad or adapter[1].requires_grad)):
+            adapter = self.decode_adapter() if x.dtype == result.dtype == torch.float32 else None
+            if adapter is not None and not self._dropout_on() and not (torch.is_grad_enabled() and (
+                    x.requires_grad or adapter[0].requires_grad or adapter[1].requires_grad)):
+                # Inference in float32: decode rows on CPU in one C call instead of ~6 torch ops and 3 module calls,
+                # the same function as the one-call blocks' (so both give the same bits); more rows in one addmm
+                # after one GEMM, where the formula below takes 3 more ops and 2 module calls (a 3-bit SmolLM2 with
+                # r = 8 everywhere prefilled 128 / 512 tokens 4% / 12% faster, in one process)
+                A, B, scale = adapter
+                if x.device.type == "cpu" and x.numel() < cpu_avx2.M_MAX * x.shape[-1]:
                     y = cpu_avx2.lora_add(x, result, adapter)
                     if y is not None:
                         return y
+                t = x.reshape(-1, x.shape[-1]) @ A.T  # [M, r]
+                return torch.addmm(result.reshape(-1, B.shape[0]), t, B.T, alpha=scale).view(result.shape)
             for name in self.active_adapters:
                 if name not in self.lora_A:
                     continue

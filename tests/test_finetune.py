@@ -111,22 +111,25 @@ def test_lora_gradients_match_the_reference_kernel(ckpt, batch, one_thread_modul
 
 
 def test_lora_layer_matches_the_formula(ckpt):
-    """base(x) + scaling * x @ A^T @ B^T, the low-rank term in float64 here; returned in x's dtype (bf16 too); with
-    the adapter disabled exactly base(x)."""
+    """base(x) + scaling * x @ A^T @ B^T, the low-rank term in float64 here, on each path: decode rows (the C term),
+    prefill rows (one addmm), and with a gradient (the torch formula); returned in x's dtype (bf16 too); with the
+    adapter disabled exactly base(x)."""
     torch.manual_seed(0)
     pm = finetune.add_lora(load(ckpt), r=4, alpha=12)
     set_lora_b(pm, std=0.5)
     layer = pm.base_model.model.model.layers[1].self_attn.v_proj
     assert isinstance(layer, finetune.QuantLoraLinear) and layer.scaling["default"] == 3.0
     A, B = layer.lora_A["default"].weight.double(), layer.lora_B["default"].weight.double()  # [4, 64], [32, 4]
-    x = torch.randn(2, 5, 64, generator=torch.Generator().manual_seed(2))
-    with torch.no_grad():
-        base = layer.base_layer(x)
-        y = layer(x)
+    for shape, grad in (((3, 20, 64), False), ((2, 5, 64), True), ((2, 5, 64), False)):  # x last: used below
+        x = torch.randn(*shape, generator=torch.Generator().manual_seed(2))
+        with torch.set_grad_enabled(grad):
+            base = layer.base_layer(x)
+            y = layer(x)
         expected = base.double() + 3.0 * (x.double() @ A.T @ B.T)
-        assert y.dtype == torch.float32 and y.shape == (2, 5, 32)
+        assert y.dtype == torch.float32 and y.shape == (*shape[:2], 32) and y.requires_grad == grad
         assert (y.double() - expected).abs().max() <= 1e-5 * expected.abs().max()
         assert (y - base).abs().max() > 0.1 * base.abs().max()  # the adapter's term is not negligible here
+    with torch.no_grad():
 
         xb = x.bfloat16()
         yb = layer(xb)
