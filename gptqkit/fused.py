@@ -33,12 +33,12 @@ Which modules qualify is discovered, not tabled per model, and a probe on random
 - an attention module has q_proj / k_proj / v_proj / o_proj and nothing else (no q/k norms, no sinks), head_dim,
   scaling and layer_idx, no logit softcapping, and one decode step with random cos and sin gives its output.
   GPT-2's, OPT's and GPT-NeoX's attention, and partial rotary, keep their class.
-- a block has exactly input_layernorm, self_attn, post_attention_layernorm and mlp, all swapped above, no biases,
-  and its decode_step gives exactly the block's own output on the same kind of probe. A projection may be a LoRA
-  wrapper around a QuantLinear (gptqkit.finetune.QuantLoraLinear, one adapter active): the C call adds the
-  adapter's term after the projection with the function the wrapper itself calls (cpu_avx2.lora_add), and checks
-  before each step that the term is still the wrapper's (its decode_guard). Qwen2's q/k/v biases and
-  Gemma's norms keep its blocks on the per-module path.
+- a block has exactly input_layernorm, self_attn, post_attention_layernorm and mlp, all swapped above, and its
+  decode_step gives exactly the block's own output on the same kind of probe. A projection's bias (Qwen2's q/k/v)
+  is added in C after its matmul, one fp32 add as QuantLinear's own. A projection may be a LoRA wrapper around a
+  QuantLinear (gptqkit.finetune.QuantLoraLinear, one adapter active): the C call adds the adapter's term after the
+  projection with the function the wrapper itself calls (cpu_avx2.lora_add), and checks before each step that the
+  term is still the wrapper's (its decode_guard). Gemma's norms keep its blocks on the per-module path.
 - a stack has exactly embed_tokens, layers (all swapped blocks, as many as the config says), norm and rotary_emb,
   and its one-token step gives exactly its own forward's output after a 5-token prefill of random ids.
 A swapped module holds the same Parameter or submodules under the same names, so state_dict() does not change.
@@ -386,7 +386,8 @@ class DecodeLayer(nn.Module):
     _linears: tuple  # ((QuantLinear, kernel, plan, shared), ...) as swapped
     _adapters: tuple  # ((LoRA wrapper, (A, B, scale)), ...): the adapter terms the C call adds
     _guard: Callable | None  # whether those terms are still the wrappers' (see _adapter_guard)
-    _FUSED = ("_args", "_parts", "_linears", "_adapters", "_guard", "window")  # added by the swap
+    _biases: tuple  # ((the dict holding a QuantLinear's bias, the bias, its address), ...): read in place by the C call
+    _FUSED = ("_args", "_parts", "_linears", "_adapters", "_guard", "_biases", "window")  # added by the swap
 
     def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
                 position_embeddings: tuple | None = None, **kwargs):
@@ -407,8 +408,8 @@ class DecodeLayer(nn.Module):
         for m, kernel, plan, shared in self._linears:
             if m.kernel is not kernel or m._avx2_plan is not plan or m._avx2_shared is not shared:
                 return False
-        return (self._guard is None or self._guard()) and not (nn.modules.module._global_forward_hooks
-                                                                or nn.modules.module._global_forward_pre_hooks)
+        return (_biases_intact(self._biases) and (self._guard is None or self._guard())
+                and not (nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks))
 
     def decode_step(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                     cache: GrowingCache) -> torch.Tensor | None:
@@ -478,7 +479,15 @@ def _layer_for(module: nn.Module) -> DecodeLayer | None:
     new._parts += tuple((owner._modules, n, owner._modules[n]) for owner, n in extra)
     new._linears = tuple((m, m.kernel, m._avx2_plan, m._avx2_shared) for m in linears)
     new._adapters, new._guard = tuple(adapters), _adapter_guard(adapters)
+    new._biases = tuple((m._buffers if "bias" in m._buffers else m._parameters, m.bias, m.bias.data_ptr())
+                        for m in linears if m.bias is not None)
     return new
+
+
+def _biases_intact(biases: tuple) -> bool:
+    """Each (dict, bias, address) still holds: the layer's bias is that tensor, at that address (the C call reads it
+    in place, so in-place changes count)."""
+    return all(d.get("bias") is b and b.data_ptr() == p for d, b, p in biases)
 
 
 def _adapter_guard(adapters: list) -> Callable | None:
@@ -537,7 +546,8 @@ class DecodeStack(nn.Module):
     # these dicts in place)
     _linears: tuple  # (the QuantLinears' __dict__s, their kernel, plan and shared of each in turn) as swapped
     _guard: Callable | None  # whether the blocks' LoRA terms are still their wrappers' (_adapter_guard)
-    _FUSED = ("_stack", "_blocks", "_window", "_parts", "_hooks", "_linears", "_guard")  # added by the swap
+    _biases: tuple  # the blocks' (DecodeLayer._biases)
+    _FUSED = ("_stack", "_blocks", "_window", "_parts", "_hooks", "_linears", "_guard", "_biases")  # the swap's
 
     def forward(self, *args, **kwargs):
         if not args:  # transformers' causal LMs call their stack by keyword
@@ -565,7 +575,7 @@ class DecodeStack(nn.Module):
                 return False
         except KeyError:  # an attribute deleted: not the layer the C call was built for
             return False
-        return self._guard is None or self._guard()
+        return _biases_intact(self._biases) and (self._guard is None or self._guard())
 
     def decode_step(self, kw: dict):
         """The stack's output (transformers' BaseModelOutputWithPast) for a forward called with keyword arguments
@@ -658,6 +668,7 @@ def _stack_for(module: nn.Module) -> DecodeStack | None:
     linears = [lin for b in blocks for lin in b._linears]  # (QuantLinear, kernel, plan, shared)
     new._linears = (tuple(m.__dict__ for m, *_ in linears), tuple(x for _, *state in linears for x in state))
     new._guard = _adapter_guard([a for b in blocks for a in b._adapters])
+    new._biases = tuple(x for b in blocks for x in b._biases)
     return new
 
 

@@ -60,6 +60,11 @@ def random_model(arch: str, seed: int = 0):
     else:
         raise ValueError(arch)
     model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+    if arch == "qwen2":  # its q/k/v biases random: transformers starts them at zero, where they change nothing
+        with torch.no_grad():
+            for layer in model.model.layers:
+                for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
+                    proj.bias.normal_(0, 0.5)
     return model.eval()
 
 

@@ -481,10 +481,10 @@ def count_c_calls(monkeypatch) -> dict:
 
 
 @needs_avx2
-@pytest.mark.parametrize("arch,whole", [("llama", True), ("mistral", True), ("qwen2", False)])
+@pytest.mark.parametrize("arch,whole", [("llama", True), ("mistral", True), ("qwen2", True)])
 def test_load_runs_whole_blocks_in_one_c_call(tmp_path, monkeypatch, arch, whole):
-    """Llama's and Mistral's stacks run a decoded token in one C call (every block, then the norm) and give the
-    per-module path's logits bit for bit; Qwen2's q/k/v biases keep its blocks and stack on the per-module path."""
+    """Llama's, Mistral's and Qwen2's stacks run a decoded token in one C call (every block, then the norm; Qwen2's
+    q/k/v biases added in C) and give the per-module path's logits bit for bit."""
     from gptqkit.cache import GrowingCache
     from gptqkit.checkpoint import load
 
@@ -505,6 +505,46 @@ def test_load_runs_whole_blocks_in_one_c_call(tmp_path, monkeypatch, arch, whole
         assert not any(isinstance(m, (fused.DecodeStack, fused.DecodeLayer)) for m in model.modules())
         slow = prefill_then_decode(model, ids, GrowingCache(model.config))
         assert torch.equal(fast[0], slow[0]) and torch.equal(fast[1], slow[1])
+
+
+@needs_avx2
+def test_one_call_reads_biases_in_place_and_steps_aside_for_a_new_one(tmp_path, monkeypatch):
+    """Qwen2's q/k/v biases are read where they are: an in-place change shows in the next one-call step. A bias
+    replaced by another tensor (here float32, then bfloat16, as third-party checkpoints store them) makes the stack
+    step aside to the per-module path until fused.refresh builds it again over the new one; every step equals the
+    per-module path's bit for bit."""
+    from gptqkit.cache import GrowingCache
+    from gptqkit.checkpoint import load
+
+    model = load(rtn_checkpoint(tmp_path, "qwen2"))
+    calls = count_c_calls(monkeypatch)
+    ids = torch.randint(0, 256, (1, 36), generator=torch.Generator().manual_seed(5))
+    q = model.model.layers[1].self_attn.q_proj
+
+    def both() -> tuple[torch.Tensor, int]:
+        """(decoded logits, one-call steps taken), checked against the per-module path's logits"""
+        calls["stack"].clear()
+        fast = prefill_then_decode(model, ids, GrowingCache(model.config))[1]
+        taken = len(calls["stack"])
+        with monkeypatch.context() as m:
+            m.setattr(fused.DecodeStack, "decode_step", lambda self, kw: None)
+            m.setattr(fused.DecodeLayer, "decode_step", lambda self, *a: None)
+            assert torch.equal(prefill_then_decode(model, ids, GrowingCache(model.config))[1], fast)
+        return fast, taken
+
+    base, n = both()
+    assert n == 4
+    with torch.no_grad():
+        q.bias.mul_(3)
+    moved, n = both()
+    assert n == 4 and not torch.equal(moved, base)
+    for dtype in (torch.float32, torch.bfloat16):
+        q._buffers["bias"] = q.bias.to(dtype)
+        stepped, n = both()
+        assert n == 0
+        assert fused.refresh(model) == model.config.num_hidden_layers
+        again, n = both()
+        assert n == 4 and torch.equal(again, stepped)
 
 
 @needs_avx2

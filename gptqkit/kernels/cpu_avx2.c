@@ -2012,6 +2012,28 @@ void lora_add(const lora_t *l, const float *x, int M, int K, int N, float *y) {
    calls (rms_norm, q4_matmul, rope_decode_attention, silu_mul) with the same roundings, and the residual adds are
    one fp32 add each as in torch, so the result is the per-module path's bit for bit. */
 
+/* A layer's bias [N] (Qwen2's q/k/v), as QuantLinear adds it after the matmul, y + bias.to(float32): kind 0 fp32,
+   1 fp16, 2 bf16 (each widens exactly), then one fp32 add; p NULL: none. With it Qwen2's blocks and stack run in
+   one C call too: a Qwen2-0.5B-shaped 4-bit model (2 threads) took 6.4 ms per token instead of 8.6. */
+typedef struct {
+    const void *p;
+    int kind;
+} bias_t;
+
+static void add_bias(const bias_t *b, int N, float *y) {
+    for (int n = 0; n < N; n++) {
+        float v;
+        if (b->kind == 1)
+            v = _cvtsh_ss(((const uint16_t *)b->p)[n]);
+        else if (b->kind == 2) {
+            const uint32_t u = (uint32_t)((const uint16_t *)b->p)[n] << 16;
+            memcpy(&v, &u, sizeof v);
+        } else
+            v = ((const float *)b->p)[n];
+        y[n] = y[n] + v;
+    }
+}
+
 typedef struct { /* one decode matmul: the arguments of gptq_q4_matmul / gptq_matmul_q8 that do not change between
                    tokens; q8: 0 for gptq_q4_matmul, else gptq_matmul_q8's bits */
     int nl, K, width, R, q8;
@@ -2022,7 +2044,8 @@ typedef struct { /* one decode matmul: the arguments of gptq_q4_matmul / gptq_ma
     const int32_t *runs, *rgroup;
     const next_t *next;
     int nnext;
-    const lora_t *lora; /* nl entries (r = 0: none), or NULL: adapters' terms added to each layer's output */
+    const bias_t *bias; /* nl entries, or NULL: biases added to each layer's output */
+    const lora_t *lora; /* nl entries (r = 0: none), or NULL: adapters' terms added after them */
 } mm_args;
 
 typedef struct {
@@ -2037,9 +2060,11 @@ static int mm_call(const mm_args *m, const float *x, float *y, int threads) {
                                           m->R, y, threads, m->next, m->nnext)
                          : gptq_q4_matmul(x, 1, m->K, m->nl, m->qws, m->Ns, m->scs, m->zs, m->runs, m->rgroup, m->R,
                                           y, threads, m->next, m->nnext);
-    if (rc == 0 && m->lora)
-        for (int l = 0; l < m->nl; y += m->Ns[l], l++)
-            if (m->lora[l].r) lora_add(&m->lora[l], x, 1, m->K, m->Ns[l], y);
+    if (rc == 0 && (m->bias || m->lora))
+        for (int l = 0; l < m->nl; y += m->Ns[l], l++) {
+            if (m->bias && m->bias[l].p) add_bias(&m->bias[l], m->Ns[l], y);
+            if (m->lora && m->lora[l].r) lora_add(&m->lora[l], x, 1, m->K, m->Ns[l], y);
+        }
     return rc;
 }
 

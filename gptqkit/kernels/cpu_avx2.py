@@ -648,7 +648,17 @@ class _MM(ctypes.Structure):
     _fields_ = [("nl", ctypes.c_int), ("K", ctypes.c_int), ("width", ctypes.c_int), ("R", ctypes.c_int),
                 ("q8", ctypes.c_int), ("qws", ctypes.c_void_p), ("Ns", ctypes.c_void_p), ("scs", ctypes.c_void_p),
                 ("zs", ctypes.c_void_p), ("runs", ctypes.c_void_p), ("rgroup", ctypes.c_void_p),
-                ("next", ctypes.c_void_p), ("nnext", ctypes.c_int), ("lora", ctypes.c_void_p)]
+                ("next", ctypes.c_void_p), ("nnext", ctypes.c_int), ("bias", ctypes.c_void_p),
+                ("lora", ctypes.c_void_p)]
+
+
+class _Bias(ctypes.Structure):
+    """bias_t in cpu_avx2.c: a layer's bias and its dtype (p NULL: none)."""
+
+    _fields_ = [("p", ctypes.c_void_p), ("kind", ctypes.c_int)]
+
+
+BIAS_KINDS = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}  # bias_t.kind
 
 
 class _Lora(ctypes.Structure):
@@ -697,8 +707,9 @@ def _mm_args(layers: list, adapters: dict) -> tuple[_MM, tuple] | str:
     with adapters.get(layer) = (A, B, scale) added to a layer's output (lora_add), and what they point into; or why
     there is no such call."""
     first = layers[0]
-    if any(layer.bias is not None for layer in layers):
-        return "a projection has a bias"
+    if any(b is not None and not (b.shape == (m.out_features,) and b.dtype in BIAS_KINDS and b.is_contiguous()
+                                  and b.device.type == "cpu") for m in layers for b in [m.bias]):
+        return "a projection's bias is not a contiguous float32, float16 or bfloat16 [out] on CPU"
     if first.kernel.name not in ("avx2", "avx2-q8") or getattr(first, "_avx2_plan", None) is None:
         return "a projection is not on the avx2 kernels"
     shared = first._avx2_shared
@@ -719,9 +730,14 @@ def _mm_args(layers: list, adapters: dict) -> tuple[_MM, tuple] | str:
     if any(t is not None for t in terms):
         lora = (_Lora * len(layers))(*[_Lora(t[0].shape[0], t[0].data_ptr(), t[1].data_ptr(), t[2]) if t else _Lora()
                                        for t in terms])
+    biases = [m.bias for m in layers]
+    bias = None
+    if any(b is not None for b in biases):
+        bias = (_Bias * len(layers))(*[_Bias(b.data_ptr(), BIAS_KINDS[b.dtype]) if b is not None else _Bias()
+                                       for b in biases])
     mm = _MM(len(plan.sizes), plan.K, plan.width, plan.runs, q8, qws, ns, scs, zs, runs, rgroup, nxt, n,
-             ctypes.addressof(lora) if lora is not None else None)
-    return mm, (plan, tuple(plan.follow), lora, terms)
+             *(ctypes.addressof(a) if a is not None else None for a in (bias, lora)))
+    return mm, (plan, tuple(plan.follow), bias, biases, lora, terms)
 
 
 def layer_args(w1: torch.Tensor, eps1: float, w2: torch.Tensor, eps2: float, qkv: list, o, gate_up: list, down,
