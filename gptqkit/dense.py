@@ -8,11 +8,12 @@ would double their memory and the lm_head's bytes read per token. So they keep a
 their boundary: the embedding looks rows up in storage and returns them in the compute dtype; lm_head runs its
 GEMV in the storage dtype (bandwidth-bound: 2 bytes per weight) and returns the compute dtype.
 
-Only plain nn.Embedding / nn.Linear are swapped (a subclass such as Gemma's scaled embedding keeps its own forward
-and its dtype); a tied lm_head shares the embedding's stored Parameter. An untied embedding that is already 16-bit
-(most GPTQ checkpoints store it in fp16) keeps its own tensor: a lookup reads only the rows of its tokens, so the
-checkpoint's memory-mapped tensor costs the pages those rows touch, where a cast copy would be resident whole
-(131 MB for a 1.1B Llama, 262 MB for a 7B one).
+Only plain nn.Embedding / nn.Linear are swapped, and an embedding subclass that only multiplies its rows by an
+`embed_scale` (Gemma's, sqrt(hidden)): its StoredEmbedding multiplies by the same scale. Any other subclass keeps
+its own forward and its dtype; a tied lm_head shares the embedding's stored Parameter. An untied embedding that is
+already 16-bit (most GPTQ checkpoints store it in fp16) keeps its own tensor: a lookup reads only the rows of its
+tokens, so the checkpoint's memory-mapped tensor costs the pages those rows touch, where a cast copy would be
+resident whole (131 MB for a 1.1B Llama, 262 MB for a 7B one).
 
 Such an embedding, read from a safetensors file, looks its rows up in the file itself (StoredEmbedding.read_rows_from,
 set by checkpoint.load): a lookup in the mapped tensor maps not only the rows' pages but Linux's fault-around window
@@ -88,7 +89,8 @@ class FileRows:
 
 
 class StoredEmbedding(nn.Embedding):
-    """nn.Embedding whose weight is held in a storage dtype; outputs are cast to `compute_dtype`. With
+    """nn.Embedding whose weight is held in a storage dtype; outputs are cast to `compute_dtype` (and multiplied by
+    a non-persistent 0-d `embed_scale` buffer where store_dense gives it one). With
     read_rows_from(), rows are read from the weight's file instead of its mapping (see the module docstring) where
     only the output matters: CPU ids, no max_norm (which renormalises the weight in place), no gradient."""
 
@@ -108,10 +110,12 @@ class StoredEmbedding(nn.Embedding):
         rows = self.rows
         if (rows is not None and self.max_norm is None and ids.device.type == "cpu" and rows.serves(self.weight)
                 and not (torch.is_grad_enabled() and self.weight.requires_grad)):
-            return rows.lookup(ids).to(self.compute_dtype)
-        out = F.embedding(ids, self.weight, self.padding_idx, self.max_norm, self.norm_type, self.scale_grad_by_freq,
-                          self.sparse)
-        return out.to(self.compute_dtype)
+            out = rows.lookup(ids).to(self.compute_dtype)
+        else:
+            out = F.embedding(ids, self.weight, self.padding_idx, self.max_norm, self.norm_type,
+                              self.scale_grad_by_freq, self.sparse).to(self.compute_dtype)
+        scale = self._buffers.get("embed_scale")  # set by store_dense for Gemma's scaled embedding
+        return out if scale is None else out * scale
 
 
 class StoredLinear(nn.Linear):
@@ -135,17 +139,33 @@ class StoredLinear(nn.Linear):
 HALF = (torch.float16, torch.bfloat16)
 
 
+def _embedding_scale(emb: nn.Module) -> torch.Tensor | None | bool:
+    """None for a plain nn.Embedding; the scale of an nn.Embedding subclass whose forward is the plain lookup times
+    its 0-d `embed_scale` (Gemma's, checked on its first rows); False for anything else."""
+    if type(emb) is nn.Embedding:
+        return None
+    scale = getattr(emb, "embed_scale", None)
+    if not (isinstance(emb, nn.Embedding) and isinstance(scale, torch.Tensor) and scale.dim() == 0
+            and not emb.weight.is_meta):
+        return False
+    ids = torch.arange(min(3, emb.num_embeddings), device=emb.weight.device)
+    with torch.no_grad():
+        plain = F.embedding(ids, emb.weight, emb.padding_idx) * scale.to(emb.weight.dtype)
+        return scale.detach().clone() if torch.equal(emb(ids), plain) else False
+
+
 def dense_names(model: nn.Module) -> set[str]:
     """Parameter names of the input embedding and lm_head weights that store_dense would keep in storage."""
-    wanted = {id(m) for m in (model.get_input_embeddings(), model.get_output_embeddings())
-              if type(m) in (nn.Embedding, nn.Linear)}
+    emb, head = model.get_input_embeddings(), model.get_output_embeddings()
+    wanted = {id(m) for m in (emb, head) if type(m) is nn.Linear or _embedding_scale(m) is not False}
     return {f"{n}.weight" for n, m in model.named_modules() if id(m) in wanted}
 
 
 def _keeps(emb: nn.Module, head: nn.Module | None, dtype: torch.dtype) -> bool:
-    """An input embedding `emb` whose weight is (or will be) of `dtype` stays as it is: a plain nn.Embedding that no
-    lm_head shares (a quantized head has no weight), already in a 16-bit float dtype (see the module docstring)."""
-    return type(emb) is nn.Embedding and dtype in HALF and getattr(head, "weight", None) is not emb.weight
+    """An input embedding `emb` whose weight is (or will be) of `dtype` stays as it is: a storable embedding
+    (_embedding_scale) that no lm_head shares (a quantized head has no weight), already in a 16-bit float dtype (see
+    the module docstring)."""
+    return dtype in HALF and getattr(head, "weight", None) is not emb.weight
 
 
 CAST_BYTES = 4 << 20  # of the source cast at a time where its file pages are given back after each piece
@@ -179,7 +199,8 @@ def store_dense(model: nn.Module, storage: torch.dtype, compute: torch.dtype | N
     emb, head = model.get_input_embeddings(), model.get_output_embeddings()
     saved = 0
     new_weight = None
-    if type(emb) is nn.Embedding:
+    scale = _embedding_scale(emb)
+    if scale is not False:
         tied = getattr(head, "weight", None) is emb.weight  # a quantized head has none
         own = emb.weight.dtype if _keeps(emb, head, emb.weight.dtype) else storage
         saved += emb.weight.numel() * (emb.weight.element_size() - torch.finfo(own).bits // 8)
@@ -190,10 +211,12 @@ def store_dense(model: nn.Module, storage: torch.dtype, compute: torch.dtype | N
                               emb.scale_grad_by_freq, emb.sparse, _weight=new_weight)
         new.weight = new_weight  # _weight is wrapped in a fresh Parameter; a tied head must share this one
         new.compute_dtype = compute or emb.weight.dtype
+        if scale is not None:  # 0-d, in the compute dtype: rows * scale as the subclass computes them
+            new.register_buffer("embed_scale", scale.to(new.compute_dtype), persistent=False)
         model.set_input_embeddings(new)
     else:
         tied = False
-        log.info("input embedding %s keeps its own dtype (not a plain nn.Embedding)", type(emb).__name__)
+        log.info("input embedding %s keeps its own dtype (not a plain or scaled nn.Embedding)", type(emb).__name__)
     if type(head) is nn.Linear:
         if not tied:
             saved += head.weight.numel() * (head.weight.element_size() - torch.finfo(storage).bits // 8)

@@ -27,9 +27,10 @@ done in C for float32 rows fewer than C_ROWS (decode; prefill, other dtypes and 
 
 Which modules qualify is discovered, not tabled per model, and a probe on random float32 rows decides:
 - a norm is a leaf with one 1-D `weight`, an `eps` or `variance_epsilon` float and nothing else, whose output equals
-  RMSNorm's formula; Gemma's x * (1 + w), LayerNorm and look-alikes keep their class;
-- a gated MLP has gate_proj / up_proj / down_proj submodules and an act_fn equal to SiLU, and its output equals
-  down(silu(gate(x)) * up(x)); Gemma's GELU MLP and GPT-2's / OPT's ungated MLPs keep their class;
+  RMSNorm's formula, Llama's w * x or Gemma's x * (1 + w); LayerNorm and look-alikes keep their class;
+- a gated MLP has gate_proj / up_proj / down_proj submodules and an act_fn equal to SiLU or tanh-approximated GELU
+  (Gemma's), and its output equals down(act(gate(x)) * up(x)); exact (erf) GELU and GPT-2's / OPT's ungated MLPs
+  keep their class;
 - an attention module has q_proj / k_proj / v_proj / o_proj and nothing else (no q/k norms, no sinks), head_dim,
   scaling and layer_idx, no logit softcapping, and one decode step with random cos and sin gives its output.
   GPT-2's, OPT's and GPT-NeoX's attention, and partial rotary, keep their class.
@@ -38,7 +39,7 @@ Which modules qualify is discovered, not tabled per model, and a probe on random
   is added in C after its matmul, one fp32 add as QuantLinear's own. A projection may be a LoRA wrapper around a
   QuantLinear (gptqkit.finetune.QuantLoraLinear, one adapter active): the C call adds the adapter's term after the
   projection with the function the wrapper itself calls (cpu_avx2.lora_add), and checks before each step that the
-  term is still the wrapper's (its decode_guard). Gemma's norms keep its blocks on the per-module path.
+  term is still the wrapper's (its decode_guard).
 - a stack has exactly embed_tokens, layers (all swapped blocks, as many as the config says), norm and rotary_emb,
   and its one-token step gives exactly its own forward's output after a 5-token prefill of random ids.
 A swapped module holds the same Parameter or submodules under the same names, so state_dict() does not change.
@@ -73,43 +74,50 @@ def _c_rows(x: torch.Tensor, *inputs: torch.Tensor) -> bool:
 
 class RMSNorm(nn.Module):
     """weight * (x * rsqrt(mean(x^2, -1) + eps)), computed in float32 and returned in x's dtype (transformers'
-    Llama formula). Few float32 rows on CPU go through the C function."""
+    Llama formula); with offset, Gemma's (x * rsqrt(...)) * (1 + weight), all in float32, then x's dtype. Few
+    float32 rows on CPU go through the C function."""
 
-    def __init__(self, weight: nn.Parameter, eps: float):
+    def __init__(self, weight: nn.Parameter, eps: float, offset: bool = False):
         super().__init__()
         self.weight = weight
         self.variance_epsilon = eps
+        self.offset = offset
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = self.weight
         if w.dtype == torch.float32 and _c_rows(x, x, w):
-            y = cpu_avx2.rms_norm(x, w, self.variance_epsilon)
+            y = cpu_avx2.rms_norm(x, w, self.variance_epsilon, self.offset)
             if y is not None:
                 return y
         dtype = x.dtype
         h = x.to(torch.float32)
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
+        if self.offset:
+            return (h * (1.0 + w.float())).to(dtype)
         return w * h.to(dtype)
 
     def extra_repr(self) -> str:
-        return f"{tuple(self.weight.shape)}, eps={self.variance_epsilon}"
+        return f"{tuple(self.weight.shape)}, eps={self.variance_epsilon}" + (", offset" if self.offset else "")
 
 
 class GatedMLP(nn.Module):
-    """down_proj(silu(gate_proj(x)) * up_proj(x)); the product of few float32 rows on CPU in one C call."""
+    """down_proj(act(gate_proj(x)) * up_proj(x)), act SiLU (Llama's) or tanh-approximated GELU (Gemma's); the product
+    of few float32 rows on CPU in one C call."""
 
-    def __init__(self, gate_proj: nn.Module, up_proj: nn.Module, down_proj: nn.Module, act_fn: nn.Module):
+    def __init__(self, gate_proj: nn.Module, up_proj: nn.Module, down_proj: nn.Module, act_fn: nn.Module,
+                 act: str = "silu"):
         super().__init__()
         self.gate_proj, self.up_proj, self.down_proj, self.act_fn = gate_proj, up_proj, down_proj, act_fn
+        self.act = act  # cpu_avx2.ACTS' name of what act_fn computes
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not _c_rows(x, x):
+        if self.act == "silu" and not _c_rows(x, x):
             y = cpu_avx2.gated_prefill(self.gate_proj, self.up_proj, self.down_proj, x)  # prefill on avx2 kernels
             if y is not None:
                 return y
         g, u = self.gate_proj(x), self.up_proj(x)
         if _c_rows(g, g, u):
-            h = cpu_avx2.silu_mul(g, u)
+            h = cpu_avx2.act_mul(g, u, self.act)
             if h is not None:
                 return self.down_proj(h)
         if torch.is_grad_enabled() and (g.requires_grad or u.requires_grad):
@@ -117,7 +125,7 @@ class GatedMLP(nn.Module):
         # Prefill: silu and the product in place in g (act_fn equals F.silu, _mlp_agrees checked), and u gone before
         # down_proj runs, so at most two [M, intermediate] tensors are alive (11.5 MB each on the 1.1B shape at 512
         # float32 rows).
-        h = F.silu(g, inplace=True).mul_(u)
+        h = (F.silu(g, inplace=True) if self.act == "silu" else self.act_fn(g)).mul_(u)
         del g, u
         return self.down_proj(h)
 
@@ -127,7 +135,8 @@ class GatedMLP(nn.Module):
 
 
 def _norm_for(module: nn.Module) -> RMSNorm | None:
-    """An RMSNorm over the weight of a module shaped like one (one 1-D weight, an eps, no other tensors), else None."""
+    """An RMSNorm over the weight of a module shaped like one (one 1-D weight, an eps, no other tensors), else None;
+    with offset where the module's output on a probe is Gemma's formula rather than Llama's."""
     params = dict(module.named_parameters(recurse=False))
     if list(module.children()) or list(module.buffers(recurse=False)) or list(params) != ["weight"]:
         return None
@@ -136,7 +145,8 @@ def _norm_for(module: nn.Module) -> RMSNorm | None:
     for attr in ("variance_epsilon", "eps"):
         eps = getattr(module, attr, None)
         if isinstance(eps, float):
-            return RMSNorm(params["weight"], eps)
+            plain, gemma = RMSNorm(params["weight"], eps), RMSNorm(params["weight"], eps, offset=True)
+            return gemma if _norm_agrees(module, gemma) and not _norm_agrees(module, plain) else plain
     return None
 
 
@@ -147,9 +157,22 @@ def _norm_agrees(module: nn.Module, new: RMSNorm) -> bool:
     return ref.shape == x.shape and ref.dtype == x.dtype and torch.allclose(new(x), ref, rtol=1e-5, atol=1e-6)
 
 
+ACTIVATIONS = {"silu": F.silu, "gelu_tanh": functools.partial(F.gelu, approximate="tanh")}  # what act_mul computes
+
+
 def _mlp_for(module: nn.Module) -> GatedMLP | None:
+    """A GatedMLP holding a module's gate_proj, up_proj, down_proj and act_fn, where act_fn is one of ACTIVATIONS on
+    a probe; else None."""
     parts = tuple(getattr(module, n, None) for n in ("gate_proj", "up_proj", "down_proj", "act_fn"))
-    return GatedMLP(*parts) if all(isinstance(p, nn.Module) for p in parts) else None
+    if not all(isinstance(p, nn.Module) for p in parts):
+        return None
+    t = torch.linspace(-12, 12, 97)
+    try:
+        got = parts[3](t)
+    except RuntimeError:
+        return None
+    act = next((a for a, f in ACTIVATIONS.items() if torch.allclose(got, f(t), rtol=1e-6, atol=1e-7)), None)
+    return GatedMLP(*parts, act=act) if act is not None else None
 
 
 def _mlp_agrees(module: nn.Module, new: GatedMLP) -> bool:
@@ -158,7 +181,7 @@ def _mlp_agrees(module: nn.Module, new: GatedMLP) -> bool:
     if tensor is None or hidden is None:
         return False
     t = torch.linspace(-12, 12, 97, device=tensor.device)
-    if not torch.allclose(new.act_fn(t), F.silu(t), rtol=1e-6, atol=1e-7):
+    if not torch.allclose(new.act_fn(t), ACTIVATIONS[new.act](t), rtol=1e-6, atol=1e-7):
         return False
     x = torch.randn(3, hidden, generator=torch.Generator().manual_seed(0)).to(tensor.device)  # the C path's rows
     try:
@@ -467,7 +490,8 @@ def _layer_for(module: nn.Module) -> DecodeLayer | None:
     H, Hkv = linears[0].out_features // attn.head_dim, linears[1].out_features // attn.head_dim
     terms = {linears[projections.index(w)]: term for w, term in adapters}
     args = cpu_avx2.layer_args(n1.weight, n1.variance_epsilon, n2.weight, n2.variance_epsilon, linears[:3],
-                               linears[3], linears[4:6], linears[6], H, Hkv, attn.head_dim, attn.scaling, terms)
+                               linears[3], linears[4:6], linears[6], H, Hkv, attn.head_dim, attn.scaling, terms,
+                               (n1.offset, n2.offset), mlp.act)
     if isinstance(args, str):
         log.debug("fused: %s keeps its own forward (%s)", type(module).__name__, args)
         return None
@@ -606,12 +630,20 @@ class DecodeStack(nn.Module):
         positions = kw.get("position_ids")
         if positions is None:  # the class's own: the cached length onwards
             positions = torch.full((1, 1), T, dtype=torch.long)
-        cos, sin = self.rotary_emb(x, positions)  # [1, 1, head_dim] each
+        # On one torch thread: torch runs even a 128-element cos in a parallel region (Gemma's head_dim 256), whose
+        # OpenMP worker then spins on the core the C call's own worker needs (a Gemma-shaped 4-bit model with 2
+        # threads: 14-16 ms per token with the region, 4.9 without). Per calling thread, restored at once.
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            cos, sin = self.rotary_emb(x, positions)  # [1, 1, head_dim] each
+        finally:
+            torch.set_num_threads(threads)
         if not (x.dtype == cos.dtype == sin.dtype == torch.float32 and cos.is_contiguous() and sin.is_contiguous()):
             return None
         norm = self.norm
         y = cpu_avx2.decode_stack(self._stack, x, cos, sin, [layer._kbuf for layer in layers],
-                                  [layer._vbuf for layer in layers], T, norm.weight, norm.variance_epsilon)
+                                  [layer._vbuf for layer in layers], T, norm.weight, norm.variance_epsilon, norm.offset)
         if y is None:
             return None
         for layer in layers:
@@ -687,7 +719,8 @@ def _register_output_capture(new: nn.Module) -> None:
 def _stack_agrees(module: nn.Module, new: DecodeStack) -> bool:
     """Prefill 5 random token ids through the stack into one GrowingCache and through `new` into another, then decode
     a sixth through both: new's decode_step must run and give the stack's own output exactly (its blocks take their
-    own C calls, the same functions)."""
+    own C calls, the same functions). A stack whose forward does more than the one-call step (an older Gemma's
+    embeddings scaled in its forward rather than by its embedding module) fails it."""
     vocab = getattr(module.embed_tokens, "num_embeddings", None) or module.config.vocab_size
     ids = torch.randint(0, vocab, (1, 6), generator=torch.Generator().manual_seed(0))
     name = cache_kwarg(module)

@@ -37,10 +37,37 @@ def test_untied_head_gets_its_own_copy_and_subclasses_are_left_alone():
     with torch.no_grad():
         out = model(ids).logits
     assert out.dtype == torch.float32 and torch.isfinite(out).all()
-    gemma = random_model("gemma")  # its scaled embedding is a subclass with its own forward: not swapped
-    kind = type(gemma.get_input_embeddings())
-    store_dense(gemma, torch.bfloat16)
-    assert type(gemma.get_input_embeddings()) is kind
+
+    class Shifted(torch.nn.Embedding):  # a subclass that computes something else keeps its class and dtype
+        def forward(self, ids):
+            return super().forward(ids) + 1
+
+    other = random_model("llama")
+    other.model.embed_tokens = Shifted(256, 64)
+    store_dense(other, torch.bfloat16)
+    assert type(other.get_input_embeddings()) is Shifted
+    assert other.get_input_embeddings().weight.dtype == torch.float32
+
+
+def test_gemmas_scaled_embedding_is_stored_with_its_scale():
+    """Gemma's embedding multiplies its rows by sqrt(hidden): it is stored in bf16 like a plain one, shared with the
+    tied head, and multiplies by the same scale; the logits are the fp32 model's to bf16 rounding."""
+    model = random_model("gemma")
+    ids = torch.randint(0, 256, (1, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref = model(ids).logits
+        rows = model.get_input_embeddings()(ids)
+    store_dense(model, torch.bfloat16, compute=torch.float32)
+    emb = model.get_input_embeddings()
+    assert isinstance(emb, StoredEmbedding) and emb.weight.dtype == torch.bfloat16
+    assert model.get_output_embeddings().weight is emb.weight
+    assert float(emb.embed_scale) == model.config.hidden_size ** 0.5
+    assert "model.embed_tokens.embed_scale" not in model.state_dict()
+    with torch.no_grad():
+        got = emb(ids)
+        assert (got - rows).abs().max() <= 2**-8 * rows.abs().max()  # the scale applied: bf16 rows times it
+        out = model(ids).logits
+    assert (out - ref).abs().max() < 0.05 * ref.abs().max()
 
 
 def test_an_untied_half_embedding_keeps_its_own_tensor(tmp_path):

@@ -45,16 +45,20 @@ def test_c_rms_norm_matches_the_formula(rows, K):
     ref = llama_norm64(x, w, 1e-5)
     assert y.dtype == torch.float32 and y.shape == x.shape
     assert ((y.double() - ref).abs() <= 4e-7 * ref.abs() + 1e-7).all()
+    gemma = cpu_avx2.rms_norm(x, w, 1e-5, offset=True)  # Gemma's (x * r) * (1 + w)
+    ref = llama_norm64(x, 1 + w.double(), 1e-5)
+    assert ((gemma.double() - ref).abs() <= 4e-7 * ref.abs() + 1e-7).all()
     # a non-contiguous view normalises the same rows
     xt = torch.randn(K, rows, generator=g).T
     assert torch.equal(cpu_avx2.rms_norm(xt, w, 1e-5), cpu_avx2.rms_norm(xt.contiguous(), w, 1e-5))
 
 
 @needs_avx2
-@pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2"])
+@pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2", "gemma"])
 def test_use_swaps_rms_norms_and_keeps_outputs(arch):
-    """Every RMSNorm of a Llama/Mistral/Qwen2 model is swapped; the state dict is the same tensors; prefill gives
-    the same logits exactly (many rows stay in torch) and decode rows agree to float32 rounding."""
+    """Every RMSNorm of a Llama/Mistral/Qwen2/Gemma model is swapped (Gemma's with its 1 + w, found by the probe);
+    the state dict is the same tensors; prefill gives the same logits exactly (many rows stay in torch) and decode
+    rows agree to float32 rounding."""
     model = random_model(arch)
     for p in model.parameters():  # random but not all-ones norm weights
         if p.dim() == 1:
@@ -65,6 +69,7 @@ def test_use_swaps_rms_norms_and_keeps_outputs(arch):
     ref = prefill_then_decode(model, ids)
     assert fused.use_norms(model) == n_norms == 2 * model.config.num_hidden_layers + 1
     assert sum(isinstance(m, fused.RMSNorm) for m in model.modules()) == n_norms
+    assert {m.offset for m in model.modules() if isinstance(m, fused.RMSNorm)} == {arch == "gemma"}
     after = model.state_dict()
     assert after.keys() == before.keys() and all(after[k] is before[k] or torch.equal(after[k], before[k])
                                                  for k in before)
@@ -75,12 +80,7 @@ def test_use_swaps_rms_norms_and_keeps_outputs(arch):
 
 
 def test_use_keeps_norms_that_compute_something_else():
-    """Gemma's norm (x * (1 + w)) and LayerNorm fail the probe and keep their class; so does a module that merely
-    looks like a norm."""
-    model = random_model("gemma")
-    kinds = {type(m) for m in model.modules() if "RMSNorm" in type(m).__name__}
-    assert kinds and fused.use_norms(model) == 0
-    assert {type(m) for m in model.modules() if "RMSNorm" in type(m).__name__} == kinds
+    """LayerNorm fails the probe and keeps its class; so does a module that merely looks like a norm."""
 
     class Scale(nn.Module):  # one 1-D weight and an eps, but not a norm
         def __init__(self):
@@ -110,7 +110,7 @@ def test_c_calls_decline_mismatched_shapes():
     """Shapes the C functions would read or write past get None (the callers then run torch, which raises or
     broadcasts)."""
     assert cpu_avx2.rms_norm(torch.randn(2, 8), torch.ones(4), 1e-6) is None
-    assert cpu_avx2.silu_mul(torch.randn(2, 8), torch.randn(1, 8)) is None
+    assert cpu_avx2.act_mul(torch.randn(2, 8), torch.randn(1, 8)) is None
     q, kv, cs, buf = torch.randn(64), torch.randn(32), torch.randn(16), torch.zeros(1, 2, 5, 16)
     ok = (q, kv, kv, cs, cs, buf, buf.clone(), 4, 0.25)
     assert cpu_avx2.rope_decode_attention(*ok) is not None
@@ -154,39 +154,49 @@ def test_load_swaps_the_norms(tmp_path_factory):
 
 @needs_avx2
 @pytest.mark.parametrize("n", [5632, 1536, 13, 7, 1])
-def test_c_silu_mul_matches_float64(n):
+def test_c_act_mul_matches_float64(n):
     g = torch.Generator().manual_seed(n)
     x, u = torch.randn(n, generator=g) * 6, torch.randn(n, generator=g)
-    y = cpu_avx2.silu_mul(x, u)
+    y = cpu_avx2.act_mul(x, u)
     ref = F.silu(x.double()) * u.double()
     assert y.dtype == torch.float32 and y.shape == x.shape
     assert ((y.double() - ref).abs() <= 4e-7 * ref.abs() + 1e-30).all()
+    y = cpu_avx2.act_mul(x, u, "gelu_tanh")  # Gemma's
+    xd = x.double()  # 0.5 x (1 + tanh z) = x sigmoid(2 z): float64 without tanh's cancellation near -1
+    ref = xd * torch.sigmoid(2 * 0.7978845608028654 * (xd + 0.044715 * xd**3)) * u.double()
+    # for negative x the float32 rounding of z grows |2 z|-fold in exp(2 z): up to 1.4e-6 relative at x ~ -4.5
+    # (torch's own float32 formula loses every digit there, 1 + tanh(z) cancelling)
+    assert ((y.double() - ref).abs() <= 3e-6 * ref.abs() + 1e-12).all()
 
 
 @needs_avx2
-def test_c_silu_mul_extremes():
+def test_c_act_mul_extremes():
     """Past the exp's range: large positive g gives g * u, large negative 0, NaN stays NaN; a strided view works."""
     x = torch.tensor([90.0, 1e30, -89.0, -1e30, 0.0, float("nan"), 30.0, -30.0, 3.0])
     u = torch.full_like(x, 2.0)
-    y = cpu_avx2.silu_mul(x, u)
+    y = cpu_avx2.act_mul(x, u)
     assert y[0] == 180.0 and y[1] == 2e30 and y[2] == 0 and y[3] == 0 and y[4] == 0 and y[5].isnan()
     assert torch.allclose(y[6:], F.silu(x[6:]) * 2, rtol=4e-7, atol=0)
     wide = torch.randn(4, 16)
-    assert torch.equal(cpu_avx2.silu_mul(wide[:, ::2], wide[:, 1::2]),
-                       cpu_avx2.silu_mul(wide[:, ::2].contiguous(), wide[:, 1::2].contiguous()))
+    assert torch.equal(cpu_avx2.act_mul(wide[:, ::2], wide[:, 1::2]),
+                       cpu_avx2.act_mul(wide[:, ::2].contiguous(), wide[:, 1::2].contiguous()))
+    y = cpu_avx2.act_mul(x, u, "gelu_tanh")  # tanh saturates: g * u and 0 at the ends, NaN stays NaN
+    assert y[0] == 180.0 and y[1] == 2e30 and y[2] == 0 and y[3] == 0 and y[4] == 0 and y[5].isnan()
+    assert torch.allclose(y[6:], F.gelu(x[6:], approximate="tanh") * 2, rtol=1e-6, atol=0)
 
 
 @needs_avx2
-@pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2"])
+@pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2", "gemma"])
 def test_use_swaps_gated_mlps_and_keeps_outputs(arch):
-    """Every SiLU-gated MLP is swapped; the state dict is the same tensors; prefill gives the same logits exactly
-    (32 rows stay in torch) and decode rows agree to float32 rounding."""
+    """Every SiLU- or tanh-GELU-gated MLP (Gemma's) is swapped; the state dict is the same tensors; prefill gives the
+    same logits exactly (32 rows stay in torch) and decode rows agree to float32 rounding."""
     model = random_model(arch)
     before = model.state_dict()
     ids = torch.randint(0, 256, (1, 40), generator=torch.Generator().manual_seed(1))
     ref = prefill_then_decode(model, ids)
     assert fused.use_mlps(model) == model.config.num_hidden_layers
     assert all(type(layer.mlp) is fused.GatedMLP for layer in model.model.layers)
+    assert {layer.mlp.act for layer in model.model.layers} == {"gelu_tanh" if arch == "gemma" else "silu"}
     after = model.state_dict()
     assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in before)
     fast = prefill_then_decode(model, ids)
@@ -213,13 +223,17 @@ def test_gated_mlp_trains_and_prefill_frees_in_place():
         assert torch.equal(new(x), mlp(x))
 
 
-@pytest.mark.parametrize("use,arch", [("use_mlps", "gemma"), ("use_mlps", "gpt2"), ("use_mlps", "opt"),
+@pytest.mark.parametrize("use,arch", [("use_mlps", "gemma-erf"), ("use_mlps", "gpt2"), ("use_mlps", "opt"),
                                       ("use_attention", "gpt2"), ("use_attention", "opt"),
                                       ("use_attention", "gpt_neox")])
 def test_use_keeps_other_modules(use, arch):
-    """MLPs: Gemma's GELU-gated MLP fails the activation probe; GPT-2's and OPT's MLPs have no gate. Attention:
-    GPT-2's fused c_attn, OPT's out_proj without rotary and GPT-NeoX's query_key_value keep their class."""
-    model = random_model(arch)
+    """MLPs: a gate activation act_mul does not compute (exact GELU, erf) fails the activation probe; GPT-2's and
+    OPT's MLPs have no gate. Attention: GPT-2's fused c_attn, OPT's out_proj without rotary and GPT-NeoX's
+    query_key_value keep their class."""
+    model = random_model(arch.partition("-")[0])
+    if arch == "gemma-erf":
+        for layer in model.model.layers:
+            layer.mlp.act_fn = nn.GELU()
     kinds = [type(m) for m in model.modules()]
     assert getattr(fused, use)(model) == 0
     assert [type(m) for m in model.modules()] == kinds
@@ -481,10 +495,11 @@ def count_c_calls(monkeypatch) -> dict:
 
 
 @needs_avx2
-@pytest.mark.parametrize("arch,whole", [("llama", True), ("mistral", True), ("qwen2", True)])
+@pytest.mark.parametrize("arch,whole", [("llama", True), ("mistral", True), ("qwen2", True), ("gemma", True)])
 def test_load_runs_whole_blocks_in_one_c_call(tmp_path, monkeypatch, arch, whole):
-    """Llama's, Mistral's and Qwen2's stacks run a decoded token in one C call (every block, then the norm; Qwen2's
-    q/k/v biases added in C) and give the per-module path's logits bit for bit."""
+    """Llama's, Mistral's, Qwen2's and Gemma's stacks run a decoded token in one C call (every block, then the norm;
+    Qwen2's q/k/v biases added in C, Gemma's 1 + w norms and tanh-GELU gate) and give the per-module path's logits
+    bit for bit."""
     from gptqkit.cache import GrowingCache
     from gptqkit.checkpoint import load
 
@@ -505,6 +520,24 @@ def test_load_runs_whole_blocks_in_one_c_call(tmp_path, monkeypatch, arch, whole
         assert not any(isinstance(m, (fused.DecodeStack, fused.DecodeLayer)) for m in model.modules())
         slow = prefill_then_decode(model, ids, GrowingCache(model.config))
         assert torch.equal(fast[0], slow[0]) and torch.equal(fast[1], slow[1])
+
+
+@needs_avx2
+def test_the_one_call_step_computes_rotary_on_one_torch_thread(tmp_path, two_threads):
+    """The stack's step runs the rotary module with torch on one thread (its cos of a 128-wide row would open a
+    parallel region whose OpenMP worker spins on the core the C call's worker needs) and restores the count."""
+    from gptqkit.cache import GrowingCache
+    from gptqkit.checkpoint import load
+
+    model = load(rtn_checkpoint(tmp_path, "gemma"))
+    assert isinstance(model.model, fused.DecodeStack)
+    seen = []
+    rotary = model.model.rotary_emb
+    forward = rotary.forward
+    rotary.forward = lambda *a, **k: seen.append(torch.get_num_threads()) or forward(*a, **k)
+    ids = torch.randint(0, 256, (1, 34), generator=torch.Generator().manual_seed(6))
+    prefill_then_decode(model, ids, GrowingCache(model.config))
+    assert seen == [2, 1, 1] and torch.get_num_threads() == 2  # the prefill's own forward, then two one-call steps
 
 
 @needs_avx2

@@ -822,14 +822,6 @@ def test_shared_input_probe_failure_is_only_logged(stories_ckpt, caplog):
     assert not any(m._forward_pre_hooks for m in qls)
 
 
-@pytest.fixture
-def two_threads():
-    before = torch.get_num_threads()
-    torch.set_num_threads(2)
-    yield
-    torch.set_num_threads(before)
-
-
 def _q8_layers(n, K=1024, N=264):
     layers = [random_layer(K, N, 4, 128, sym=False, fmt="gptq", seed=s) for s in range(n)]
     for layer in layers:

@@ -37,6 +37,7 @@
 #include <time.h>
 
 #include <pthread.h>
+#include <sched.h>
 
 #ifdef _OPENMP
 #include <omp.h>
@@ -85,6 +86,10 @@ static inline share_t share_of(int n) {
 #define SPIN_NS 2000000L
 #define PF_MAX 48      /* regions in one read-ahead list */
 #define PF_STEP 16384  /* bytes read between looks for a job */
+/* A waiting worker lets other threads have its core every YIELD_STEPS read steps (256 KB) and every 1024 pauses
+   (~20 us): a torch op that Python runs between two C calls in a parallel region (even a 128-element cos) otherwise
+   waited for the core until the worker's SPIN_NS ran out, 2 ms, on a machine with as many cores as threads. */
+#define YIELD_STEPS 16
 
 typedef void (*task_fn)(void *arg, int t, int T);
 
@@ -140,7 +145,7 @@ static void *worker_main(void *arg) {
     for (;;) {
         unsigned long s;
         long idle_since = now_ns();
-        int spins = 0;
+        int spins = 0, steps = 0;
         while ((s = __atomic_load_n(&pool.seq, __ATOMIC_ACQUIRE)) == last) {
             if (pi < pf.count) {
                 /* read one step, unless pool_forget was called: the memory may be freed once it returns */
@@ -154,10 +159,12 @@ static void *worker_main(void *arg) {
                 read_step(&pf, &pi, &po);
                 __atomic_store_n(&pool.reading, 0, __ATOMIC_RELEASE);
                 idle_since = now_ns();
+                if (++steps % YIELD_STEPS == 0) sched_yield();
                 continue;
             }
             _mm_pause();
-            if (++spins % 256 == 0 && now_ns() - idle_since > SPIN_NS) {
+            if (++spins % 1024 == 0) sched_yield(); /* see YIELD_STEPS */
+            if (spins % 256 == 0 && now_ns() - idle_since > SPIN_NS) {
                 pthread_mutex_lock(&pool.mu);
                 __atomic_add_fetch(&pool.sleeping, 1, __ATOMIC_SEQ_CST);
                 while (__atomic_load_n(&pool.seq, __ATOMIC_SEQ_CST) == last) pthread_cond_wait(&pool.cv, &pool.mu);
@@ -1716,7 +1723,7 @@ int rope_decode_attention(const float *q, const float *kn, const float *vn, cons
    squares differs from torch's. In torch the formula is six ops, ~30 us per call on 2 cores, 45 calls per token of
    a 22-block model; here it is one pass over a few KB on the caller's thread. */
 
-void rms_norm(const float *x, int M, int K, const float *w, float eps, float *y) {
+void rms_norm(const float *x, int M, int K, const float *w, float eps, int offset, float *y) {
     for (int m = 0; m < M; m++) {
         const float *xr = x + (size_t)m * K;
         float *yr = y + (size_t)m * K;
@@ -1731,6 +1738,13 @@ void rms_norm(const float *x, int M, int K, const float *w, float eps, float *y)
         for (; k < K; k++) ss += xr[k] * xr[k];
         const float r = 1.0f / _mm_cvtss_f32(_mm_sqrt_ss(_mm_set_ss(ss / (float)K + eps))); /* no libm */
         const __m256 rv = _mm256_set1_ps(r);
+        if (offset) { /* Gemma: (x * r) * (1 + w), 1 + w rounded first as torch's (1.0 + w.float()) */
+            for (k = 0; k + 8 <= K; k += 8)
+                _mm256_storeu_ps(yr + k, _mm256_mul_ps(_mm256_mul_ps(_mm256_loadu_ps(xr + k), rv),
+                                                       _mm256_add_ps(_mm256_set1_ps(1.0f), _mm256_loadu_ps(w + k))));
+            for (; k < K; k++) yr[k] = (xr[k] * r) * (1.0f + w[k]);
+            continue;
+        }
         for (k = 0; k + 8 <= K; k += 8)
             _mm256_storeu_ps(yr + k, _mm256_mul_ps(_mm256_loadu_ps(w + k), _mm256_mul_ps(_mm256_loadu_ps(xr + k), rv)));
         for (; k < K; k++) yr[k] = w[k] * (xr[k] * r);
@@ -1750,14 +1764,36 @@ static inline __m256 silu_mul8(__m256 x, __m256 u) {
     return _mm256_mul_ps(_mm256_and_ps(s, _mm256_cmp_ps(x, _mm256_set1_ps(-88.0f), _CMP_NLT_UQ)), u);
 }
 
-void silu_mul(const float *g, const float *u, long n, float *y) {
+/* gelu_tanh(x) * u for 8 floats: 0.5 x (1 + tanh(z)), z = sqrt(2 / pi) (x + 0.044715 x^3) (torch's
+   approximate="tanh", Gemma's gelu_pytorch_tanh). With e = exp(-2 |z|) <= 1 from exp_nonpositive, 1 + tanh(z) is
+   2 / (1 + e) for z >= 0 and 2 e / (1 + e) for z < 0: no cancellation where tanh(z) nears -1 (x below about -3,
+   where 1 + tanh in float32 loses every digit), no overflow (e goes to 0), NaN stays NaN. */
+static inline __m256 gelu_tanh_mul8(__m256 x, __m256 u) {
+    const __m256 x3 = _mm256_mul_ps(_mm256_mul_ps(x, x), x);
+    const __m256 z = _mm256_mul_ps(_mm256_set1_ps(0.7978845608f), _mm256_fmadd_ps(_mm256_set1_ps(0.044715f), x3, x));
+    const __m256 e = exp_nonpositive(_mm256_mul_ps(_mm256_set1_ps(-2.0f), _mm256_andnot_ps(_mm256_set1_ps(-0.0f), z)));
+    const __m256 one = _mm256_set1_ps(1.0f);
+    /* z < -43.5: e is exp's floor, 1 + tanh(z) < 1e-37; 0 there (as for x = -1e30, whose x e would not be) */
+    const __m256 num = _mm256_andnot_ps(_mm256_cmp_ps(z, _mm256_set1_ps(-43.5f), _CMP_LT_OQ),
+                                        _mm256_blendv_ps(one, e, _mm256_cmp_ps(z, _mm256_setzero_ps(), _CMP_LT_OQ)));
+    return _mm256_mul_ps(_mm256_div_ps(_mm256_mul_ps(x, num), _mm256_add_ps(one, e)), u); /* 0.5 x (1 + tanh z) */
+}
+
+/* act(g) * u over n floats: act 0 silu, 1 gelu_tanh */
+void act_mul(int act, const float *g, const float *u, long n, float *y) {
     long i = 0;
-    for (; i + 8 <= n; i += 8) _mm256_storeu_ps(y + i, silu_mul8(_mm256_loadu_ps(g + i), _mm256_loadu_ps(u + i)));
+    if (act == 1)
+        for (; i + 8 <= n; i += 8)
+            _mm256_storeu_ps(y + i, gelu_tanh_mul8(_mm256_loadu_ps(g + i), _mm256_loadu_ps(u + i)));
+    else
+        for (; i + 8 <= n; i += 8)
+            _mm256_storeu_ps(y + i, silu_mul8(_mm256_loadu_ps(g + i), _mm256_loadu_ps(u + i)));
     if (i < n) { /* the last n % 8 through the same steps */
         float xs[8] = {0}, us[8] = {0}, ys[8];
         memcpy(xs, g + i, sizeof(float) * (size_t)(n - i));
         memcpy(us, u + i, sizeof(float) * (size_t)(n - i));
-        _mm256_storeu_ps(ys, silu_mul8(_mm256_loadu_ps(xs), _mm256_loadu_ps(us)));
+        const __m256 xv = _mm256_loadu_ps(xs), uv = _mm256_loadu_ps(us);
+        _mm256_storeu_ps(ys, act == 1 ? gelu_tanh_mul8(xv, uv) : silu_mul8(xv, uv));
         memcpy(y + i, ys, sizeof(float) * (size_t)(n - i));
     }
 }
@@ -2052,6 +2088,8 @@ typedef struct {
     int hidden, H, Hkv, D, inter;
     float eps1, eps2, scale;
     const float *w1, *w2; /* input_layernorm, post_attention_layernorm weights [hidden] */
+    int offset1, offset2; /* the norms' rms_norm offset: 1 for Gemma's (1 + w) */
+    int act;              /* the MLP's activation, act_mul's: 0 silu, 1 gelu_tanh */
     mm_args qkv, o, gate_up, down;
 } layer_args;
 
@@ -2080,16 +2118,16 @@ int decode_layer(const layer_args *L, const float *x, const float *cs, const flo
     if (!h) return -1;
     float *qkv = h + E, *att = qkv + QD + 2 * KD, *o = att + QD, *gu = o + E, *a = gu + 2 * I, *d = a + I;
     int rc;
-    rms_norm(x, 1, E, L->w1, L->eps1, h);
+    rms_norm(x, 1, E, L->w1, L->eps1, L->offset1, h);
     if ((rc = mm_call(&L->qkv, h, qkv, threads))) goto out;
     if ((rc = rope_decode_attention(qkv, qkv + QD, qkv + QD + KD, cs, sn, L->H, L->D, L->Hkv, kc, vc, kv16, T, ksh,
                                     ksl, vsh, vsl, L->scale, att, threads)))
         goto out;
     if ((rc = mm_call(&L->o, att, o, threads))) goto out;
     for (int i = 0; i < E; i++) y[i] = x[i] + o[i];
-    rms_norm(y, 1, E, L->w2, L->eps2, h);
+    rms_norm(y, 1, E, L->w2, L->eps2, L->offset2, h);
     if ((rc = mm_call(&L->gate_up, h, gu, threads))) goto out;
-    silu_mul(gu, gu + I, I, a);
+    act_mul(L->act, gu, gu + I, I, a);
     if ((rc = mm_call(&L->down, a, d, threads))) goto out;
     for (int i = 0; i < E; i++) y[i] += d[i];
 out:
@@ -2105,7 +2143,7 @@ out:
    from DRAM again. Returns what decode_layer returns (-2 also for blocks of different widths). */
 int decode_stack(const layer_args *const *layers, int n, const float *x, const float *cs, const float *sn,
                  void *const *kc, void *const *vc, int kv16, int T, long ksh, long ksl, long vsh, long vsl,
-                 const float *w, float eps, float *y, int threads) {
+                 const float *w, float eps, int offset, float *y, int threads) {
     if (n < 1) return -2;
     const int E = layers[0]->hidden;
     for (int i = 1; i < n; i++)
@@ -2119,7 +2157,7 @@ int decode_stack(const layer_args *const *layers, int n, const float *x, const f
         rc = decode_layer(layers[i], in, cs, sn, kc[i], vc[i], kv16, T, ksh, ksl, vsh, vsl, out, threads);
         in = out;
     }
-    if (rc == 0) rms_norm(in, 1, E, w, eps, y);
+    if (rc == 0) rms_norm(in, 1, E, w, eps, offset, y);
     free(h);
     return rc;
 }

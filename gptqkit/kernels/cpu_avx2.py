@@ -157,15 +157,15 @@ def library(vnni: bool = False) -> ctypes.CDLL | str:
     lib.rope_decode_attention.restype = ctypes.c_int
     lib.rope_decode_attention.argtypes = [P, P, P, P, P, I, I, I, P, P, I, I, L, L, L, L, ctypes.c_float, P, I]
     lib.rms_norm.restype = None
-    lib.rms_norm.argtypes = [P, I, I, P, ctypes.c_float, P]
-    lib.silu_mul.restype = None
-    lib.silu_mul.argtypes = [P, P, L, P]
+    lib.rms_norm.argtypes = [P, I, I, P, ctypes.c_float, I, P]
+    lib.act_mul.restype = None
+    lib.act_mul.argtypes = [I, P, P, L, P]
     lib.decode_layer.restype = ctypes.c_int
     lib.decode_layer.argtypes = [P, P, P, P, P, P, I, I, L, L, L, L, P, I]
     lib.lora_add.restype = None
     lib.lora_add.argtypes = [P, P, I, I, I, P]
     lib.decode_stack.restype = ctypes.c_int
-    lib.decode_stack.argtypes = [P, I, P, P, P, P, P, I, I, L, L, L, L, P, ctypes.c_float, P, I]
+    lib.decode_stack.argtypes = [P, I, P, P, P, P, P, I, I, L, L, L, L, P, ctypes.c_float, I, P, I]
     return lib
 
 
@@ -617,28 +617,32 @@ def rope_decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos
     return out
 
 
-def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor | None:
+def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float, offset: bool = False) -> torch.Tensor | None:
     """w * (x * rsqrt(mean(x^2, -1) + eps)) for float32 CPU x [..., K] and w [K], on the caller's thread (meant for
-    decode's few rows); None where the C library cannot be had or w is not [K]."""
+    decode's few rows); with offset, Gemma's (x * rsqrt(...)) * (1 + w). None where the C library cannot be had or
+    w is not [K]."""
     lib = fast_library()
     K = x.shape[-1]
     if isinstance(lib, str) or w.shape != (K,):
         return None
     x, w = x.contiguous(), w.contiguous()
     y = torch.empty_like(x)
-    lib.rms_norm(x.data_ptr(), x.numel() // K, K, w.data_ptr(), eps, y.data_ptr())
+    lib.rms_norm(x.data_ptr(), x.numel() // K, K, w.data_ptr(), eps, int(offset), y.data_ptr())
     return y
 
 
-def silu_mul(g: torch.Tensor, u: torch.Tensor) -> torch.Tensor | None:
-    """silu(g) * u for float32 CPU tensors of one shape, on the caller's thread (meant for decode's few rows); None
-    where the C library cannot be had or the shapes differ (torch would broadcast)."""
+ACTS = {"silu": 0, "gelu_tanh": 1}  # act_mul's activations (gelu_tanh: torch's approximate="tanh")
+
+
+def act_mul(g: torch.Tensor, u: torch.Tensor, act: str = "silu") -> torch.Tensor | None:
+    """act(g) * u for float32 CPU tensors of one shape, act one of ACTS, on the caller's thread (meant for decode's
+    few rows); None where the C library cannot be had or the shapes differ (torch would broadcast)."""
     lib = fast_library()
     if isinstance(lib, str) or g.shape != u.shape:
         return None
     g, u = g.contiguous(), u.contiguous()
     y = torch.empty_like(g)
-    lib.silu_mul(g.data_ptr(), u.data_ptr(), g.numel(), y.data_ptr())
+    lib.act_mul(ACTS[act], g.data_ptr(), u.data_ptr(), g.numel(), y.data_ptr())
     return y
 
 
@@ -697,7 +701,8 @@ class LayerArgs(ctypes.Structure):
 
     _fields_ = [("hidden", ctypes.c_int), ("H", ctypes.c_int), ("Hkv", ctypes.c_int), ("D", ctypes.c_int),
                 ("inter", ctypes.c_int), ("eps1", ctypes.c_float), ("eps2", ctypes.c_float),
-                ("scale", ctypes.c_float), ("w1", ctypes.c_void_p), ("w2", ctypes.c_void_p), ("qkv", _MM),
+                ("scale", ctypes.c_float), ("w1", ctypes.c_void_p), ("w2", ctypes.c_void_p),
+                ("offset1", ctypes.c_int), ("offset2", ctypes.c_int), ("act", ctypes.c_int), ("qkv", _MM),
                 ("o", _MM), ("gate_up", _MM), ("down", _MM)]
     keep: tuple  # what its pointers point into: plans, their read-ahead lists, the norm weights
 
@@ -741,11 +746,12 @@ def _mm_args(layers: list, adapters: dict) -> tuple[_MM, tuple] | str:
 
 
 def layer_args(w1: torch.Tensor, eps1: float, w2: torch.Tensor, eps2: float, qkv: list, o, gate_up: list, down,
-               heads: int, kv_heads: int, head_dim: int, scale: float,
-               adapters: dict | None = None) -> LayerArgs | str:
-    """decode_layer's fixed arguments for a block of norm weights w1, w2 [hidden] (float32) and QuantLinears q/k/v
-    (one shared decode call), o, gate/up (one shared call) and down on the avx2 kernels, adapters[layer] = (A, B,
-    scale) the LoRA term added to a layer's output (see lora_add); or why they do not fit."""
+               heads: int, kv_heads: int, head_dim: int, scale: float, adapters: dict | None = None,
+               offsets: tuple[bool, bool] = (False, False), act: str = "silu") -> LayerArgs | str:
+    """decode_layer's fixed arguments for a block of norm weights w1, w2 [hidden] (float32; offsets: Gemma's 1 + w,
+    see rms_norm) and QuantLinears q/k/v (one shared decode call), o, gate/up (one shared call) and down on the avx2
+    kernels, the MLP's activation act (one of ACTS), adapters[layer] = (A, B, scale) the LoRA term added to a layer's
+    output (see lora_add); or why they do not fit."""
     adapters = adapters or {}
     parts = [_mm_args(qkv, adapters), _mm_args([o], adapters), _mm_args(gate_up, adapters),
              _mm_args([down], adapters)]
@@ -757,7 +763,7 @@ def layer_args(w1: torch.Tensor, eps1: float, w2: torch.Tensor, eps2: float, qkv
             and w2.is_contiguous() and head_dim % 8 == 0 and heads % kv_heads == 0):
         return "its norms or heads do not fit"
     args = LayerArgs(hidden, heads, kv_heads, head_dim, inter, eps1, eps2, scale, w1.data_ptr(), w2.data_ptr(),
-                     *(p[0] for p in parts))
+                     int(offsets[0]), int(offsets[1]), ACTS[act], *(p[0] for p in parts))
     args.keep = (w1, w2, *(p[1] for p in parts))
     return args
 
@@ -801,11 +807,12 @@ def stack_args(layers: list[LayerArgs]) -> ctypes.Array:
 
 
 def decode_stack(stack: ctypes.Array, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kbufs: list,
-                 vbufs: list, T: int, w: torch.Tensor, eps: float) -> torch.Tensor | None:
+                 vbufs: list, T: int, w: torch.Tensor, eps: float, offset: bool = False) -> torch.Tensor | None:
     """One decoded token through a decoder stack's blocks (stack_args(), every block's fixed arguments) and its
-    final RMSNorm of weight w [hidden] (decode_stack in cpu_avx2.c): x, cos, sin and T as decode_layer; block i's
-    k and v are written into kbufs[i], vbufs[i], which all have the first's shape, strides and dtype. Returns the
-    norm's output, a new tensor shaped like x; None where the library cannot be had or the sizes do not fit."""
+    final RMSNorm of weight w [hidden] (offset: Gemma's, see rms_norm; decode_stack in cpu_avx2.c): x, cos, sin and
+    T as decode_layer; block i's k and v are written into kbufs[i], vbufs[i], which all have the first's shape,
+    strides and dtype. Returns the norm's output, a new tensor shaped like x; None where the library cannot be had or
+    the sizes do not fit."""
     lib = fast_library()
     k0, v0 = kbufs[0], vbufs[0]
     if (isinstance(lib, str) or not len(kbufs) == len(vbufs) == len(stack)
@@ -829,7 +836,7 @@ def decode_stack(stack: ctypes.Array, x: torch.Tensor, cos: torch.Tensor, sin: t
     y = torch.empty(x.shape, dtype=torch.float32)
     rc = lib.decode_stack(stack, len(stack), x.data_ptr(), cos.data_ptr(), sin.data_ptr(), seen[2], seen[3],
                           int(k0.dtype == torch.bfloat16), T, ks[1], ks[2], vs[1], vs[2], w.data_ptr(), eps,
-                          y.data_ptr(), torch.get_num_threads())
+                          int(offset), y.data_ptr(), torch.get_num_threads())
     if rc == -1:
         raise MemoryError(f"avx2 kernel: no scratch memory for a decoder stack over {T + 1} positions")
     return y if rc == 0 else None
