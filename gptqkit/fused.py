@@ -111,8 +111,8 @@ class GatedMLP(nn.Module):
         self.act = act  # cpu_avx2.ACTS' name of what act_fn computes
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.act == "silu" and not _c_rows(x, x):
-            y = cpu_avx2.gated_prefill(self.gate_proj, self.up_proj, self.down_proj, x)  # prefill on avx2 kernels
+        if not _c_rows(x, x):
+            y = cpu_avx2.gated_prefill(self.gate_proj, self.up_proj, self.down_proj, x, self.act)  # avx2 prefill
             if y is not None:
                 return y
         g, u = self.gate_proj(x), self.up_proj(x)
@@ -157,12 +157,11 @@ def _norm_agrees(module: nn.Module, new: RMSNorm) -> bool:
     return ref.shape == x.shape and ref.dtype == x.dtype and torch.allclose(new(x), ref, rtol=1e-5, atol=1e-6)
 
 
-ACTIVATIONS = {"silu": F.silu, "gelu_tanh": functools.partial(F.gelu, approximate="tanh")}  # what act_mul computes
 
 
 def _mlp_for(module: nn.Module) -> GatedMLP | None:
-    """A GatedMLP holding a module's gate_proj, up_proj, down_proj and act_fn, where act_fn is one of ACTIVATIONS on
-    a probe; else None."""
+    """A GatedMLP holding a module's gate_proj, up_proj, down_proj and act_fn, where act_fn is one of
+    cpu_avx2.ACT_TORCH on a probe; else None."""
     parts = tuple(getattr(module, n, None) for n in ("gate_proj", "up_proj", "down_proj", "act_fn"))
     if not all(isinstance(p, nn.Module) for p in parts):
         return None
@@ -171,7 +170,7 @@ def _mlp_for(module: nn.Module) -> GatedMLP | None:
         got = parts[3](t)
     except RuntimeError:
         return None
-    act = next((a for a, f in ACTIVATIONS.items() if torch.allclose(got, f(t), rtol=1e-6, atol=1e-7)), None)
+    act = next((a for a, f in cpu_avx2.ACT_TORCH.items() if torch.allclose(got, f(t), rtol=1e-6, atol=1e-7)), None)
     return GatedMLP(*parts, act=act) if act is not None else None
 
 
@@ -181,7 +180,7 @@ def _mlp_agrees(module: nn.Module, new: GatedMLP) -> bool:
     if tensor is None or hidden is None:
         return False
     t = torch.linspace(-12, 12, 97, device=tensor.device)
-    if not torch.allclose(new.act_fn(t), ACTIVATIONS[new.act](t), rtol=1e-6, atol=1e-7):
+    if not torch.allclose(new.act_fn(t), cpu_avx2.ACT_TORCH[new.act](t), rtol=1e-6, atol=1e-7):
         return False
     x = torch.randn(3, hidden, generator=torch.Generator().manual_seed(0)).to(tensor.device)  # the C path's rows
     try:

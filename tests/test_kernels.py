@@ -382,6 +382,8 @@ def test_avx2_gemm_bf16_is_the_dequantized_product(bits, K, N, M, group, act, sy
     h = cpu_avx2.gemm_bf16(gate, x, up)
     assert h.dtype == torch.float32 and rel_err(h, (F.silu(y) * u).double()) < 1e-6
     assert torch.equal(cpu_avx2.gemm_bf16(gate, x, up, torch.bfloat16), h.bfloat16())
+    hg = cpu_avx2.gemm_bf16(gate, x, up, act="gelu_tanh")  # Gemma's gate
+    assert rel_err(hg, (F.gelu(y.double(), approximate="tanh") * u.double())) < 1e-6
     with pytest.raises(ValueError, match="gate's shape"):
         cpu_avx2.gemm_bf16(gate, x, random_layer(K, N + 32, bits, group, act, sym, fmt))
     with pytest.raises(ValueError, match="gate's shape"):  # another width
@@ -450,9 +452,9 @@ def test_avx2_prefill_in_column_blocks(monkeypatch):
                                                    ("avx2-q8", True, "blocks"), ("avx2-q8", False, "blocks")])
 def test_avx2_gated_prefill_is_the_layers_own(monkeypatch, kernel, act_order, path):
     """A gated MLP's prefill (gated_prefill, what fused.GatedMLP runs) gives what the three layers' own prefill calls
-    give: exactly, in one block or several of dequantized columns; within the bf16 rounding of silu(gate) * up where
-    the one-pass bf16 GEMM computes it with the C silu ("gemm", on an AVX512-BF16 CPU; "blocks" hides the CPU's
-    flag). It declines what it cannot do."""
+    give: exactly, in one block or several of dequantized columns; within the bf16 rounding of act(gate) * up where
+    the one-pass bf16 GEMM computes it with the C act ("gemm", on an AVX512-BF16 CPU; "blocks" hides the CPU's
+    flag); SiLU and Gemma's tanh GELU. It declines what it cannot do."""
     from torch.nn import functional as F
 
     from gptqkit import fused
@@ -490,6 +492,10 @@ def test_avx2_gated_prefill_is_the_layers_own(monkeypatch, kernel, act_order, pa
             assert torch.equal(got, ref)
         assert any(gated_calls) == (path == "gemm")
         assert rel_err(got, oracle(down, F.silu(oracle(gate, x)) * oracle(up, x))) < 3e-2
+        # Gemma's tanh GELU gate: the same paths with act_mul's other formula
+        got = fused.GatedMLP(gate, up, down, torch.nn.GELU(approximate="tanh"), act="gelu_tanh")(x)
+        ref = down(F.gelu(gate(x), approximate="tanh") * up(x))
+        assert rel_err(got, ref.double()) < 1e-3 if path == "gemm" else torch.equal(got, ref)
         handle = down.register_forward_hook(lambda m, a, out: None)
         assert cpu_avx2.gated_prefill(gate, up, down, x) is None  # a hooked layer is called as itself
         handle.remove()

@@ -1802,7 +1802,7 @@ void act_mul(int act, const float *g, const float *u, long n, float *y) {
    Prefill GEMM on CPUs with AVX512-BF16 (Zen 4 and later, Cooper Lake, Sapphire Rapids):
 
        y[M, N] = x[M, K] @ W                                    (gptq_gemm_bf16, qw2 == NULL)
-       y[M, N] = silu(x @ W) * (x @ W2)                         (the gated MLP's gate and up, qw2 != NULL)
+       y[M, N] = act(x @ W) * (x @ W2)                          (the gated MLP's gate and up, qw2 != NULL)
 
    x bf16 row-major; y fp32, or bf16 (rounded to nearest even) where ybf16; sums in fp32. The codes are
    dequantized straight into the GEMM's packed panels, so W never exists as a dense matrix in memory: a dense bf16
@@ -1824,7 +1824,7 @@ void act_mul(int act, const float *g, const float *u, long n, float *y) {
    Loops: threads split the 64-column panels; per panel, the rows of x in passes of MC = 512 (the fp32 result panel
    512 x 64 = 128 KiB stays in L2 while K is walked), per pass K in steps of KC: pack, then every tile of the pass.
    Each panel is dequantized once per pass, i.e. once for prompts up to 512 tokens. The gated form computes the
-   gate's and the up's panels into scratch and writes silu(g) * u (silu_mul8's formula) into y. */
+   gate's and the up's panels into scratch and writes act(g) * u into y (act_mul's formulas: act 0 silu, 1 gelu_tanh). */
 
 #define GB_KC 256
 #define GB_MC 512
@@ -1941,7 +1941,7 @@ static inline GB_TARGET void gb_store(void *y, size_t at, __m512 v, int bf16) {
 GB_TARGET int gptq_gemm_bf16(int bits, const uint16_t *x, int M, int K, int N, const int32_t *qw,
                              const uint16_t *scales, const uint8_t *zeros, const int32_t *qw2, const uint16_t *scales2,
                              const uint8_t *zeros2, const int32_t *runs, const int32_t *rgroup, void *y, int ybf16,
-                             int threads) {
+                             int act, int threads) {
     if ((bits != 2 && bits != 3 && bits != 4 && bits != 8) || N % 16 || K % 8 || (ybf16 && !qw2)) return -2;
     if (threads < 1) threads = 1;
     const int gated = qw2 != NULL, panels = (N + 63) / 64;
@@ -1973,8 +1973,10 @@ GB_TARGET int gptq_gemm_bf16(int bits, const uint16_t *x, int M, int K, int N, c
                 for (int i = 0; i < mc; i++)
                     for (int v = 0; v < nv; v++) {
                         const float *g = (float *)scratch + (size_t)i * 64 + 16 * v, *u = g + (size_t)GB_MC * 64;
-                        const __m256 lo = silu_mul8(_mm256_load_ps(g), _mm256_load_ps(u));
-                        const __m256 hi = silu_mul8(_mm256_load_ps(g + 8), _mm256_load_ps(u + 8));
+                        const __m256 g0 = _mm256_load_ps(g), g1 = _mm256_load_ps(g + 8);
+                        const __m256 u0 = _mm256_load_ps(u), u1 = _mm256_load_ps(u + 8);
+                        const __m256 lo = act == 1 ? gelu_tanh_mul8(g0, u0) : silu_mul8(g0, u0);
+                        const __m256 hi = act == 1 ? gelu_tanh_mul8(g1, u1) : silu_mul8(g1, u1);
                         gb_store(y, (size_t)(m0 + i) * N + n + 16 * v,
                                  _mm512_insertf32x8(_mm512_castps256_ps512(lo), hi, 1), ybf16);
                     }

@@ -148,7 +148,7 @@ def library(vnni: bool = False) -> ctypes.CDLL | str:
     lib.gptq_dequant.restype = ctypes.c_int
     lib.gptq_dequant.argtypes = [I, P, I, P, P, P, P, I, I, I, I, I, P, I, I]
     lib.gptq_gemm_bf16.restype = ctypes.c_int
-    lib.gptq_gemm_bf16.argtypes = [I, P, I, I, I, P, P, P, P, P, P, P, P, P, I, I]
+    lib.gptq_gemm_bf16.argtypes = [I, P, I, I, I, P, P, P, P, P, P, P, P, P, I, I, I]
     L = ctypes.c_long
     lib.pool_forget.restype = None
     lib.pool_forget.argtypes = []
@@ -465,10 +465,11 @@ def _column_step(K: int, dtype: torch.dtype) -> int:
     return max(64, DENSE_BYTES // (K * dtype.itemsize) // 64 * 64)
 
 
-def gemm_bf16(layer, x: torch.Tensor, up=None, out_dtype: torch.dtype = torch.float32) -> torch.Tensor | None:
+def gemm_bf16(layer, x: torch.Tensor, up=None, out_dtype: torch.dtype = torch.float32,
+              act: str = "silu") -> torch.Tensor | None:
     """x [M, K] bf16 (in the kernel's row order) @ W -> [M, N] float32 by gptq_gemm_bf16: the codes dequantized
-    into the GEMM's own panels, sums in fp32. With `up` (a layer of the same shape and row order): silu(x @ W) *
-    (x @ W_up) in out_dtype (float32 or bfloat16). Codes of 2, 3, 4 or 8 bits. None where the CPU lacks AVX512-BF16
+    into the GEMM's own panels, sums in fp32. With `up` (a layer of the same shape and row order): act(x @ W) *
+    (x @ W_up) in out_dtype (float32 or bfloat16), act one of ACTS (act_mul's formulas). Codes of 2, 3, 4 or 8 bits. None where the CPU lacks AVX512-BF16
     or N is not a multiple of 16 (the caller dequantizes in blocks instead)."""
     K, N = layer.in_features, layer.out_features
     if up is not None and ((up.in_features, up.out_features, up.bits) != (K, N, layer.bits)
@@ -484,7 +485,7 @@ def gemm_bf16(layer, x: torch.Tensor, up=None, out_dtype: torch.dtype = torch.fl
     qw2, sc2, z2 = (t.data_ptr() for t in up._avx2_plan.tensors[:3]) if up is not None else (None, None, None)
     rc = lib.gptq_gemm_bf16(layer._avx2_plan.bits, x.data_ptr(), x.shape[0], K, N, qw, sc, z, qw2, sc2, z2,
                             layer.avx2_runs.data_ptr(), layer.avx2_rgroup.data_ptr(), y.data_ptr(),
-                            int(y.dtype == torch.bfloat16), torch.get_num_threads())
+                            int(y.dtype == torch.bfloat16), ACTS[act], torch.get_num_threads())
     if rc == -1:
         raise MemoryError("avx2 kernel: no memory for the bf16 GEMM's panels")
     return y
@@ -513,13 +514,14 @@ def dense_matmul(layer, x: torch.Tensor, out_dtype: torch.dtype | None = None) -
     return y
 
 
-def gated_prefill(gate, up, down, x: torch.Tensor) -> torch.Tensor | None:
-    """down(silu(gate(x)) * up(x)) for prefill rows x [..., K] float32, without the two [M, I] float32 outputs of
-    gate and up (23 MB on the 1.1B shape at 512 rows): one block of DENSE_BYTES of columns of each weight at a time,
+def gated_prefill(gate, up, down, x: torch.Tensor, act: str = "silu") -> torch.Tensor | None:
+    """down(act(gate(x)) * up(x)) for prefill rows x [..., K] float32 (act one of ACTS), without the two [M, I]
+    float32 outputs of gate and up (23 MB on the 1.1B shape at 512 rows): one block of DENSE_BYTES of columns of
+    each weight at a time,
     the product written into h [M, I] in the dtype down's prefill GEMM takes (dense_dtype: bf16 for avx2-q8 where the
     CPU has it). The values are those of the three layers' own prefill calls with the product in float32; where
-    gemm_bf16 runs (bf16 on an AVX512-BF16 CPU) it computes h in one pass, silu by the C formula of the decode path
-    (silu_mul8, within 1e-6 of torch's), so h may differ from the layers' calls by one bf16 rounding step.
+    gemm_bf16 runs (bf16 on an AVX512-BF16 CPU) it computes h in one pass, act by the C formula of the decode path
+    (act_mul's, within 1e-6 of torch's), so h may differ from the layers' calls by one bf16 rounding step.
     None (the caller runs the layers) where gate and up do not share decode calls (share_input: same kernel, input
     and g_idx), a layer is not on the avx2 kernels, has a bias or a hook, or gradients are needed."""
     shared = getattr(gate, "_avx2_shared", None)
@@ -536,7 +538,7 @@ def gated_prefill(gate, up, down, x: torch.Tensor) -> torch.Tensor | None:
     if shared.plan.permuted:
         xs = xs.index_select(1, gate.avx2_src)
     hdt = cpu_int4.dense_dtype(x.dtype, reduced=down.kernel.name == "avx2-q8")
-    h = gemm_bf16(gate, xs, up, hdt) if dt == torch.bfloat16 else None
+    h = gemm_bf16(gate, xs, up, hdt, act) if dt == torch.bfloat16 else None
     if h is not None:
         del xs
         return dense_matmul(down, h, x.dtype).view(*x.shape[:-1], down.out_features)
@@ -546,7 +548,7 @@ def gated_prefill(gate, up, down, x: torch.Tensor) -> torch.Tensor | None:
         n1 = min(n0 + step, I)
         g = (xs @ dequantize(gate, 0, K // 8, dt, n0, n1)).float()
         u = (xs @ dequantize(up, 0, K // 8, dt, n0, n1)).float()
-        h[:, n0:n1] = torch.nn.functional.silu(g, inplace=True).mul_(u)
+        h[:, n0:n1] = ACT_TORCH[act](g).mul_(u)
     del xs
     return dense_matmul(down, h, x.dtype).view(*x.shape[:-1], down.out_features)
 
@@ -631,7 +633,9 @@ def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float, offset: bool = False)
     return y
 
 
-ACTS = {"silu": 0, "gelu_tanh": 1}  # act_mul's activations (gelu_tanh: torch's approximate="tanh")
+ACTS = {"silu": 0, "gelu_tanh": 1}  # act_mul's activations, and torch's (gelu_tanh: approximate="tanh")
+ACT_TORCH = {"silu": torch.nn.functional.silu,
+             "gelu_tanh": functools.partial(torch.nn.functional.gelu, approximate="tanh")}
 
 
 def act_mul(g: torch.Tensor, u: torch.Tensor, act: str = "silu") -> torch.Tensor | None:
