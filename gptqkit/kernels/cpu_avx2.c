@@ -1824,7 +1824,8 @@ void act_mul(int act, const float *g, const float *u, long n, float *y) {
    Loops: threads split the 64-column panels; per panel, the rows of x in passes of MC = 512 (the fp32 result panel
    512 x 64 = 128 KiB stays in L2 while K is walked), per pass K in steps of KC: pack, then every tile of the pass.
    Each panel is dequantized once per pass, i.e. once for prompts up to 512 tokens. The gated form computes the
-   gate's and the up's panels into scratch and writes act(g) * u into y (act_mul's formulas: act 0 silu, 1 gelu_tanh). */
+   gate's and the up's panels into scratch and writes act(g) * u into y (act_mul's formulas: act 0 silu, 1
+   gelu_tanh). */
 
 #define GB_KC 256
 #define GB_MC 512

@@ -469,8 +469,9 @@ def gemm_bf16(layer, x: torch.Tensor, up=None, out_dtype: torch.dtype = torch.fl
               act: str = "silu") -> torch.Tensor | None:
     """x [M, K] bf16 (in the kernel's row order) @ W -> [M, N] float32 by gptq_gemm_bf16: the codes dequantized
     into the GEMM's own panels, sums in fp32. With `up` (a layer of the same shape and row order): act(x @ W) *
-    (x @ W_up) in out_dtype (float32 or bfloat16), act one of ACTS (act_mul's formulas). Codes of 2, 3, 4 or 8 bits. None where the CPU lacks AVX512-BF16
-    or N is not a multiple of 16 (the caller dequantizes in blocks instead)."""
+    (x @ W_up) in out_dtype (float32 or bfloat16), act one of ACTS (act_mul's formulas). Codes of 2, 3, 4 or 8
+    bits. None where the CPU lacks AVX512-BF16 or N is not a multiple of 16 (the caller dequantizes in blocks
+    instead)."""
     K, N = layer.in_features, layer.out_features
     if up is not None and ((up.in_features, up.out_features, up.bits) != (K, N, layer.bits)
                            or not torch.equal(up.g_idx, layer.g_idx)):
