@@ -631,7 +631,7 @@ class DecodeStack(nn.Module):
             positions = torch.full((1, 1), T, dtype=torch.long)
         # On one torch thread: torch runs even a 128-element cos in a parallel region (Gemma's head_dim 256), whose
         # OpenMP worker then spins on the core the C call's own worker needs (a Gemma-shaped 4-bit model with 2
-        # threads: 14-16 ms per token with the region, 4.9 without). Per calling thread, restored at once.
+        # threads: 13-16 ms per token with the region, 4.9-6.4 without). Per calling thread, restored at once.
         threads = torch.get_num_threads()
         torch.set_num_threads(1)
         try:

@@ -1752,10 +1752,10 @@ void rms_norm(const float *x, int M, int K, const float *w, float eps, int offse
 }
 
 /* ---------------------------------------------------------------------------------------------------------------
-   The gated MLP's silu(g) * u for decode rows (gptqkit.fused): y = g / (1 + exp(-g)) * u over n floats, on the
-   caller's thread; two torch ops otherwise, each several times its warm cost between two matmuls. exp(-g) is
-   exp_nonpositive's series on min(-g, 88), valid up to 88 (2^127); below g = -88, where silu(g) < 1e-36, the
-   result is 0 (NaN stays NaN). */
+   The gated MLP's act(g) * u for decode rows (gptqkit.fused), act_mul: SiLU (below) or Gemma's tanh GELU
+   (gelu_tanh_mul8) over n floats, on the caller's thread; two torch ops otherwise, each several times its warm cost
+   between two matmuls. SiLU: y = g / (1 + exp(-g)) * u, exp(-g) exp_nonpositive's series on min(-g, 88), valid up
+   to 88 (2^127); below g = -88, where silu(g) < 1e-36, the result is 0 (NaN stays NaN). */
 
 /* silu(x) * u for 8 floats */
 static inline __m256 silu_mul8(__m256 x, __m256 u) {
