@@ -334,6 +334,37 @@ def test_fused_adapter_call_follows_the_adapter(tmp_path, monkeypatch, one_threa
     assert step()[1] == 1
 
 
+@pytest.mark.skipif(isinstance(cpu_avx2.library(), str), reason="the one-call decode path needs the avx2 build")
+@pytest.mark.parametrize("arch", ["qwen2", "gemma"])
+def test_adapter_terms_follow_biases_and_gemma_parts_in_the_one_call(arch, tmp_path, monkeypatch):
+    """With Qwen2's q/k/v biases (the term comes after the bias, as in the wrapper: base(x) + term) and Gemma's own
+    norms and gate, the stack built over LoRA wrappers decodes in one call per token, the per-module path's bits."""
+    from gptqkit.cache import GrowingCache
+
+    model = load(rtn_checkpoint(tmp_path, arch))
+    torch.manual_seed(0)
+    pm = finetune.add_lora(model)
+    set_lora_b(pm)
+    calls = []
+    real = cpu_avx2.decode_stack
+    monkeypatch.setattr(cpu_avx2, "decode_stack", lambda *a: calls.append(1) or real(*a))
+    ids = torch.randint(0, 256, (1, 12), generator=torch.Generator().manual_seed(5))
+    name = cache_kwarg(model)
+
+    def steps() -> torch.Tensor:
+        with torch.no_grad():
+            cache = GrowingCache(model.config)
+            model(input_ids=ids[:, :8], **{name: cache}, use_cache=True)
+            return torch.stack([model(input_ids=ids[:, t:t + 1], **{name: cache}, use_cache=True).logits[0, -1]
+                                for t in range(8, 12)])
+
+    fast = steps()
+    assert len(calls) == 4
+    monkeypatch.setattr(fused.DecodeStack, "decode_step", lambda self, kw: None)
+    monkeypatch.setattr(fused.DecodeLayer, "decode_step", lambda self, *a: None)
+    assert torch.equal(steps(), fast) and len(calls) == 4
+
+
 # ------------------------------------------------------------------------------------------------ merge
 
 
