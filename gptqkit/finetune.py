@@ -133,19 +133,28 @@ def _lora_layer_class() -> type:
             * scaling with nothing else whenever its dropout is off (adapters on, one active, no biases): the term
             that cpu_avx2.lora_add computes, here and in gptqkit.fused's one-call blocks. Else None. A dropout with
             p > 0 is off in eval mode only, which forward and decode_guard check at each call."""
-            if self.disable_adapters or self.merged:
+            name = self._one_active()
+            if name is None or self.disable_adapters or self.merged:
                 return None
-            names = [n for n in self.active_adapters if n in self.lora_A]
-            if len(names) != 1:
-                return None
-            A, B = self.lora_A[names[0]], self.lora_B[names[0]]
+            A, B = self.lora_A[name], self.lora_B[name]
             if A.bias is not None or B.bias is not None:
                 return None
-            return A.weight, B.weight, float(self.scaling[names[0]])
+            return A.weight, B.weight, float(self.scaling[name])
+
+        def decode_modules(self) -> list[tuple[nn.Module, str]]:
+            """(owner, name) of the modules a C call that adds decode_adapter()'s term runs without calling: the base
+            layer, and the active adapter's A, B and dropout (gptqkit.fused checks they stay in place, unhooked)."""
+            name = self._one_active()
+            return [(self, "base_layer"), (self.lora_A, name), (self.lora_B, name), (self.lora_dropout, name)]
+
+        def _one_active(self) -> str | None:
+            """The name of the one active adapter this layer holds; None for none or several."""
+            names = [n for n in self.active_adapters if n in self.lora_A]
+            return names[0] if len(names) == 1 else None
 
         def _dropout_on(self) -> bool:
             """The active adapter's dropout drops something now (p > 0, training mode)."""
-            drop = next(self.lora_dropout[n] for n in self.active_adapters if n in self.lora_A)
+            drop = self.lora_dropout[self._one_active()]
             return drop.training and getattr(drop, "p", 0) > 0
 
         @staticmethod
@@ -155,7 +164,7 @@ def _lora_layer_class() -> type:
             addresses: adapters not disabled, the same one active, the same A and B Parameters and scaling, and its
             dropout (where p > 0) in eval mode. C-level maps over the layers' attribute dicts, peft's own state
             (BaseTunerLayer keeps `_disable_adapters` and `_active_adapter` there)."""
-            names = [next(n for n in m.active_adapters if n in m.lora_A) for m in layers]
+            names = [m._one_active() for m in layers]
             dicts = [m.__dict__ for m in layers]
             active = [d.get("_active_adapter") for d in dicts]
             a_params = [m.lora_A[n]._parameters for m, n in zip(layers, names)]

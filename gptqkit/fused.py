@@ -482,8 +482,7 @@ def _layer_for(module: nn.Module) -> DecodeLayer | None:
             if type(base).__name__ != "QuantLinear" or term is None:
                 return None
             adapters.append((m, term))
-            name = next(n for n in m.active_adapters if n in m.lora_A)
-            extra += [(m, "base_layer"), (m.lora_A, name), (m.lora_B, name), (m.lora_dropout, name)]
+            extra += m.decode_modules()
             m = base
         linears.append(m)
     H, Hkv = linears[0].out_features // attn.head_dim, linears[1].out_features // attn.head_dim

@@ -695,7 +695,7 @@ def lora_add(x: torch.Tensor, y: torch.Tensor, adapter: tuple) -> torch.Tensor |
             or x.numel() // K != y.numel() // N):
         return None
     A, B, scale = adapter
-    x, out = x.contiguous(), y.contiguous().clone()
+    x, out = x.contiguous(), y.clone(memory_format=torch.contiguous_format)
     lib.lora_add(ctypes.byref(_Lora(A.shape[0], A.data_ptr(), B.data_ptr(), scale)), x.data_ptr(), x.numel() // K,
                  K, N, out.data_ptr())
     return out
