@@ -653,7 +653,18 @@ static inline size_t q8_ahead(int n, int N, int nc) {
    Zen 5 EPYC). With piece_end's flush this made decode 4-6% faster per token on the 1.1B shape (two builds
    alternated in one process, 25 rounds of 16 tokens). Tried there and not kept: one pass over a whole group's 16
    rows with the sums in registers (16 streams per thread, 20% slower), and a row at a time over column tiles
-   (each DRAM page opened once per tile, 30-70% slower on the 5632-column layers). */
+   (each DRAM page opened once per tile, 30-70% slower on the 5632-column layers).
+
+   Each set of 16 columns keeps two sums, of the low and of the high nibbles' products, added once the piece's rows
+   are in: a sum's chain of dependent vpdpbusd is then nc long instead of 2 * nc. At a plain read of 79-83 GB/s
+   decode took 2.5% less time per token (1.1B shape, +head; two A/B runs in one process, 14 and 16 rounds), while
+   four sums per set (chains of 2) took 2% more than two. Tried on the same machine and not kept (standalone C loop
+   of the 1.1B shape's 88 decode calls):
+   - a piece's rows read one after the other, the sums of the rows so far kept in an int32 row in L1/L2: one stream
+     per thread in address order (which a plain read of 4 interleaved rows reaches only 64 of 81 GB/s of), 3-6%
+     faster while that read ran at 47-49 GB/s but 12-15% slower at 73-80, where the extra loads and stores per
+     line cost more than the order gained (the gate/up call alone 5.5-5.9 ms per token against 4.5);
+   - 128 or 256 columns a step (longer bursts of each row): no faster, 256 slower. */
 
 /* Columns n .. n+15 of a piece, as piece_end8. */
 static inline void piece_end16(float *facc, __m512i s, __m512 dv, __m512 sxv, const piece_end *e, int n) {
@@ -681,6 +692,7 @@ static inline void piece_q8(const int32_t *qw, int N, int c0, int nc, const int3
     int n = 0;
     for (; n + 32 <= N; n += 32) {
         __m512i s = _mm512_setzero_si512(), s2 = _mm512_setzero_si512();
+        __m512i t = _mm512_setzero_si512(), t2 = _mm512_setzero_si512();
         const size_t ahead = q8_ahead(n, N, nc);
         prefetch_flush(e, n, pf_flush);
         for (int i = 0; i < nc; i++) {
@@ -689,12 +701,12 @@ static inline void piece_q8(const int32_t *qw, int N, int c0, int nc, const int3
             _mm_prefetch((const char *)r + ahead + 64, _MM_HINT_T0);
             const __m512i w = _mm512_loadu_si512((const void *)r), w2 = _mm512_loadu_si512((const void *)(r + 16));
             s = _mm512_dpbusd_epi32(s, _mm512_and_si512(w, mask), bl[i]);
-            s = _mm512_dpbusd_epi32(s, _mm512_and_si512(_mm512_srli_epi32(w, 4), mask), bh[i]);
+            t = _mm512_dpbusd_epi32(t, _mm512_and_si512(_mm512_srli_epi32(w, 4), mask), bh[i]);
             s2 = _mm512_dpbusd_epi32(s2, _mm512_and_si512(w2, mask), bl[i]);
-            s2 = _mm512_dpbusd_epi32(s2, _mm512_and_si512(_mm512_srli_epi32(w2, 4), mask), bh[i]);
+            t2 = _mm512_dpbusd_epi32(t2, _mm512_and_si512(_mm512_srli_epi32(w2, 4), mask), bh[i]);
         }
-        piece_end16(facc + n, s, dv, sxv, e, n);
-        piece_end16(facc + n + 16, s2, dv, sxv, e, n + 16);
+        piece_end16(facc + n, _mm512_add_epi32(s, t), dv, sxv, e, n);
+        piece_end16(facc + n + 16, _mm512_add_epi32(s2, t2), dv, sxv, e, n + 16);
     }
     for (; n + 16 <= N; n += 16) {
         __m512i s = _mm512_setzero_si512();
