@@ -17,11 +17,13 @@ round-to-nearest (gptqkit quantize --method rtn): speed does not depend on how t
 
 Roofline: DRAM read bandwidth (a sum over a 1 GiB fp32 tensor, best of 5, same threads, on 4 KiB and on huge pages)
 divided by the weight bytes one decode token must read (every Linear and lm_head, in the layout the kernel reads: int4
-codes plus bf16 scale/zero pairs for gptqkit; bf16 or fp32 for dense), ignoring the KV cache and activations. The
-bandwidth is read between every two runs (a run: one column's fresh process), and each run is held against the higher
-of the readings on either side of it; a column's fraction is the median over its runs. On the shared VMs here the
-reading moves between levels (39-48 and 74-80 GB/s on one 2-core machine, a level lasting seconds to minutes), so a
-single reading at the start of a model's columns can be minutes and a level away from a run it is held against.
+codes plus bf16 scale/zero pairs for gptqkit; bf16 or fp32 for dense), ignoring the KV cache and activations. On the
+shared VMs here the reading moves between levels (39-48 and 74-82 GB/s on one 2-core machine, a level lasting seconds
+to minutes), so each decode run (new_tokens tokens, well under a second on the quantized models) is held against the
+higher of two readings taken right before and right after it: a probe process (serve_probe) that holds its own
+buffers reads them while the measured process waits on a FIFO (gptqkit.bench.Probe), so the readings add nothing to
+the measured peak memory. A column's fraction is the median over its decode runs. The bandwidth is also read between
+every two runs (a run: one column's fresh process) for the title's range.
 """
 
 from __future__ import annotations
@@ -98,14 +100,23 @@ with torch.inference_mode():
     pre, out = [], None
     for _ in range(spec["prefill_runs"]):
         out = None; s, out = prefill(ids); pre.append(s)
-    dec = [decode(out, spec["new_tokens"]) for _ in range(spec["runs"])]
+    probe = [open(spec["probe"][0], "w"), open(spec["probe"][1])] if spec.get("probe") else None
+    def reading():  # as gptqkit.bench.Probe
+        probe[0].write("\n"); probe[0].flush()
+        return float(probe[1].readline())
+    dec, probes = [], []
+    for _ in range(spec["runs"]):
+        probes += [reading()] if probe else []
+        dec.append(decode(out, spec["new_tokens"]))
+    probes += [reading()] if probe else []
 kinds = sorted({type(x).__name__ for x in model.modules() if hasattr(x, "qweight")})
 json.dump({"load_s": load_s, "prefill_s": pre, "decode_s": dec, "kernels": kinds,
            "prefill_tokens_per_s": spec["prompt_len"] / statistics.median(pre),
            "decode_tokens_per_s": spec["new_tokens"] / statistics.median(dec),
            "decode_ms_per_token": 1e3 * statistics.median(dec) / spec["new_tokens"],
            "peak_rss_bytes": vm("VmHWM"), "peak_rss_model_bytes": vm("VmHWM") - rss_start,
-           "threads": torch.get_num_threads()}, open(sys.argv[2], "w"))
+           "threads": torch.get_num_threads(), **({"decode_probes": probes} if probe else {})},
+          open(sys.argv[2], "w"))
 '''
 
 
@@ -113,19 +124,54 @@ def log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
-def read_bandwidth() -> float:
-    """Bytes/s of a sum over a 1 GiB fp32 tensor, best of 5 with 1 thread and with all cores, on 4 KiB pages and on
-    huge pages (gptqkit.memory, where gptqkit's loader puts the weights; 2-5% faster on the Zen 5 VM): the DRAM read
-    bandwidth torch reaches (a lower bound on a loaded machine; one core alone may not saturate DRAM)."""
-    best = float("inf")
-    for make in (torch.ones, lambda n: memory.empty([n], torch.float32).fill_(1)):  # one 1 GiB tensor at a time
-        a = make(2**28)
+def bandwidth_buffers():
+    """The two 1 GiB fp32 tensors read_bandwidth sums: on 4 KiB pages and on huge pages (gptqkit.memory, where
+    gptqkit's loader puts the weights; 2-5% faster on the Zen 5 VM)."""
+    yield torch.ones(2**28)
+    yield memory.empty([2**28], torch.float32).fill_(1)
+
+
+def read_bandwidth(buffers=None) -> float:
+    """Bytes/s of a sum over a 1 GiB fp32 tensor, best of 5 with 1 thread and with all cores, on each of `buffers`
+    (default: bandwidth_buffers(), made one at a time): the DRAM read bandwidth torch reaches (a lower bound on a
+    loaded machine; one core alone may not saturate DRAM). Leaves torch's thread count as it found it."""
+    best, before = float("inf"), torch.get_num_threads()
+    for a in buffers if buffers is not None else bandwidth_buffers():
         for threads in sorted({1, os.cpu_count() or 1}):
             torch.set_num_threads(threads)
             a.sum()
             best = min(best, *(_timed(a.sum) for _ in range(5)))
         del a
+    torch.set_num_threads(before)
     return 2**30 / best
+
+
+def serve_probe(request: str, reply: str) -> None:
+    """The probe process: a bandwidth reading (bytes/s) on `reply` for each line on `request`, for one measured
+    process after another (gptqkit.bench.Probe opens the FIFOs in the same order), until killed."""
+    buffers = list(bandwidth_buffers())
+    while True:
+        with open(request) as req, open(reply, "w") as rep:
+            for _ in req:
+                rep.write(f"{read_bandwidth(buffers)}\n")
+                rep.flush()
+
+
+class ProbeProcess:
+    """serve_probe in a subprocess, with its FIFOs in a temporary folder; `paths` goes into a spec as "probe"."""
+
+    def __enter__(self):
+        self.tmp = tempfile.TemporaryDirectory(prefix="gptqkit-probe-")
+        self.paths = [str(Path(self.tmp.name) / n) for n in ("request", "reply")]
+        for f in self.paths:
+            os.mkfifo(f)
+        self.proc = subprocess.Popen([sys.executable, __file__, "--probe-server", *self.paths])
+        return self
+
+    def __exit__(self, *exc):
+        self.proc.kill()
+        self.proc.wait()
+        self.tmp.cleanup()
 
 
 def _timed(f) -> float:
@@ -255,7 +301,8 @@ def weight_bytes_per_token(folder: Path, dense_bytes: int, kernel: str = "avx2")
 def measure(path: Path, quantized: bool, dtype: str, a, kernel: str = "auto", dense_dtype: str | None = None) -> dict:
     spec = {"path": str(path), "quantized": quantized, "dtype": dtype, "device": "cpu", "threads": a.threads,
             "prompt_len": a.prompt_len, "new_tokens": a.new_tokens, "runs": a.runs, "prefill_runs": a.prefill_runs,
-            "warmup": 1, "kernel": kernel, "dense_dtype": dense_dtype, "prefill_chunk": a.prefill_chunk}
+            "warmup": 1, "kernel": kernel, "dense_dtype": dense_dtype, "prefill_chunk": a.prefill_chunk,
+            "probe": a.probe}
     log(f"  measuring {path.name} ({dtype}, kernel {kernel}, embedding/lm_head {dense_dtype or dtype}) ...")
     r = B.run_measurement(spec)
     r["new_tokens"] = a.new_tokens
@@ -265,7 +312,7 @@ def measure(path: Path, quantized: bool, dtype: str, a, kernel: str = "auto", de
 
 def measure_peer(path: Path, a) -> dict:
     spec = {"path": str(path), "threads": a.threads, "prompt_len": a.prompt_len, "new_tokens": a.new_tokens,
-            "runs": a.runs, "prefill_runs": a.prefill_runs, "prefill_chunk": a.prefill_chunk}
+            "runs": a.runs, "prefill_runs": a.prefill_runs, "prefill_chunk": a.prefill_chunk, "probe": a.probe}
     log(f"  measuring {path.name} with GPTQModel ...")
     env = {**os.environ, "GPTQMODEL_CPU_WORKERS": str(a.threads), "OMP_NUM_THREADS": str(a.threads),
            "TOKENIZERS_PARALLELISM": "false"}
@@ -306,11 +353,11 @@ def table(title: str, cols: dict[str, dict], base: str = "dense bf16") -> str:
              row("  / dense bf16", lambda r: r["peak_rss_model_bytes"] / b["peak_rss_model_bytes"], "{:10.2f}"),
              row("size on disk MiB", lambda r: r["size_bytes"] / mib, "{:10.0f}"),
              row("weight MB read / token", lambda r: r["bytes_per_token"] / 1e6, "{:10.1f}"),
-             row("DRAM read GB/s at its runs", lambda r: statistics.median(r["run_bandwidth"]) / 1e9, "{:10.1f}"),
+             row("DRAM read GB/s at its decodes", lambda r: statistics.median(r["run_bandwidth"]) / 1e9, "{:10.1f}"),
              row("roofline tokens/s", lambda r: statistics.median(r["run_bandwidth"]) / r["bytes_per_token"],
                  "{:10.1f}"),
              row("  fraction achieved", lambda r: statistics.median(r["run_fraction"]), "{:10.2f}"),
-             row("  lowest, highest run", lambda r: f"{min(r['run_fraction']):.2f}-{max(r['run_fraction']):.2f}",
+             row("  lowest, highest decode", lambda r: f"{min(r['run_fraction']):.2f}-{max(r['run_fraction']):.2f}",
                  "{:>10s}")]
     errors = [f"  {k}: {r['error']}" for k, r in cols.items() if "error" in r]
     return "\n".join(lines + errors)
@@ -318,8 +365,9 @@ def table(title: str, cols: dict[str, dict], base: str = "dense bf16") -> str:
 
 def merge_rounds(rs: list[dict], prompt_len: int, nbytes: int) -> dict:
     """One column from its rounds' measurements: the timings pooled and their medians taken again, the highest peak
-    RSS, and per run the bandwidth it is held against (r["bandwidth"]) and the roofline fraction its decodes reached
-    (nbytes: weight bytes read per token); a failed round fails the column."""
+    RSS, and per decode run the bandwidth it is held against (the higher of the probe's readings on either side of
+    it; without them, the run's r["bandwidth"]) and the roofline fraction it reached (nbytes: weight bytes read per
+    token); a failed round fails the column."""
     failed = next((r for r in rs if "error" in r), None)
     if failed is not None:
         return failed
@@ -328,8 +376,16 @@ def merge_rounds(rs: list[dict], prompt_len: int, nbytes: int) -> dict:
     return {**rs[0], "prefill_s": pre, "decode_s": dec, "prefill_tokens_per_s": prompt_len / statistics.median(pre),
             "decode_tokens_per_s": n / statistics.median(dec), "decode_ms_per_token": 1e3 * statistics.median(dec) / n,
             **{k: max(r[k] for r in rs) for k in ("peak_rss_bytes", "peak_rss_model_bytes") if k in rs[0]},
-            "bytes_per_token": nbytes, "run_bandwidth": [r["bandwidth"] for r in rs],
-            "run_fraction": [n / statistics.median(r["decode_s"]) * nbytes / r["bandwidth"] for r in rs]}
+            "bytes_per_token": nbytes, "run_bandwidth": [b for r in rs for b in held_against(r)],
+            "run_fraction": [n / d * nbytes / b for r in rs for d, b in zip(r["decode_s"], held_against(r))]}
+
+
+def held_against(r: dict) -> list[float]:
+    """The bandwidth each of r's decode runs is held against."""
+    p = r.get("decode_probes")
+    if p and len(p) == len(r["decode_s"]) + 1:
+        return [max(a, b) for a, b in zip(p, p[1:])]
+    return [r["bandwidth"]] * len(r["decode_s"])
 
 
 def run_model(name: str, dense: Path, ckpts: dict[str, Path], a) -> tuple[str, dict]:
@@ -365,7 +421,8 @@ def run_model(name: str, dense: Path, ckpts: dict[str, Path], a) -> tuple[str, d
     title = (f"{name}: {a.threads} threads, prompt {a.prompt_len} tokens{pieces}, {a.new_tokens} new tokens, median of "
              f"{a.rounds * a.runs} decodes / {a.rounds * a.prefill_runs} prefills ({a.rounds} rounds of fresh "
              f"processes); DRAM read {min(readings) / 1e9:.1f}-{max(readings) / 1e9:.1f} GB/s over "
-             f"{len(readings)} readings, one between every two runs")
+             f"{len(readings)} readings, one between every two runs; each decode run held against readings right "
+             f"before and after it")
     text = table(title, cols)
     cols["bandwidth_bytes_per_s"] = readings
     if not peer_ok:
@@ -453,7 +510,11 @@ def main() -> int:
     p.add_argument("--sweep", action="store_true", help="only the per-layer kernel sweep")
     p.add_argument("--sweep-m", default="1,2,4,8,16,24,32,48,64,96,128,256")
     p.add_argument("--json", default=None, help="also write all measurements to this file")
+    p.add_argument("--probe-server", nargs=2, metavar=("REQUEST", "REPLY"), help=argparse.SUPPRESS)  # serve_probe
     a = p.parse_args()
+    if a.probe_server:
+        serve_probe(*a.probe_server)
+        return 0
     if a.sweep:
         print(sweep(a.threads, [int(m) for m in a.sweep_m.split(",")]))
         return 0
@@ -468,15 +529,17 @@ def main() -> int:
     work.mkdir(parents=True, exist_ok=True)
     groups = [int(g) for g in a.groups.split(",")]
     out, raw = [], {"load_average": os.getloadavg()}
-    for name in a.models.split(","):
-        if name == "smollm2":
-            (dense, ckpts), title = smollm2(work, groups, a.lm_head), "SmolLM2-135M-Instruct"
-        else:
-            (dense, ckpts), title = random_llama(work, groups, name, a.lm_head), SHAPES[name][0]
-        text, cols = run_model(title, dense, ckpts, a)
-        print(text + "\n", flush=True)
-        out.append(text)
-        raw[name] = cols
+    with ProbeProcess() as probe:
+        a.probe = probe.paths
+        for name in a.models.split(","):
+            if name == "smollm2":
+                (dense, ckpts), title = smollm2(work, groups, a.lm_head), "SmolLM2-135M-Instruct"
+            else:
+                (dense, ckpts), title = random_llama(work, groups, name, a.lm_head), SHAPES[name][0]
+            text, cols = run_model(title, dense, ckpts, a)
+            print(text + "\n", flush=True)
+            out.append(text)
+            raw[name] = cols
     raw["load_average_end"] = os.getloadavg()
     if a.json:
         Path(a.json).write_text(json.dumps(raw, indent=2))

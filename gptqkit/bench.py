@@ -33,6 +33,30 @@ class BenchError(RuntimeError):
     pass
 
 
+class Probe:
+    """A reading that another process takes while this one waits, next to each decode run (spec["probe"]: the paths
+    of two FIFOs). A benchmark holds each run against the DRAM bandwidth read just before and after it this way
+    (benchmarks/cpu_decode.py): on a shared machine the bandwidth moves between levels within seconds, so a reading
+    taken in another process minutes away can be a level off. The FIFOs are opened at the first reading, request
+    then reply, as the reading process opens them; each reading is a line out and a number back."""
+
+    def __init__(self, request: str, reply: str):
+        self.paths, self.files = (request, reply), None
+
+    def read(self) -> float:
+        if self.files is None:
+            self.files = (open(self.paths[0], "w"), open(self.paths[1]))
+        try:
+            self.files[0].write("\n")
+            self.files[0].flush()
+            line = self.files[1].readline()
+        except BrokenPipeError:  # it stopped reading requests
+            line = ""
+        if not line:
+            raise BenchError(f"the probe process closed {self.paths[0]} or {self.paths[1]} without a reading")
+        return float(line)
+
+
 def size_on_disk(path: str | os.PathLike) -> int:
     """Bytes of the weight files in a model folder."""
     return sum(f.stat().st_size for f in Path(path).iterdir() if f.suffix in WEIGHT_SUFFIXES)
@@ -154,7 +178,12 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
             out = None  # one prompt's cache at a time, as a user holds it: the last run's is freed first
             seconds, out = prefill(ids)
             pre.append(seconds)
-        dec = [decode(out, spec["new_tokens"]) for _ in range(spec["runs"])]
+        probe = Probe(*spec["probe"]) if spec.get("probe") else None
+        dec, probes = [], []
+        for _ in range(spec["runs"]):
+            probes += [probe.read()] if probe else []
+            dec.append(decode(out, spec["new_tokens"]))
+        probes += [probe.read()] if probe else []
     r: dict[str, Any] = {
         "path": str(spec["path"]), "quantized": spec["quantized"], "device": str(device),
         "dtype": spec.get("dtype") or str(next(model.parameters()).dtype).removeprefix("torch."),
@@ -169,6 +198,8 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
         "peak_rss_bytes": 1024 * (vm_kib("VmHWM") or resource.getrusage(resource.RUSAGE_SELF).ru_maxrss),
         "rss_start_bytes": rss_start * 1024 if rss_start else None,
     }
+    if probe:
+        r["decode_probes"] = probes  # one before each decode run and one after the last
     if rss_start:
         # What the model adds to the process: its weights, buffers, KV cache and activations, and whatever
         # else loading and running it allocates. The runtime before it (~400 MiB here for a Llama: interpreter,

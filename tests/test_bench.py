@@ -121,3 +121,49 @@ def test_runtime_includes_the_models_code(tmp_path):
     (tmp_path / "config.json").write_text('{"model_type": "no-such-architecture"}')
     assert bench_mod.import_architecture(tmp_path) is None
     assert bench_mod.import_architecture(tmp_path / "missing") is None
+
+
+def test_decode_runs_between_probe_readings(monkeypatch, tmp_path):
+    """spec["probe"]: one reading before each decode run and one after the last, taken by another process (here a
+    thread) while the measured one waits; they come back in order as decode_probes, and a probe that goes away
+    without answering fails the measurement."""
+    import os
+    import threading
+
+    import transformers
+
+    events: list = []
+    real = transformers.AutoModelForCausalLM.from_pretrained
+
+    def loaded(*a, **k):
+        m = real(*a, **k)
+        m.get_input_embeddings().register_forward_pre_hook(lambda mod, args: events.append(args[0].shape[1]))
+        return m
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", loaded)
+    req, rep = str(tmp_path / "request"), str(tmp_path / "reply")
+    os.mkfifo(req)
+    os.mkfifo(rep)
+
+    def serve(answers: int):
+        with open(req) as r, open(rep, "w") as w:
+            for i, _ in zip(range(answers), r):
+                events.append("probe")
+                w.write(f"{i + 0.5}\n")
+                w.flush()
+
+    server = threading.Thread(target=serve, args=(10,), daemon=True)
+    server.start()
+    spec = {"path": str(MODEL), "quantized": False, "device": "cpu", "prompt_len": 8, "new_tokens": 2, "runs": 3,
+            "prefill_runs": 1, "threads": 1, "probe": [req, rep]}
+    r = bench_mod.measure(spec)
+    server.join(timeout=60)
+    assert not server.is_alive()  # the measurement closed its end when it was done
+    assert r["decode_probes"] == [0.5, 1.5, 2.5, 3.5]
+    # warm-up (prefill and 2 steps), the timed prefill, then 3 decode runs of 2 tokens between the readings
+    assert events == [8, 1, 1, 8] + ["probe", 1, 1] * 3 + ["probe"]
+    server = threading.Thread(target=serve, args=(1,), daemon=True)  # answers once, then closes
+    server.start()
+    with pytest.raises(BenchError, match="closed .* without a reading"):
+        bench_mod.measure(spec)
+    server.join(timeout=60)
