@@ -258,10 +258,10 @@ def bench(ckpt: str | os.PathLike, baseline: str | os.PathLike | None = None, pr
 
     dtype (of activations and unquantized tensors) and dense_dtype default to what runs fastest here
     (default_dtypes): float16 on CUDA; on CPU the checkpoint computes in float32 with its embedding and lm_head
-    stored in bfloat16. The baseline defaults to dtype when that
-    is given, else bfloat16 on CPU: what a CPU user would run the dense model in. Returns {"settings", "quantized", "baseline", "ratios"}
-    with sizes in bytes and times in seconds; ratios are quantized / baseline (memory, size) and baseline /
-    quantized for time (a speed-up above 1 means the checkpoint is faster). dense_dtype: storage of the
+    stored in bfloat16. The baseline defaults to dtype when that is given, else bfloat16 on CPU: what a CPU user
+    would run the dense model in. Returns {"settings", "quantized", "baseline", "ratios"} with sizes in bytes and
+    times in seconds; ratios are quantized / baseline (memory, size) and baseline / quantized for time (a speed-up
+    above 1 means the checkpoint is faster). dense_dtype: storage of the
     checkpoint's embedding and lm_head when it differs from dtype (see gptqkit.dense), e.g. dtype float32 with
     dense_dtype bfloat16. kv_cache: as generate's (auto: bf16 under gptqkit's float32 CPU attention, so the cache
     takes the bytes a bf16 baseline's does; model: the model's dtype). prefill_chunk: prefill the prompt in pieces of

@@ -253,7 +253,7 @@ static int pool_run(task_fn fn, void *arg, int T, const prefetch_t *pf, const pr
    read again every token, which the 500 MB of a 1.1B token's codes otherwise push out: the KV cache, the
    interpreter's objects between the calls and the read-ahead of the next call (the pool). On the 1.1B shape +head
    (VNNI build, plain read at 78-81 GB/s) a token took 3.0-5.6% less time over three A/B runs in one process (the
-   matmuls 0.3 ms less, the rest of the token 0.4 ms less), the AVX2 build 1.3% less and a 3-bit SmolLM2-135M 2%
+   matmuls 0.30 ms less, the rest of the token 0.36 ms less), the AVX2 build 1.3% less and a 3-bit SmolLM2-135M 2%
    less; the scales' and zeros' prefetches as well made no difference. */
 #define STREAM _MM_HINT_NTA
 
