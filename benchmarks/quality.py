@@ -46,7 +46,8 @@ def child(spec: dict) -> dict:
     secs = 0.0
     if spec["method"] == "gptqmodel":
         # GPTQModel 7.6.0 in its own venv, on the very token windows gptqkit calibrates with (seed 0), with the
-        # same column order as the gptqkit row it sits under (act_group_aware is its default). Its time is its own load + quantize (imports and save excluded).
+        # same column order as the gptqkit row it sits under (act_group_aware is its default). Its time is its own
+        # load + quantize (imports and save excluded).
         sys.path.insert(0, str(ROOT / "benchmarks"))
         import interop
         from gptqkit.data import calibration_samples
@@ -56,7 +57,8 @@ def child(spec: dict) -> dict:
                                       data_dir=spec["data_dir"])
         out, job = Path(spec["tmp"]) / "ckpt", Path(spec["tmp"]) / "job.json"
         job.write_text(json.dumps({"bits": spec["bits"], "group_size": spec["group_size"], "desc_act": spec["desc_act"],
-                                   "act_group_aware": spec["group_aware"], "sym": True, "damp_percent": 0.01, "dtype": "float32",
+                                   "act_group_aware": spec["group_aware"], "sym": True, "damp_percent": 0.01,
+                                   "dtype": "float32",
                                    "calibration": [s["input_ids"][0].tolist() for s in samples]}))
         text = interop.run_peer("gptqmodel", "gptqmodel_quantize.py", [spec["model"], out, job],
                                 Path(spec["tmp"]) / "gptqmodel.log", threads=torch.get_num_threads())

@@ -556,9 +556,10 @@ class DecodeStack(nn.Module):
     call runs all of them and the norm in one C call (cpu_avx2.decode_stack), bit for bit the same. Around each
     block's C call the stack's loop, the block's checks and its cache views took ~50 us of Python on the 1.1B shape
     (every object read from DRAM again after the block's codes streamed through the caches); one call per token took
-    3.7-4.8% off each token (alternating 16-token rounds in one process, two runs). Every other call (prefill, batches, padding,
-    output_hidden_states, autograd), and any call after a block, one of its parts or the norm was replaced, hooked
-    or moved to another kernel, runs the class's own forward, whose blocks then take their own C calls."""
+    3.7-4.8% off each token (alternating 16-token rounds in one process, two runs). Every other call (prefill,
+    batches, padding, output_hidden_states, autograd), and any call after a block, one of its parts or the norm was
+    replaced, hooked or moved to another kernel, runs the class's own forward, whose blocks then take their own C
+    calls."""
 
     _stack: object  # cpu_avx2.stack_args() of the blocks
     _blocks: tuple  # the DecodeLayers, in call order (block i writes cache layer i)

@@ -63,10 +63,10 @@ def column_order(diag: torch.Tensor, K: int, g: int, cfg: QuantConfig) -> tuple[
     - desc_act: columns by decreasing diag(H); a group is g consecutive positions of that order, so the stored
       g_idx is not monotone and a loader must gather per column.
     - static_groups: the groups of the natural order (fixed from the unmodified W), whatever the walk order.
-    - act_group_aware (when neither of the above; GPTQModel's default): the natural groups, walked whole, most important group first
-      (by its largest diag(H)), and inside a group by decreasing diag(H). The important columns are quantized
-      while most columns can still absorb their error, as with act-order, but g_idx stays k // g: the checkpoint
-      is an ordinary one with no per-column gather at inference.
+    - act_group_aware (when neither of the above; GPTQModel's default): the natural groups, walked whole, most
+      important group first (by its largest diag(H)), and inside a group by decreasing diag(H). The important
+      columns are quantized while most columns can still absorb their error, as with act-order, but g_idx stays
+      k // g: the checkpoint is an ordinary one with no per-column gather at inference.
     """
     dev = diag.device
     natural = torch.arange(K, device=dev) // g
@@ -102,8 +102,8 @@ def gptq(W: torch.Tensor, H: torch.Tensor, cfg: QuantConfig, block_size: int = B
 
     The walk order and the groups come from `column_order` (natural, desc_act, static_groups, act_group_aware).
     A group's scale and zero are fixed when the walk reaches its first column, from the columns as updated so far
-    (static_groups: from the unmodified W before the pass). If H stays non-positive-definite up to damp 1.0 the layer falls
-    back to round-to-nearest and `fallback` says why.
+    (static_groups: from the unmodified W before the pass). If H stays non-positive-definite up to damp 1.0 the layer
+    falls back to round-to-nearest and `fallback` says why.
     """
     W = W.detach().float().clone()
     H = H.detach().float().clone()

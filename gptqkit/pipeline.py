@@ -146,7 +146,8 @@ def fingerprint(model: nn.Module, samples: list[dict], cfg: QuantConfig, seed: i
     for s in samples:
         d.update(s["input_ids"].numpy().tobytes())
     settings = {k: v for k, v in cfg.to_dict().items() if k != "meta"}
-    settings.update(mse=cfg.mse, method=cfg.quant_method, order=cfg.uses_group_aware_order, batch_size=batch_size, compute_dtype=str(compute_dtype))
+    settings.update(mse=cfg.mse, method=cfg.quant_method, order=cfg.uses_group_aware_order, batch_size=batch_size,
+                    compute_dtype=str(compute_dtype))
     return {"model": h.hexdigest(), "calibration data": d.hexdigest(), "seed": seed,
             "settings": json.dumps(settings, sort_keys=True)}
 

@@ -456,7 +456,8 @@ class Replay:
                 ticks[name][4] = _replayable(out)
             return hook
 
-        handles = [h for n, m in modules for h in (m.register_forward_pre_hook(pre(n)), m.register_forward_hook(post(n)))]
+        handles = [h for n, m in modules
+                   for h in (m.register_forward_pre_hook(pre(n)), m.register_forward_hook(post(n)))]
         try:
             with torch.no_grad():
                 _run_block(block, inputs[0][0][:1], _slice_kwargs(inputs[0][1], 1))

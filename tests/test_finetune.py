@@ -470,7 +470,8 @@ def quantize_first(k: int, out: Path, bits: int = 4) -> Path:
 
 
 def stories(tok, first: int, last: int) -> list[dict]:
-    texts = [s.strip() for s in (CORPORA / "calibration" / "tiny.txt").read_text().split("\n\n") if len(s.strip()) > 200]
+    paragraphs = (CORPORA / "calibration" / "tiny.txt").read_text().split("\n\n")
+    texts = [s.strip() for s in paragraphs if len(s.strip()) > 200]
     return calibration_samples(tok, texts[first:last], nsamples=last - first, seqlen=256)
 
 

@@ -265,7 +265,8 @@ def rope_attention64(q, k, v, cos, sin, keys, values, scale, kv=torch.float32):
 
     qr, kr = apply_rotary_pos_emb(q[None, :, None], k[None, :, None], cos[None, None], sin[None, None])
     qr, kr = qr[0, :, 0], kr[0, :, 0]
-    K = torch.cat([keys, kr.to(kv).float()[:, None]], 1).double().repeat_interleave(q.shape[0] // k.shape[0], 0)  # [H, T+1, D]
+    # [H, T+1, D]
+    K = torch.cat([keys, kr.to(kv).float()[:, None]], 1).double().repeat_interleave(q.shape[0] // k.shape[0], 0)
     V = torch.cat([values, v[:, None]], 1).double().repeat_interleave(q.shape[0] // k.shape[0], 0)
     p = torch.softmax(torch.einsum("hd,htd->ht", qr.double(), K) * scale, -1)
     return torch.einsum("ht,htd->hd", p, V), kr

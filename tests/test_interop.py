@@ -1,6 +1,6 @@
 """Interop with the real peers on a tiny random Llama (widths multiples of 128): GPTQModel 7.6.0 quantizes and
-gptqkit loads; gptqkit quantizes and GPTQModel, AutoGPTQ 0.7.1 and transformers (from_pretrained) load. Same weights must give the same dequantized
-matrices bit for bit and the same float32 logits.
+gptqkit loads; gptqkit quantizes and GPTQModel, AutoGPTQ 0.7.1 and transformers (from_pretrained) load. Same
+weights must give the same dequantized matrices bit for bit and the same float32 logits.
 
 Skipped unless the peer venvs exist in $GPTQKIT_PEERS_DIR (default ~/.cache/gptqkit/peers); create them with
 benchmarks/peers/setup.sh. benchmarks/interop.py runs the full table (SmolLM2 too, perplexity included).

@@ -373,7 +373,8 @@ def test_same_inputs_give_byte_identical_checkpoints(quantized, tmp_path):
     assert cfg.dynamic is None, "quantize must not modify the caller's QuantConfig"
     assert len(report.config.dynamic) == 3 * NBLOCKS  # the 172-wide MLP Linears stay in floating point
     qc = json.loads((quantized / "quantize_config.json").read_text())
-    assert qc["meta"] == {"quantizer": [f"gptqkit:{__version__}"], "method": "gptq", "mse": True, "act_group_aware": True,
+    assert qc["meta"] == {"quantizer": [f"gptqkit:{__version__}"], "method": "gptq", "mse": True,
+                          "act_group_aware": True,
                           "damp_percent": 0.01,
                           "calibration": {"dataset": "list", "nsamples": 16, "seqlen": 128, "seed": 0}}
     assert json.loads((quantized / "config.json").read_text())["quantization_config"] == qc

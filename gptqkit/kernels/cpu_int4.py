@@ -22,8 +22,9 @@ Layouts the op refuses are rewritten once in prepare():
   - 8 bits, or N not a multiple of 16: no int4 layout; every call dequantizes (slow for decode, logged once).
 
 Prefill (M >= PREFILL_M) dequantizes the persistent GPTQ tensors in K-chunks of CHUNK_K rows that stay in cache
-and accumulates a GEMM per chunk (`dense_dtype`: fp32 without native bf16; with AMX or AVX512-BF16, bf16 for half-precision activations), so no dense copy of the
-weight is kept. Autograd through x (LoRA on quantized layers) takes the same differentiable path.
+and accumulates a GEMM per chunk (`dense_dtype`: fp32 without native bf16; with AMX or AVX512-BF16, bf16 for
+half-precision activations), so no dense copy of the weight is kept. Autograd through x (LoRA on quantized layers)
+takes the same differentiable path.
 """
 
 from __future__ import annotations

@@ -524,8 +524,9 @@ def _gemv_kernel(x_ptr, qweight_ptr, qzeros_ptr, scales_ptr, g_idx_ptr, bias_ptr
     # rows (a K slice). Each thread holds every row of the [ROWS, BLOCK_N] tile for BLOCK_N / threads columns, so
     # the x values it needs (ROWS * PER per tile) are few per word it streams.
     # GROUPS 0: each K tile lies in one group (scale per tile); 1: per packed row (groups smaller than a tile);
-    # 2: per input feature from g_idx (act-order, or groups that split a packed word). SPLIT: the K slices meet in the fp32 workspace ws [N]; the last
-    # program of a column tile (counted in cnt) writes out and zeroes ws and its counter, so one launch does it.
+    # 2: per input feature from g_idx (act-order, or groups that split a packed word). SPLIT: the K slices meet in
+    # the fp32 workspace ws [N]; the last program of a column tile (counted in cnt) writes out and zeroes ws and its
+    # counter, so one launch does it.
     PER: tl.constexpr = 32 // BITS
     MAXQ: tl.constexpr = (1 << BITS) - 1
     # magic = 0x4B000000 (2^23 as fp32), passed at run time: as a register it fits the third input of the one
