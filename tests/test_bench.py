@@ -62,19 +62,24 @@ def test_table_and_cli_json(result, monkeypatch, capsys):
     assert capsys.readouterr().out == table + "\n"
 
 
-def test_prefill_in_pieces(monkeypatch, tmp_path_factory):
-    """--prefill-chunk: each timed prefill feeds the prompt in pieces into one cache; the table says so."""
+def record_forward_lengths(monkeypatch, into: list) -> None:
+    """Dense models measure() loads from here on append each forward's token count to `into`."""
     import transformers
 
-    rows: list[int] = []
     real = transformers.AutoModelForCausalLM.from_pretrained
 
     def loaded(*a, **k):
         m = real(*a, **k)
-        m.get_input_embeddings().register_forward_pre_hook(lambda mod, args: rows.append(args[0].shape[1]))
+        m.get_input_embeddings().register_forward_pre_hook(lambda mod, args: into.append(args[0].shape[1]))
         return m
 
     monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", loaded)
+
+
+def test_prefill_in_pieces(monkeypatch, tmp_path_factory):
+    """--prefill-chunk: each timed prefill feeds the prompt in pieces into one cache; the table says so."""
+    rows: list[int] = []
+    record_forward_lengths(monkeypatch, rows)
     spec = {"path": str(MODEL), "quantized": False, "device": "cpu", "prompt_len": 40, "new_tokens": 2, "runs": 1,
             "prefill_runs": 2, "threads": 1, "prefill_chunk": 16}
     r = bench_mod.measure(spec)
@@ -130,17 +135,8 @@ def test_decode_runs_between_probe_readings(monkeypatch, tmp_path):
     import os
     import threading
 
-    import transformers
-
     events: list = []
-    real = transformers.AutoModelForCausalLM.from_pretrained
-
-    def loaded(*a, **k):
-        m = real(*a, **k)
-        m.get_input_embeddings().register_forward_pre_hook(lambda mod, args: events.append(args[0].shape[1]))
-        return m
-
-    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", loaded)
+    record_forward_lengths(monkeypatch, events)
     req, rep = str(tmp_path / "request"), str(tmp_path / "reply")
     os.mkfifo(req)
     os.mkfifo(rep)
